@@ -1,0 +1,25 @@
+# The three things a user does: set up, run the pipeline locally, test it.
+SHELL := /bin/bash
+VENV := .venv
+K2 := $(VENV)/bin/k2
+PYTEST := $(VENV)/bin/pytest
+
+.PHONY: setup run test test-unit stop clean
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(K2) run
+
+test: setup
+	$(PYTEST) tests
+
+test-unit: setup
+	$(PYTEST) tests/unit tests/dags
+
+stop:
+	-$(K2) local down
+
+clean: stop
+	rm -rf .k2

@@ -1,0 +1,213 @@
+"""The table specs: `include/config/tables.yaml`, loaded with yaml.safe_load and validated.
+
+Every SQL identifier the project uses comes from here, so validation is strict:
+identifiers must be plain names, durations must parse, and an error names the
+table and the key that is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import datetime, timedelta, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_TABLES_FILE = Path(__file__).resolve().parents[1] / "config" / "tables.yaml"
+# Overrides the config's start_date (e.g. the local stack starts at its feed history).
+START_DATE_ENV = "K2_START_DATE"
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+PARTITION_TRANSFORM = re.compile(
+    r"^(?:(?P<fn>year|month|day|hour|identity)\((?P<col>[A-Za-z_][A-Za-z0-9_]*)\)"
+    r"|(?:bucket|truncate)\((?P<n>[1-9][0-9]*),\s*(?P<col2>[A-Za-z_][A-Za-z0-9_]*)\)"
+    r"|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))$"
+)
+DURATION = re.compile(r"^(?P<n>[0-9]+)(?P<unit>s|m|h|d)$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(ValueError):
+    """A tables.yaml problem, with the table and key it concerns."""
+
+
+def parse_duration(text: str) -> timedelta:
+    """'90s', '15m', '6h', '7d' -> timedelta. Raises ValueError with the accepted forms."""
+    match = DURATION.match(str(text).strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 90s, 15m, 6h or 7d")
+    return timedelta(seconds=int(match["n"]) * _UNIT_SECONDS[match["unit"]])
+
+
+def _identifier(value: str) -> str:
+    if not isinstance(value, str) or not IDENTIFIER.match(value):
+        raise ValueError(f"{value!r} is not a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*)")
+    return value
+
+
+class Completeness(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    table: str
+    column: str
+
+    _check = field_validator("table", "column")(_identifier)
+
+
+class TableSpec(BaseModel):
+    """One offloaded table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    clickhouse_table: str
+    read_from: str | None = None
+    event_time_column: str
+    unique_key: list[str] = Field(min_length=1)
+    completeness: Completeness | None = None
+    allowed_lateness: timedelta
+    iceberg_table: str
+    partition_by: list[str] = Field(default_factory=list)
+    hot_retention: timedelta
+    deadline: timedelta
+    start_date: datetime
+
+    @field_validator("clickhouse_table", "read_from", "event_time_column")
+    @classmethod
+    def _plain_identifier(cls, value: str | None) -> str | None:
+        return None if value is None else _identifier(value)
+
+    @field_validator("unique_key")
+    @classmethod
+    def _key_identifiers(cls, value: list[str]) -> list[str]:
+        return [_identifier(v) for v in value]
+
+    @field_validator("iceberg_table")
+    @classmethod
+    def _namespaced(cls, value: str) -> str:
+        parts = value.split(".")
+        if len(parts) != 2:
+            raise ValueError(f"{value!r} must be namespace.table")
+        for part in parts:
+            _identifier(part)
+        return value
+
+    @field_validator("partition_by")
+    @classmethod
+    def _transforms(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not PARTITION_TRANSFORM.match(item):
+                raise ValueError(
+                    f"{item!r} is not a partition transform such as day(col), hour(col), "
+                    "bucket(16, col), truncate(4, col) or a column name"
+                )
+        return value
+
+    @field_validator("allowed_lateness", "hot_retention", "deadline", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("start_date", mode="before")
+    @classmethod
+    def _utc(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if isinstance(value, datetime) and value.tzinfo is None:
+            raise ValueError(f"{value!r} needs a timezone (write it with Z for UTC)")
+        return value
+
+    @model_validator(mode="after")
+    def _completeness_default(self) -> TableSpec:
+        if self.completeness is None:
+            object.__setattr__(
+                self,
+                "completeness",
+                Completeness(table=self.clickhouse_table, column=self.event_time_column),
+            )
+        return self
+
+    # Derived names used across the project
+    @property
+    def name(self) -> str:
+        return self.clickhouse_table
+
+    @property
+    def source(self) -> str:
+        """What the offload selects from."""
+        return self.read_from or self.clickhouse_table
+
+    @property
+    def dag_id(self) -> str:
+        return f"k2_offload_{self.clickhouse_table}"
+
+    @property
+    def iceberg_namespace(self) -> str:
+        return self.iceberg_table.split(".")[0]
+
+
+class TablesConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tables: list[TableSpec]
+
+    def get(self, name: str) -> TableSpec:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        known = ", ".join(t.name for t in self.tables)
+        raise ConfigError(f"unknown table {name!r}; tables.yaml has: {known}")
+
+
+def _error_message(path: Path, raw_tables: list[Any], err: ValidationError) -> str:
+    lines = [f"{path}: invalid table spec"]
+    for detail in err.errors():
+        loc = list(detail["loc"])
+        where = "tables.yaml"
+        if len(loc) >= 2 and loc[0] == "tables" and isinstance(loc[1], int):
+            index = loc[1]
+            entry = raw_tables[index] if index < len(raw_tables) else {}
+            table = entry.get("clickhouse_table", f"#{index + 1}") if isinstance(entry, dict) else f"#{index + 1}"
+            key = ".".join(str(part) for part in loc[2:]) or "(entry)"
+            where = f"table {table!r}, key {key!r}"
+        lines.append(f"  {where}: {detail['msg']}")
+    return "\n".join(lines)
+
+
+def load_tables(path: Path | str | None = None) -> TablesConfig:
+    """Load and validate tables.yaml. Raises ConfigError naming the table and key."""
+    path = Path(path) if path else DEFAULT_TABLES_FILE
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    if not isinstance(document, dict) or not isinstance(document.get("tables"), list):
+        raise ConfigError(f"{path}: expected a mapping with a 'tables' list")
+    unknown = set(document) - {"defaults", "tables"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}")
+    defaults = dict(document.get("defaults") or {})
+    raw_tables = document["tables"]
+    merged = [{**defaults, **entry} if isinstance(entry, dict) else entry for entry in raw_tables]
+    if os.environ.get(START_DATE_ENV):
+        override = {"start_date": os.environ[START_DATE_ENV]}
+        merged = [{**e, **override} if isinstance(e, dict) else e for e in merged]
+    try:
+        config = TablesConfig(tables=merged)
+    except ValidationError as err:
+        raise ConfigError(_error_message(path, raw_tables, err)) from None
+    names = [t.name for t in config.tables]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{path}: tables listed twice: {duplicates}")
+    return config
+
+
+@lru_cache(maxsize=4)
+def cached_tables(path: str | None = None) -> TablesConfig:
+    return load_tables(path)
+
+
+def utc(dt: datetime) -> datetime:
+    return dt.astimezone(timezone.utc)

@@ -1,0 +1,133 @@
+"""Where the local stack lives and how to reach it: one place for ports, paths and credentials.
+
+Every value can be overridden through the environment so that tests (and a second
+checkout) can run a stack of their own beside `make run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+# include/k2/local/settings.py -> repository root (editable install keeps files in place).
+REPO_ROOT = Path(__file__).resolve().parents[3]
+LOOPBACK = "127.0.0.1"
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{name}={raw!r} is outside 1-65535")
+    return port
+
+
+@dataclass(frozen=True)
+class LocalStack:
+    """The local stack's layout. Build it with `LocalStack.from_env()`."""
+
+    home: Path
+    clickhouse_port: int
+    postgres_port: int
+    host: str = LOOPBACK
+
+    @classmethod
+    def from_env(cls) -> LocalStack:
+        home = Path(os.environ.get("K2_HOME") or REPO_ROOT / ".k2").resolve()
+        return cls(
+            home=home,
+            clickhouse_port=_env_int("K2_CLICKHOUSE_PORT", 8123),
+            postgres_port=_env_int("K2_POSTGRES_PORT", 55432),
+        )
+
+    # Folders under home
+    @property
+    def clickhouse_data(self) -> Path:
+        return self.home / "clickhouse"
+
+    @property
+    def postgres_data(self) -> Path:
+        return self.home / "postgres"
+
+    @property
+    def warehouse(self) -> Path:
+        return self.home / "warehouse"
+
+    @property
+    def run_dir(self) -> Path:
+        """pid files of the processes `k2 local up` started."""
+        return self.home / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.home / "credentials.json"
+
+    @cached_property
+    def credentials(self) -> dict[str, str]:
+        """Passwords of the local services, made once and kept in home (mode 0600).
+
+        Environment variables win, so a developer can pin them; nothing is ever printed.
+        """
+        stored: dict[str, str] = {}
+        if self.credentials_file.exists():
+            stored = json.loads(self.credentials_file.read_text())
+        wanted = {
+            "clickhouse_user": os.environ.get("K2_CLICKHOUSE_USER") or stored.get("clickhouse_user") or "k2",
+            "clickhouse_password": os.environ.get("K2_CLICKHOUSE_PASSWORD")
+            or stored.get("clickhouse_password")
+            or secrets.token_urlsafe(18),
+            "postgres_user": stored.get("postgres_user") or "k2",
+            "postgres_password": os.environ.get("K2_POSTGRES_PASSWORD")
+            or stored.get("postgres_password")
+            or secrets.token_urlsafe(18),
+        }
+        if wanted != stored:
+            self.home.mkdir(parents=True, exist_ok=True)
+            tmp = self.credentials_file.with_suffix(".tmp")
+            tmp.touch(mode=0o600)
+            tmp.write_text(json.dumps(wanted, indent=2))
+            tmp.replace(self.credentials_file)
+        return wanted
+
+    # How clients reach the services
+    def clickhouse_kwargs(self) -> dict[str, object]:
+        """Keyword arguments for `clickhouse_connect.get_client`."""
+        return {
+            "host": self.host,
+            "port": self.clickhouse_port,
+            "username": self.credentials["clickhouse_user"],
+            "password": self.credentials["clickhouse_password"],
+        }
+
+    def clickhouse_client(self, **overrides: object):
+        import clickhouse_connect
+
+        return clickhouse_connect.get_client(**{**self.clickhouse_kwargs(), **overrides})
+
+    def postgres_dsn(self, database: str = "k2") -> str:
+        """libpq key/value DSN (the password is read from the credentials, not logged)."""
+        c = self.credentials
+        return (
+            f"host={self.host} port={self.postgres_port} dbname={database} "
+            f"user={c['postgres_user']} password={c['postgres_password']}"
+        )
+
+    def postgres_url(self, database: str = "k2", driver: str = "postgresql+psycopg") -> str:
+        c = self.credentials
+        return (
+            f"{driver}://{c['postgres_user']}:{c['postgres_password']}"
+            f"@{self.host}:{self.postgres_port}/{database}"
+        )

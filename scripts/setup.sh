@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# `make setup`: installs everything the project needs, each step skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv
+TOOLS=$ROOT/.tools
+STATSD_EXPORTER_VERSION=v0.28.0
+
+step() { printf '\n==> %s\n' "$*"; }
+die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
+# A stamp holds the hash of the inputs of a step; the step reruns only when they change.
+inputs_hash() { cat "$@" | sha256sum | cut -d' ' -f1; }
+stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
+
+command -v python3.11 >/dev/null || command -v python3 >/dev/null \
+  || die "Python 3.11 is required (install python3.11)."
+PYTHON=$(command -v python3.11 || command -v python3)
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+  || die "Python 3.11 is required; $PYTHON is $("$PYTHON" --version 2>&1)."
+command -v java >/dev/null || die "Java 17 is required for Spark (install openjdk-17-jre-headless)."
+command -v mvn >/dev/null || die "Maven is required to fetch the Spark jars (install maven)."
+command -v go >/dev/null || die "Go is required to build statsd_exporter (install golang >= 1.22)."
+
+step "Python virtualenv and packages (.venv)"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+want=$(inputs_hash requirements.txt pyproject.toml)
+if stamp_ok "$VENV/.k2-installed" "$want"; then
+  echo "up to date"
+else
+  "$VENV/bin/pip" install --quiet --upgrade pip
+  "$VENV/bin/pip" install --quiet -r requirements.txt
+  "$VENV/bin/pip" install --quiet --no-deps -e .
+  echo "$want" > "$VENV/.k2-installed"
+fi
+
+step "Spark jars (spark_jobs/jars) through Maven"
+want=$(inputs_hash spark_jobs/pom.xml)
+if stamp_ok spark_jobs/jars/.k2-installed "$want"; then
+  echo "up to date"
+else
+  rm -rf spark_jobs/jars
+  mvn --batch-mode --quiet -f spark_jobs/pom.xml dependency:copy-dependencies \
+    -DoutputDirectory=jars -DincludeScope=runtime
+  echo "$want" > spark_jobs/jars/.k2-installed
+  ls spark_jobs/jars/*.jar
+fi
+
+step "statsd_exporter $STATSD_EXPORTER_VERSION (.tools/bin) through go install"
+if [ -x "$TOOLS/bin/statsd_exporter" ] && "$TOOLS/bin/statsd_exporter" --version 2>&1 | grep -q "${STATSD_EXPORTER_VERSION#v}"; then
+  echo "up to date"
+else
+  GOBIN="$TOOLS/bin" go install "github.com/prometheus/statsd_exporter@$STATSD_EXPORTER_VERSION"
+fi
+
+step "Prometheus, promtool and Alertmanager (Debian packages)"
+if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null; then
+  echo "up to date"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager >/dev/null
+  # The packages enable system services; the project starts its own instances on loopback.
+  pkill -x prometheus 2>/dev/null || true
+  pkill -x prometheus-alertmanager 2>/dev/null || true
+else
+  die "prometheus, promtool and prometheus-alertmanager are missing: install the Debian packages 'prometheus' and 'prometheus-alertmanager' (needs root)."
+fi
+
+step "setup complete"
