@@ -173,6 +173,7 @@ def _create_databases(stack: LocalStack) -> None:
 def stop(stack: LocalStack) -> bool:
     if pid(stack) is None:
         return False
+    _prepare_for_system_user(stack)  # parent folders may have been tightened since start
     result = _pg([_bin("pg_ctl"), "-D", str(stack.postgres_data), "-m", "fast", "-w", "stop"], stack)
     if result.returncode != 0:
         raise StackError(f"postgres: stop failed:\n{result.stderr.strip()}")

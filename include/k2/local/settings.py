@@ -6,6 +6,7 @@ checkout) can run a stack of their own beside `make run`.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -38,6 +39,7 @@ class LocalStack:
     home: Path
     clickhouse_port: int
     postgres_port: int
+    airflow_port: int
     host: str = LOOPBACK
 
     @classmethod
@@ -47,6 +49,7 @@ class LocalStack:
             home=home,
             clickhouse_port=_env_int("K2_CLICKHOUSE_PORT", 8123),
             postgres_port=_env_int("K2_POSTGRES_PORT", 55432),
+            airflow_port=_env_int("K2_AIRFLOW_PORT", 8080),
         )
 
     # Folders under home
@@ -61,6 +64,10 @@ class LocalStack:
     @property
     def warehouse(self) -> Path:
         return self.home / "warehouse"
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.home / "airflow"
 
     @property
     def run_dir(self) -> Path:
@@ -93,6 +100,14 @@ class LocalStack:
             "postgres_password": os.environ.get("K2_POSTGRES_PASSWORD")
             or stored.get("postgres_password")
             or secrets.token_urlsafe(18),
+            "airflow_admin_password": os.environ.get("K2_AIRFLOW_ADMIN_PASSWORD")
+            or stored.get("airflow_admin_password")
+            or secrets.token_urlsafe(12),
+            "airflow_jwt_secret": stored.get("airflow_jwt_secret") or secrets.token_urlsafe(32),
+            "airflow_api_secret_key": stored.get("airflow_api_secret_key") or secrets.token_urlsafe(32),
+            # A Fernet key is 32 url-safe base64-encoded bytes.
+            "airflow_fernet_key": stored.get("airflow_fernet_key")
+            or base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
         }
         if wanted != stored:
             self.home.mkdir(parents=True, exist_ok=True)

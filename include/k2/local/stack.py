@@ -7,98 +7,52 @@ stopped again, so nothing is left half-started.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import urllib.request
 from dataclasses import dataclass
 from typing import Callable
 
 from k2.local import postgres
-from k2.local.processes import (
-    StackError,
-    ensure_port_free,
-    read_pid,
-    tail,
-    terminate,
-    wait_until,
-)
+from k2.local.daemons import Daemon, http_ok
+from k2.local.processes import StackError, tail
 from k2.local.settings import LocalStack
 
 
 @dataclass(frozen=True)
 class Service:
     name: str
-    port: Callable[[LocalStack], int]
+    port: Callable[[LocalStack], int | None]
     start: Callable[[LocalStack], bool]
     stop: Callable[[LocalStack], bool]
     pid: Callable[[LocalStack], int | None]
     healthy: Callable[[LocalStack], bool]
 
 
-# ClickHouse endpoint (chDB behind the ClickHouse HTTP protocol)
-
-def _clickhouse_pid_file(stack: LocalStack):
-    return stack.run_dir / "clickhouse.pid"
-
-
-def _clickhouse_log(stack: LocalStack):
-    return stack.log_dir / "clickhouse.log"
-
-
-def _clickhouse_pid(stack: LocalStack) -> int | None:
-    return read_pid(_clickhouse_pid_file(stack))
-
-
-def _clickhouse_healthy(stack: LocalStack) -> bool:
-    url = f"http://{stack.host}:{stack.clickhouse_port}/ping"
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.read().strip() == b"Ok."
-    except OSError:
-        return False
+CLICKHOUSE = Daemon(
+    name="clickhouse",
+    argv=lambda s: [
+        sys.executable, "-m", "k2.local.clickhouse_endpoint",
+        "--host", s.host,
+        "--port", str(s.clickhouse_port),
+        "--data-path", str(s.clickhouse_data),
+        "--user", s.credentials["clickhouse_user"],
+    ],
+    # The password reaches the endpoint through its environment, never argv.
+    env=lambda s: {"K2_CLICKHOUSE_PASSWORD": s.credentials["clickhouse_password"]},
+    port=lambda s: s.clickhouse_port,
+    port_env_var="K2_CLICKHOUSE_PORT",
+    healthy=lambda s: http_ok(f"http://{s.host}:{s.clickhouse_port}/ping", b"Ok."),
+)
 
 
-def _clickhouse_start(stack: LocalStack) -> bool:
-    if _clickhouse_pid(stack) is not None:
-        return False
-    ensure_port_free("clickhouse", stack.host, stack.clickhouse_port, "K2_CLICKHOUSE_PORT")
-    for folder in (stack.clickhouse_data, stack.run_dir, stack.log_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    log = _clickhouse_log(stack)
-    env = {**os.environ, "K2_CLICKHOUSE_PASSWORD": stack.credentials["clickhouse_password"]}
-    with open(log, "ab") as log_handle:
-        process = subprocess.Popen(
-            [
-                sys.executable, "-m", "k2.local.clickhouse_endpoint",
-                "--host", stack.host,
-                "--port", str(stack.clickhouse_port),
-                "--data-path", str(stack.clickhouse_data),
-                "--user", stack.credentials["clickhouse_user"],
-                "--log-file", str(log),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log_handle,
-            stderr=log_handle,
-            env=env,
-            start_new_session=True,  # survives the CLI; stopped by `k2 local down`
-        )
-    _clickhouse_pid_file(stack).write_text(f"{process.pid}\n")
-    ready = wait_until(lambda: process.poll() is not None or _clickhouse_healthy(stack), 60)
-    if process.poll() is not None or not ready:
-        terminate(process.pid, timeout=5)
-        _clickhouse_pid_file(stack).unlink(missing_ok=True)
-        raise StackError(f"clickhouse: endpoint did not start:\n{tail(log)}")
-    return True
-
-
-def _clickhouse_stop(stack: LocalStack) -> bool:
-    pid = _clickhouse_pid(stack)
-    if pid is None:
-        return False
-    terminate(pid)
-    _clickhouse_pid_file(stack).unlink(missing_ok=True)
-    return True
+def _service(daemon: Daemon) -> Service:
+    return Service(
+        name=daemon.name,
+        port=daemon.port,
+        start=daemon.start,
+        stop=daemon.stop,
+        pid=daemon.pid,
+        healthy=daemon.healthy,
+    )
 
 
 SERVICES: list[Service] = [
@@ -110,14 +64,7 @@ SERVICES: list[Service] = [
         pid=postgres.pid,
         healthy=postgres.healthy,
     ),
-    Service(
-        name="clickhouse",
-        port=lambda s: s.clickhouse_port,
-        start=_clickhouse_start,
-        stop=_clickhouse_stop,
-        pid=_clickhouse_pid,
-        healthy=_clickhouse_healthy,
-    ),
+    _service(CLICKHOUSE),
 ]
 
 
@@ -194,5 +141,5 @@ def require_up(stack: LocalStack, names: tuple[str, ...] = ("postgres", "clickho
 
 
 def log_tail(stack: LocalStack, service: str) -> str:
-    paths = {"clickhouse": _clickhouse_log(stack), "postgres": stack.log_dir / "postgres" / "postgres.log"}
+    paths = {"clickhouse": CLICKHOUSE.log_file(stack), "postgres": stack.log_dir / "postgres" / "postgres.log"}
     return tail(paths[service])

@@ -1,0 +1,193 @@
+"""Airflow 3 on the local stack: configuration, connections and the four components.
+
+Everything is configured through the environment (no airflow.cfg to keep in sync):
+metadata in the local PostgreSQL, LocalExecutor, the DAGs folder and plugins of
+this repository, the simple auth manager with one admin user, and the Airflow
+connections the DAGs use (`clickhouse_default`, `spark_default`, `k2_watermarks`,
+`iceberg_default`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from k2.local.daemons import Daemon, http_ok
+from k2.local.processes import StackError
+from k2.local.settings import REPO_ROOT, LocalStack
+
+ADMIN_USER = "admin"
+SPARK_POOL = "k2_spark"
+SPARK_POOL_SLOTS = 2
+CLICKHOUSE_DATABASE = "k2"
+
+
+def _airflow_bin() -> str:
+    return str(Path(sys.executable).with_name("airflow"))
+
+
+def connections(stack: LocalStack) -> dict[str, dict[str, object]]:
+    """The Airflow connections of the local stack, as Airflow's JSON connection form."""
+    c = stack.credentials
+    return {
+        "clickhouse_default": {
+            "conn_type": "clickhouse",
+            "host": stack.host,
+            "port": stack.clickhouse_port,
+            "login": c["clickhouse_user"],
+            "password": c["clickhouse_password"],
+            "schema": CLICKHOUSE_DATABASE,
+        },
+        "spark_default": {
+            "conn_type": "spark",
+            "host": os.environ.get("K2_SPARK_MASTER", "local[2]"),
+            "extra": {"spark-binary": "spark-submit"},
+        },
+        "k2_watermarks": {
+            "conn_type": "postgres",
+            "host": stack.host,
+            "port": stack.postgres_port,
+            "login": c["postgres_user"],
+            "password": c["postgres_password"],
+            "schema": "k2",
+        },
+        "iceberg_default": {
+            "conn_type": "postgres",
+            "host": stack.host,
+            "port": stack.postgres_port,
+            "login": c["postgres_user"],
+            "password": c["postgres_password"],
+            "schema": "k2",
+            "extra": {"warehouse": stack.warehouse.as_uri(), "catalog_name": "k2"},
+        },
+    }
+
+
+def environment(stack: LocalStack) -> dict[str, str]:
+    """Environment for every Airflow process (and so for the tasks and spark-submit)."""
+    c = stack.credentials
+    home = stack.airflow_home
+    env = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "8",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__FERNET_KEY": c["airflow_fernet_key"],
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{stack.host}:{stack.airflow_port}/execution/",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": stack.postgres_url("airflow", "postgresql+psycopg2"),
+        "AIRFLOW__API__HOST": stack.host,
+        "AIRFLOW__API__PORT": str(stack.airflow_port),
+        "AIRFLOW__API__BASE_URL": f"http://{stack.host}:{stack.airflow_port}",
+        "AIRFLOW__API__SECRET_KEY": c["airflow_api_secret_key"],
+        "AIRFLOW__API_AUTH__JWT_SECRET": c["airflow_jwt_secret"],
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "True",
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+        # spark-submit and the k2 CLI come from the project's virtualenv.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "K2_HOME": str(stack.home),
+        "K2_STRICT_DAGS": os.environ.get("K2_STRICT_DAGS", "0"),
+    }
+    for conn_id, conn in connections(stack).items():
+        env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
+    if os.environ.get("K2_START_DATE"):
+        env["K2_START_DATE"] = os.environ["K2_START_DATE"]
+    return env
+
+
+def write_env_file(stack: LocalStack) -> Path:
+    """`.k2/airflow.env`: the same settings for a shell (`set -a; . .k2/airflow.env`). Mode 0600."""
+    path = stack.home / "airflow.env"
+    path.touch(mode=0o600)
+    lines = [f"{key}={_shell_quote(value)}" for key, value in sorted(environment(stack).items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _shell_quote(value: str) -> str:
+    return "'" + value.replace("'", "'\"'\"'") + "'"
+
+
+def run_cli(stack: LocalStack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run `airflow <args>` with the stack's environment; raise StackError on failure."""
+    result = subprocess.run(
+        [_airflow_bin(), *args],
+        env={**os.environ, **environment(stack)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=stack.home,
+    )
+    if result.returncode != 0:
+        raise StackError(f"airflow {' '.join(args)} failed:\n{result.stderr.strip()[-3000:]}")
+    return result
+
+
+def prepare(stack: LocalStack, log=print) -> None:
+    """Migrate the metadata DB, write the admin password, create the Spark pool."""
+    stack.airflow_home.mkdir(parents=True, exist_ok=True)
+    passwords = stack.airflow_home / "passwords.json"
+    passwords.touch(mode=0o600)
+    passwords.write_text(json.dumps({ADMIN_USER: stack.credentials["airflow_admin_password"]}))
+    log("airflow: migrating the metadata database")
+    run_cli(stack, "db", "migrate")
+    run_cli(stack, "pools", "set", SPARK_POOL, str(SPARK_POOL_SLOTS), "Bounds concurrent Spark offload jobs")
+
+
+def _component(name: str, args: list[str], healthy) -> Daemon:
+    return Daemon(
+        name=f"airflow-{name}",
+        argv=lambda s: [_airflow_bin(), *args],
+        env=environment,
+        port=lambda s: s.airflow_port if name == "api-server" else None,
+        port_env_var="K2_AIRFLOW_PORT",
+        healthy=healthy,
+        start_timeout=120.0,
+    )
+
+
+def _process_alive(name: str):
+    return lambda s: COMPONENT_BY_NAME[name].pid(s) is not None
+
+
+API_SERVER = _component(
+    "api-server", ["api-server"], lambda s: http_ok(f"http://{s.host}:{s.airflow_port}/api/v2/monitor/health")
+)
+COMPONENTS = [
+    API_SERVER,
+    _component("scheduler", ["scheduler"], _process_alive("airflow-scheduler")),
+    _component("dag-processor", ["dag-processor"], _process_alive("airflow-dag-processor")),
+    _component("triggerer", ["triggerer"], _process_alive("airflow-triggerer")),
+]
+COMPONENT_BY_NAME = {c.name: c for c in COMPONENTS}
+
+
+def start(stack: LocalStack, log=print) -> None:
+    if shutil.which("java") is None:
+        raise StackError("java is not on PATH: Spark needs Java 17")
+    prepare(stack, log)
+    started = []
+    try:
+        for component in COMPONENTS:
+            if component.start(stack):
+                started.append(component)
+                log(f"started {component.name}")
+    except BaseException:
+        for component in reversed(started):
+            component.stop(stack)
+        raise
+
+
+def stop(stack: LocalStack, log=print) -> None:
+    for component in reversed(COMPONENTS):
+        if component.stop(stack):
+            log(f"stopped {component.name}")
