@@ -21,7 +21,6 @@ from k2.local.processes import StackError
 from k2.local.settings import REPO_ROOT, LocalStack
 
 ADMIN_USER = "admin"
-SPARK_POOL = "k2_spark"
 SPARK_POOL_SLOTS = 2
 CLICKHOUSE_DATABASE = "k2"
 
@@ -90,7 +89,6 @@ def environment(stack: LocalStack) -> dict[str, str]:
         "AIRFLOW__API__SECRET_KEY": c["airflow_api_secret_key"],
         "AIRFLOW__API_AUTH__JWT_SECRET": c["airflow_jwt_secret"],
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
-        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "True",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
         # spark-submit and the k2 CLI come from the project's virtualenv.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -140,6 +138,8 @@ def prepare(stack: LocalStack, log=print) -> None:
     passwords.write_text(json.dumps({ADMIN_USER: stack.credentials["airflow_admin_password"]}))
     log("airflow: migrating the metadata database")
     run_cli(stack, "db", "migrate")
+    from k2.dag_factory import SPARK_POOL
+
     run_cli(stack, "pools", "set", SPARK_POOL, str(SPARK_POOL_SLOTS), "Bounds concurrent Spark offload jobs")
 
 
@@ -164,9 +164,10 @@ API_SERVER = _component(
 )
 COMPONENTS = [
     API_SERVER,
-    _component("scheduler", ["scheduler"], _process_alive("airflow-scheduler")),
+    # Logs are read from the local disk; Airflow's log servers would listen on every interface.
+    _component("scheduler", ["scheduler", "--skip-serve-logs"], _process_alive("airflow-scheduler")),
     _component("dag-processor", ["dag-processor"], _process_alive("airflow-dag-processor")),
-    _component("triggerer", ["triggerer"], _process_alive("airflow-triggerer")),
+    _component("triggerer", ["triggerer", "--skip-serve-logs"], _process_alive("airflow-triggerer")),
 ]
 COMPONENT_BY_NAME = {c.name: c for c in COMPONENTS}
 

@@ -1,0 +1,244 @@
+"""tables.yaml -> one offload DAG per table: wait_for_hot_data >> offload_to_iceberg >> commit_watermark.
+
+`dags/k2_offload.py` calls :func:`build_dags` and nothing else. A bad table spec
+fails parsing with the ConfigError message (naming the table and the key) when
+strict - ``K2_STRICT_DAGS=1``, as in the tests - and otherwise is logged and
+skipped, so one bad entry does not take the other tables' DAGs down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from k2.config import DEFAULT_TABLES_FILE, START_DATE_ENV, ConfigError, TableSpec, load_tables
+
+if TYPE_CHECKING:
+    from airflow.sdk import DAG
+    from airflow.sdk.definitions.deadline import DeadlineAlert
+
+log = logging.getLogger(__name__)
+
+STRICT_ENV = "K2_STRICT_DAGS"
+SCHEDULE_CRON = "*/15 * * * *"
+INTERVAL = timedelta(minutes=15)
+SPARK_POOL = "k2_spark"
+# Runs of one table in flight at once; with catch-up the pool bounds the Spark jobs across tables.
+MAX_ACTIVE_RUNS = 4
+SENSOR_POKE_INTERVAL = timedelta(seconds=30)
+# A watermark that has not reached the interval end this long after the run started means the
+# feed has stopped: the sensor fails loudly (no retry) instead of holding the run.
+SENSOR_TIMEOUT = timedelta(hours=1)
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "k2",
+    "retries": 3,
+    "retry_delay": timedelta(minutes=1),
+    # Airflow 3.3 reads this as a multiplier: 2.0 doubles the delay per try; True (== 1) would not.
+    "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=15),
+    "depends_on_past": False,
+}
+TASK_SENSOR = "wait_for_hot_data"
+TASK_OFFLOAD = "offload_to_iceberg"
+TASK_COMMIT = "commit_watermark"
+# Deadline-miss email (the smtp provider's notifier, run by the triggerer).
+ALERT_TO_ENV = "K2_ALERT_EMAIL_TO"
+ALERT_FROM_ENV = "K2_ALERT_EMAIL_FROM"
+SMTP_CONN_ID = "smtp_default"
+
+
+def strict_from_env() -> bool:
+    return os.environ.get(STRICT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def layer_of(spec: TableSpec) -> str:
+    """bronze | silver | gold, from the table name's prefix."""
+    prefix = spec.name.split("_", 1)[0]
+    if prefix not in {"bronze", "silver", "gold"}:
+        raise ConfigError(
+            f"table {spec.name!r}: name must start with bronze_, silver_ or gold_ (the layer)"
+        )
+    return prefix
+
+
+def first_interval_start(start_date: datetime) -> datetime:
+    """The first 15-minute boundary at or after start_date: where the first run's interval begins."""
+    start = start_date.astimezone(timezone.utc)
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    steps, remainder = divmod(start - epoch, INTERVAL)
+    return epoch + (steps + (1 if remainder else 0)) * INTERVAL
+
+
+def _doc_md(spec: TableSpec) -> str:
+    completeness = spec.completeness
+    assert completeness is not None
+    return f"""\
+### Offload `{spec.name}` to Iceberg `{spec.iceberg_table}`
+
+Every 15 minutes (UTC), one run per interval `[data_interval_start, data_interval_end)`;
+catch-up on, at most {MAX_ACTIVE_RUNS} runs at once, Spark jobs bounded by the pool `{SPARK_POOL}`.
+
+| | |
+|---|---|
+| ClickHouse source | `{spec.source}` (event time `{spec.event_time_column}`) |
+| unique key | `{", ".join(spec.unique_key)}` |
+| completeness | `max({completeness.table}.{completeness.column})` − {spec.allowed_lateness} must pass the interval end |
+| Iceberg table | `{spec.iceberg_table}`, partitioned by `{", ".join(spec.partition_by) or "(none)"}` |
+| hot retention | {spec.hot_retention} |
+| deadline | email when a run is not done {spec.deadline} after it was queued |
+
+1. **wait_for_hot_data** – deferrable sensor; fails after {SENSOR_TIMEOUT} with "feed looks stopped".
+2. **offload_to_iceberg** – spark-submit of `spark_jobs/offload_to_iceberg.py`; writes the interval
+   atomically, returns rows, checksum and snapshot id.
+3. **commit_watermark** – ledger row + watermark compare-and-set in PostgreSQL (`k2_watermarks`).
+
+#### Runbook
+- *Sensor timed out (feed stopped)*: check the feed handlers and inserts into `{completeness.table}`;
+  once data flows again, clear the failed `wait_for_hot_data` tasks (downstream included).
+- *Offload failed*: read the spark-submit log of the task; retries are automatic (exponential backoff).
+  Re-running an interval is safe: it replaces that interval in Iceberg, never duplicates it.
+- *Watermark stuck*: `k2 watermark show` lists the watermark, its lag and pending intervals; a pending
+  interval means an earlier one is not committed yet – find and clear that run.
+- *Verify*: `k2 verify {spec.name}` compares ClickHouse and Iceberg interval by interval.
+"""
+
+
+def _deadline_alert(spec: TableSpec) -> DeadlineAlert:
+    from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+    from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference
+
+    # The triggerer awaits SmtpNotifier(**kwargs, context=...) with a small context:
+    # dag_run (the run's API fields) and deadline (id, deadline_time). Only those are templated.
+    return DeadlineAlert(
+        reference=DeadlineReference.DAGRUN_QUEUED_AT,
+        interval=spec.deadline,
+        callback=AsyncCallback(
+            SmtpNotifier,
+            kwargs={
+                "to": os.environ.get(ALERT_TO_ENV) or "k2-oncall@localhost",
+                "from_email": os.environ.get(ALERT_FROM_ENV) or "k2-airflow@localhost",
+                "smtp_conn_id": SMTP_CONN_ID,
+                "subject": f"[K2 SLA miss] {spec.dag_id} run {{{{ dag_run.dag_run_id }}}}",
+                "html_content": (
+                    f"<p>The offload of <b>{spec.name}</b> for the interval "
+                    "{{ dag_run.data_interval_start }} – {{ dag_run.data_interval_end }} "
+                    f"has not finished within {spec.deadline} of being queued "
+                    "(queued at {{ dag_run.queued_at }}, deadline {{ deadline.deadline_time }}).</p>"
+                    "<p>Run state: {{ dag_run.state }}. See the DAG's runbook.</p>"
+                ),
+            },
+        ),
+        name=f"{spec.dag_id}_deadline",
+    )
+
+
+def build_dag(spec: TableSpec) -> DAG:
+    """The offload DAG of one table."""
+    from airflow.sdk import DAG, CronDataIntervalTimetable
+
+    from k2_provider.operators.offload import OffloadToIcebergOperator
+    from k2_provider.operators.watermark_commit import WatermarkCommitOperator
+    from k2_provider.sensors.clickhouse_watermark import ClickHouseWatermarkSensor
+
+    completeness = spec.completeness
+    assert completeness is not None  # filled in by TableSpec
+    with DAG(
+        dag_id=spec.dag_id,
+        description=f"Offload {spec.name} from ClickHouse to Iceberg {spec.iceberg_table} every 15 minutes",
+        # A data-interval timetable: a cron string or timedelta would make a trigger
+        # timetable whose runs have no data interval in Airflow 3.
+        schedule=CronDataIntervalTimetable(SCHEDULE_CRON, timezone="UTC"),
+        start_date=spec.start_date,
+        catchup=True,
+        max_active_runs=MAX_ACTIVE_RUNS,
+        default_args=DEFAULT_ARGS,
+        tags=["k2", "offload", layer_of(spec)],
+        doc_md=_doc_md(spec),
+        deadline=_deadline_alert(spec),
+    ) as dag:
+        wait = ClickHouseWatermarkSensor(
+            task_id=TASK_SENSOR,
+            table=completeness.table,
+            column=completeness.column,
+            lateness=spec.allowed_lateness,
+            poke_interval=SENSOR_POKE_INTERVAL,
+            timeout=SENSOR_TIMEOUT,
+        )
+        offload = OffloadToIcebergOperator(
+            task_id=TASK_OFFLOAD,
+            table=spec.name,
+            pool=SPARK_POOL,
+            pool_slots=1,
+        )
+        commit = WatermarkCommitOperator(
+            task_id=TASK_COMMIT,
+            table=spec.name,
+            initial_watermark=first_interval_start(spec.start_date),
+            offload_task_id=TASK_OFFLOAD,
+        )
+        wait >> offload >> commit
+    return dag
+
+
+def _specs_one_by_one(path: Path) -> list[TableSpec]:
+    """Non-strict fallback: validate each entry alone so the good ones still get their DAG."""
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        document = yaml.safe_load(path.read_text())
+        defaults = dict(document.get("defaults") or {})
+        entries = list(document["tables"])
+    except Exception as exc:  # the file as a whole is unusable: nothing to salvage
+        log.error("k2: %s is unreadable, no offload DAGs: %s", path, exc)
+        return []
+    override = {"start_date": os.environ[START_DATE_ENV]} if os.environ.get(START_DATE_ENV) else {}
+    specs: list[TableSpec] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        name = (
+            entry.get("clickhouse_table", f"#{index + 1}")
+            if isinstance(entry, dict)
+            else f"#{index + 1}"
+        )
+        try:
+            if not isinstance(entry, dict):
+                raise ValueError("entry is not a mapping")
+            spec = TableSpec.model_validate({**defaults, **entry, **override})
+        except (ValidationError, ValueError) as exc:
+            log.error("k2: skipping table %r of %s: %s", name, path, exc)
+            continue
+        if spec.name in seen:
+            log.error("k2: skipping table %r of %s: listed twice", spec.name, path)
+            continue
+        seen.add(spec.name)
+        specs.append(spec)
+    return specs
+
+
+def build_dags(
+    config_path: Path | str | None = None, *, strict: bool | None = None
+) -> dict[str, DAG]:
+    """One DAG per table spec, keyed by dag_id (put them into the DAG file's globals())."""
+    strict = strict_from_env() if strict is None else strict
+    path = Path(config_path) if config_path else DEFAULT_TABLES_FILE
+    try:
+        specs = list(load_tables(path).tables)
+    except ConfigError as exc:
+        if strict:
+            raise
+        log.error("k2: %s", exc)
+        specs = _specs_one_by_one(path)
+
+    dags: dict[str, DAG] = {}
+    for spec in specs:
+        try:
+            dags[spec.dag_id] = build_dag(spec)
+        except Exception as exc:
+            if strict:
+                raise
+            log.exception("k2: skipping DAG %s: %s", spec.dag_id, exc)
+    return dags

@@ -1,0 +1,505 @@
+"""The watermark store: per-table contiguous high-water mark and the offload ledger, in PostgreSQL.
+
+Two tables (created by :meth:`WatermarkStore.migrate`, never by hand):
+
+``k2_watermarks``
+    One row per table. ``watermark_ts`` is the contiguous high-water mark: every
+    interval before it has been offloaded and ledgered. ``sequence_number`` is a
+    version counter bumped on every advance; together they are the seed's
+    ``(max_timestamp, sequence_number)`` pair, and the sequence is what a commit
+    compares-and-sets.
+
+``k2_offload_ledger``
+    One row per offloaded interval ``[interval_start, interval_end)``: row count,
+    order-independent checksum, Iceberg snapshot id, the Airflow run id that wrote
+    it. Re-offloading an interval updates its row.
+
+A commit (:meth:`WatermarkStore.commit_interval`) is one transaction: lock the
+table's watermark row (``SELECT ... FOR UPDATE``, so two commits of one table
+serialize), upsert the ledger row, then move the watermark to the end of the
+contiguous run of ledgered intervals that starts at it. Intervals that finish out
+of order are ledgered at once and swept into the watermark when the gap before
+them closes, so the result does not depend on completion order.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psycopg
+
+log = logging.getLogger(__name__)
+
+WATERMARKS_TABLE = "k2_watermarks"
+LEDGER_TABLE = "k2_offload_ledger"
+SCHEMA_VERSION_TABLE = "k2_schema_version"
+# Serializes concurrent migrate() calls (two schedulers or test workers starting together).
+_MIGRATION_LOCK_KEY = 0x6B32_5F77_6D  # "k2_wm"
+# checksum numeric(20) holds any UInt64 (a ClickHouse sum of cityHash64 wraps at 2^64).
+_MAX_CHECKSUM = 2**64 - 1
+
+
+class WatermarkError(RuntimeError):
+    """A watermark-store operation cannot be done as asked."""
+
+
+class StaleWatermarkError(WatermarkError):
+    """The watermark moved since it was read: re-read it and commit again (retryable)."""
+
+    def __init__(self, table: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"watermark of {table!r} is at sequence {actual}, not the expected {expected}; "
+            "another commit advanced it, re-read and retry"
+        )
+        self.table = table
+        self.expected = expected
+        self.actual = actual
+
+
+class UnknownTableError(WatermarkError):
+    """The table has no watermark row yet: call initialize() first."""
+
+
+# Ordered migrations: (version, description, statements). Append only; never edit an applied one.
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (
+        1,
+        "watermarks and offload ledger",
+        (
+            f"""
+            CREATE TABLE {WATERMARKS_TABLE} (
+                table_name      text        PRIMARY KEY,
+                watermark_ts    timestamptz NOT NULL,
+                sequence_number bigint      NOT NULL DEFAULT 0 CHECK (sequence_number >= 0),
+                updated_at      timestamptz NOT NULL DEFAULT now()
+            )
+            """,
+            f"""
+            CREATE TABLE {LEDGER_TABLE} (
+                table_name     text          NOT NULL,
+                interval_start timestamptz   NOT NULL,
+                interval_end   timestamptz   NOT NULL,
+                rows           bigint        NOT NULL CHECK (rows >= 0),
+                checksum       numeric(20)   NOT NULL CHECK (checksum >= 0),
+                snapshot_id    bigint,
+                run_id         text          NOT NULL,
+                committed_at   timestamptz   NOT NULL DEFAULT now(),
+                PRIMARY KEY (table_name, interval_start),
+                CHECK (interval_end > interval_start)
+            )
+            """,
+        ),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Watermark:
+    table_name: str
+    watermark_ts: datetime
+    sequence_number: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    table_name: str
+    interval_start: datetime
+    interval_end: datetime
+    rows: int
+    checksum: int
+    snapshot_id: int | None
+    run_id: str
+    committed_at: datetime
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What a commit did. ``advanced`` is False for an idempotent or out-of-order commit."""
+
+    table_name: str
+    interval_start: datetime
+    interval_end: datetime
+    watermark_ts: datetime
+    sequence_number: int
+    previous_watermark_ts: datetime
+    advanced: bool
+    recommit: bool  # the interval was already below the watermark
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table_name,
+            "interval_start": self.interval_start.isoformat(),
+            "interval_end": self.interval_end.isoformat(),
+            "watermark_ts": self.watermark_ts.isoformat(),
+            "sequence_number": self.sequence_number,
+            "previous_watermark_ts": self.previous_watermark_ts.isoformat(),
+            "advanced": self.advanced,
+            "recommit": self.recommit,
+        }
+
+
+@dataclass(frozen=True)
+class TableStatus:
+    """One line of `k2 watermark show`."""
+
+    table_name: str
+    watermark_ts: datetime
+    sequence_number: int
+    updated_at: datetime
+    ledgered_intervals: int
+    ledgered_rows: int
+    last_committed_at: datetime | None
+    # Ledgered intervals beyond the watermark: finished out of order, waiting for a gap to close.
+    pending_intervals: int
+
+
+def _utc(value: datetime, what: str = "timestamp") -> datetime:
+    if not isinstance(value, datetime):
+        raise TypeError(f"{what} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None:
+        raise ValueError(f"{what} {value!r} has no timezone; pass an aware UTC datetime")
+    return value.astimezone(timezone.utc)
+
+
+def _contiguous_end(start: datetime, intervals: Sequence[tuple[datetime, datetime]]) -> datetime:
+    """End of the run of intervals (sorted by start) that covers [start, end) without a gap."""
+    end = start
+    for interval_start, interval_end in intervals:
+        if interval_start > end:
+            break
+        if interval_end > end:
+            end = interval_end
+    return end
+
+
+class WatermarkStore:
+    """Watermarks and ledger in one PostgreSQL database, reached through a libpq DSN.
+
+    Every call opens its own connection, so one store may be shared by threads.
+    """
+
+    def __init__(self, dsn: str, *, connect_timeout: int = 10) -> None:
+        self._dsn = dsn
+        self._connect_timeout = connect_timeout
+
+    def __repr__(self) -> str:  # the DSN may hold a password
+        return "WatermarkStore(<dsn>)"
+
+    @contextmanager
+    def _connect(self) -> Iterator[psycopg.Connection[Any]]:
+        import psycopg
+
+        with psycopg.connect(self._dsn, connect_timeout=self._connect_timeout) as conn:
+            yield conn
+
+    # Schema
+
+    def migrate(self) -> list[int]:
+        """Create or upgrade the schema; idempotent. Returns the versions applied by this call."""
+        applied: list[int] = []
+        with self._connect() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+            conn.execute(
+                f"""
+                CREATE TABLE IF NOT EXISTS {SCHEMA_VERSION_TABLE} (
+                    version     integer     PRIMARY KEY,
+                    description text        NOT NULL,
+                    applied_at  timestamptz NOT NULL DEFAULT now()
+                )
+                """
+            )
+            done = {row[0] for row in conn.execute(f"SELECT version FROM {SCHEMA_VERSION_TABLE}")}
+            for version, description, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute(
+                    f"INSERT INTO {SCHEMA_VERSION_TABLE} (version, description) VALUES (%s, %s)",
+                    (version, description),
+                )
+                applied.append(version)
+        if applied:
+            log.info("watermark store migrated to version %s", applied[-1])
+        return applied
+
+    def schema_version(self) -> int:
+        """The highest applied migration, 0 for an empty database."""
+        with self._connect() as conn:
+            exists = conn.execute("SELECT to_regclass(%s)", (SCHEMA_VERSION_TABLE,)).fetchone()
+            if not exists or exists[0] is None:
+                return 0
+            row = conn.execute(
+                f"SELECT coalesce(max(version), 0) FROM {SCHEMA_VERSION_TABLE}"
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+    # Watermarks
+
+    def initialize(self, table: str, start: datetime) -> Watermark:
+        """Give a table its first watermark (its start_date); a table already known is left as is."""
+        start = _utc(start, "start")
+        with self._connect() as conn, conn.transaction():
+            conn.execute(
+                f"""
+                INSERT INTO {WATERMARKS_TABLE} (table_name, watermark_ts, sequence_number)
+                VALUES (%s, %s, 0)
+                ON CONFLICT (table_name) DO NOTHING
+                """,
+                (table, start),
+            )
+            watermark = self._get(conn, table)
+        assert watermark is not None
+        return watermark
+
+    def get(self, table: str) -> Watermark | None:
+        with self._connect() as conn:
+            return self._get(conn, table)
+
+    @staticmethod
+    def _get(
+        conn: psycopg.Connection[Any], table: str, *, for_update: bool = False
+    ) -> Watermark | None:
+        lock = " FOR UPDATE" if for_update else ""
+        row = conn.execute(
+            f"SELECT table_name, watermark_ts, sequence_number, updated_at "
+            f"FROM {WATERMARKS_TABLE} WHERE table_name = %s{lock}",
+            (table,),
+        ).fetchone()
+        if row is None:
+            return None
+        return Watermark(row[0], _utc(row[1]), int(row[2]), _utc(row[3]))
+
+    def commit_interval(
+        self,
+        table: str,
+        start: datetime,
+        end: datetime,
+        rows: int,
+        checksum: int | Decimal,
+        snapshot_id: int | None,
+        run_id: str,
+        expected_sequence: int,
+    ) -> CommitResult:
+        """Ledger one offloaded interval and advance the watermark, in one transaction.
+
+        Raises StaleWatermarkError when the watermark's sequence is no longer
+        ``expected_sequence`` (re-read with :meth:`get` and retry, or use
+        :meth:`commit_with_retry`), UnknownTableError before :meth:`initialize`.
+        """
+        start = _utc(start, "interval start")
+        end = _utc(end, "interval end")
+        if end <= start:
+            raise ValueError(
+                f"interval end {end.isoformat()} is not after its start {start.isoformat()}"
+            )
+        if rows < 0:
+            raise ValueError(f"rows must be >= 0, got {rows}")
+        checksum = int(checksum)
+        if not 0 <= checksum <= _MAX_CHECKSUM:
+            raise ValueError(f"checksum {checksum} is outside 0..2^64-1")
+        if not run_id:
+            raise ValueError("run_id is required")
+
+        with self._connect() as conn, conn.transaction():
+            current = self._get(conn, table, for_update=True)
+            if current is None:
+                raise UnknownTableError(f"table {table!r} has no watermark; initialize it first")
+            if current.sequence_number != expected_sequence:
+                raise StaleWatermarkError(table, expected_sequence, current.sequence_number)
+
+            conn.execute(
+                f"""
+                INSERT INTO {LEDGER_TABLE}
+                    (table_name, interval_start, interval_end, rows, checksum, snapshot_id, run_id)
+                VALUES (%s, %s, %s, %s, %s, %s, %s)
+                ON CONFLICT (table_name, interval_start) DO UPDATE SET
+                    interval_end = EXCLUDED.interval_end,
+                    rows = EXCLUDED.rows,
+                    checksum = EXCLUDED.checksum,
+                    snapshot_id = EXCLUDED.snapshot_id,
+                    run_id = EXCLUDED.run_id,
+                    committed_at = now()
+                """,
+                (table, start, end, rows, Decimal(checksum), snapshot_id, run_id),
+            )
+
+            recommit = end <= current.watermark_ts
+            new_watermark = current.watermark_ts
+            if not recommit:
+                # Intervals that may extend the run: everything ending after the watermark.
+                pending = conn.execute(
+                    f"""
+                    SELECT interval_start, interval_end FROM {LEDGER_TABLE}
+                    WHERE table_name = %s AND interval_end > %s
+                    ORDER BY interval_start
+                    """,
+                    (table, current.watermark_ts),
+                ).fetchall()
+                new_watermark = _contiguous_end(
+                    current.watermark_ts, [(_utc(s), _utc(e)) for s, e in pending]
+                )
+
+            sequence = current.sequence_number
+            advanced = new_watermark > current.watermark_ts
+            if advanced:
+                updated = conn.execute(
+                    f"""
+                    UPDATE {WATERMARKS_TABLE}
+                    SET watermark_ts = %s, sequence_number = sequence_number + 1, updated_at = now()
+                    WHERE table_name = %s AND sequence_number = %s
+                    RETURNING sequence_number
+                    """,
+                    (new_watermark, table, expected_sequence),
+                ).fetchone()
+                if updated is None:  # unreachable under the row lock; kept as the CAS guard
+                    raise StaleWatermarkError(table, expected_sequence, -1)
+                sequence = int(updated[0])
+
+        result = CommitResult(
+            table_name=table,
+            interval_start=start,
+            interval_end=end,
+            watermark_ts=new_watermark,
+            sequence_number=sequence,
+            previous_watermark_ts=current.watermark_ts,
+            advanced=advanced,
+            recommit=recommit,
+        )
+        log.info(
+            "committed %s [%s, %s): watermark %s -> %s (sequence %s)%s",
+            table,
+            start.isoformat(),
+            end.isoformat(),
+            current.watermark_ts.isoformat(),
+            new_watermark.isoformat(),
+            sequence,
+            " (re-commit)" if recommit else "",
+        )
+        return result
+
+    def commit_with_retry(
+        self,
+        table: str,
+        start: datetime,
+        end: datetime,
+        rows: int,
+        checksum: int | Decimal,
+        snapshot_id: int | None,
+        run_id: str,
+        *,
+        attempts: int = 5,
+        backoff: float = 0.05,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> CommitResult:
+        """Read the current sequence and commit; on StaleWatermarkError re-read and retry (bounded)."""
+        if attempts < 1:
+            raise ValueError("attempts must be >= 1")
+        for attempt in range(1, attempts + 1):
+            current = self.get(table)
+            if current is None:
+                raise UnknownTableError(f"table {table!r} has no watermark; initialize it first")
+            try:
+                return self.commit_interval(
+                    table, start, end, rows, checksum, snapshot_id, run_id, current.sequence_number
+                )
+            except StaleWatermarkError as exc:
+                if attempt == attempts:
+                    raise
+                delay = backoff * (2 ** (attempt - 1)) * (1 + random.random())
+                log.warning("%s (attempt %s/%s); retrying in %.2fs", exc, attempt, attempts, delay)
+                sleep(delay)
+        raise AssertionError("unreachable")
+
+    # Reading the ledger
+
+    def ledger_tail(self, table: str, n: int = 10) -> list[LedgerEntry]:
+        """The last n ledgered intervals of a table, newest first."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                f"""
+                SELECT table_name, interval_start, interval_end, rows, checksum, snapshot_id,
+                       run_id, committed_at
+                FROM {LEDGER_TABLE} WHERE table_name = %s
+                ORDER BY interval_start DESC LIMIT %s
+                """,
+                (table, n),
+            ).fetchall()
+        return [
+            LedgerEntry(r[0], _utc(r[1]), _utc(r[2]), int(r[3]), int(r[4]), r[5], r[6], _utc(r[7]))
+            for r in rows
+        ]
+
+    def ledger_entry(self, table: str, start: datetime) -> LedgerEntry | None:
+        start = _utc(start, "interval start")
+        with self._connect() as conn:
+            r = conn.execute(
+                f"""
+                SELECT table_name, interval_start, interval_end, rows, checksum, snapshot_id,
+                       run_id, committed_at
+                FROM {LEDGER_TABLE} WHERE table_name = %s AND interval_start = %s
+                """,
+                (table, start),
+            ).fetchone()
+        if r is None:
+            return None
+        return LedgerEntry(
+            r[0], _utc(r[1]), _utc(r[2]), int(r[3]), int(r[4]), r[5], r[6], _utc(r[7])
+        )
+
+    def status(self, tables: Sequence[str] | None = None) -> list[TableStatus]:
+        """Watermark and ledger summary per table (all known tables when none are named)."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                f"""
+                SELECT w.table_name, w.watermark_ts, w.sequence_number, w.updated_at,
+                       count(l.interval_start),
+                       coalesce(sum(l.rows), 0),
+                       max(l.committed_at),
+                       count(l.interval_start) FILTER (WHERE l.interval_start >= w.watermark_ts)
+                FROM {WATERMARKS_TABLE} w
+                LEFT JOIN {LEDGER_TABLE} l ON l.table_name = w.table_name
+                WHERE %(all)s OR w.table_name = ANY(%(names)s)
+                GROUP BY w.table_name, w.watermark_ts, w.sequence_number, w.updated_at
+                ORDER BY w.table_name
+                """,
+                {"all": tables is None, "names": list(tables or [])},
+            ).fetchall()
+        return [
+            TableStatus(
+                table_name=r[0],
+                watermark_ts=_utc(r[1]),
+                sequence_number=int(r[2]),
+                updated_at=_utc(r[3]),
+                ledgered_intervals=int(r[4]),
+                ledgered_rows=int(r[5]),
+                last_committed_at=_utc(r[6]) if r[6] is not None else None,
+                pending_intervals=int(r[7]),
+            )
+            for r in rows
+        ]
+
+
+def format_status(rows: Sequence[TableStatus], *, now: datetime | None = None) -> str:
+    """A plain-text table for `k2 watermark show`: watermark, lag, sequence, ledger counts."""
+    now = _utc(now) if now else datetime.now(timezone.utc)
+    header = f"{'table':<24} {'watermark (UTC)':<20} {'lag':>10} {'seq':>6} {'intervals':>9} {'rows':>12} {'pending':>7}"
+    lines = [header]
+    for r in rows:
+        lag = now - r.watermark_ts
+        lag_text = f"{int(lag.total_seconds() // 60)}m" if lag.total_seconds() >= 0 else "-"
+        lines.append(
+            f"{r.table_name:<24} {r.watermark_ts.strftime('%Y-%m-%d %H:%M:%S'):<20} {lag_text:>10} "
+            f"{r.sequence_number:>6} {r.ledgered_intervals:>9} {r.ledgered_rows:>12} {r.pending_intervals:>7}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""Trigger that waits, in the triggerer, until a ClickHouse table's watermark reaches a target time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from k2_provider.hooks.clickhouse import ClickHouseHook
+
+
+def _aware(value: datetime | str, name: str) -> datetime:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if not isinstance(value, datetime):
+        raise TypeError(
+            f"{name} must be a datetime or an ISO-8601 string, got {type(value).__name__}"
+        )
+    if value.tzinfo is None:
+        raise ValueError(f"{name} {value.isoformat()} has no timezone")
+    return value.astimezone(timezone.utc)
+
+
+class ClickHouseWatermarkTrigger(BaseTrigger):
+    """
+    Poll ``max(column) - lateness`` of a ClickHouse table until it reaches ``target``.
+
+    clickhouse-connect is synchronous, so every query runs in a worker thread
+    (``asyncio.to_thread``): the triggerer's event loop, shared by all triggers, never
+    waits on ClickHouse. Only the connection id is serialized, never credentials.
+
+    Events (one, then the trigger ends):
+
+    - ``{"status": "complete", "watermark": iso, "target": iso}``
+    - ``{"status": "timeout", "watermark": iso | None, "target": iso, "table": ...}`` at ``timeout_at``
+    - ``{"status": "error", "message": ..., "target": iso, "table": ...}`` after
+      ``max_consecutive_errors`` failed queries in a row
+
+    :param table: ClickHouse table whose max event time is the watermark (a plain identifier).
+    :param column: its event-time column (a plain identifier).
+    :param target: time the watermark must reach (aware datetime or ISO string).
+    :param lateness_seconds: allowed lateness subtracted from max(column).
+    :param clickhouse_conn_id: the ClickHouse connection id.
+    :param poke_interval: seconds between queries.
+    :param timeout_at: when to give up with a ``timeout`` event (None: never).
+    :param max_consecutive_errors: failed queries in a row before an ``error`` event.
+    """
+
+    def __init__(
+        self,
+        *,
+        table: str,
+        column: str,
+        target: datetime | str,
+        lateness_seconds: float = 0.0,
+        clickhouse_conn_id: str = ClickHouseHook.default_conn_name,
+        poke_interval: float = 30.0,
+        timeout_at: datetime | str | None = None,
+        max_consecutive_errors: int = 5,
+    ) -> None:
+        super().__init__()
+        self.table = table
+        self.column = column
+        self.target = _aware(target, "target")
+        self.lateness_seconds = float(lateness_seconds)
+        self.clickhouse_conn_id = clickhouse_conn_id
+        self.poke_interval = float(poke_interval)
+        self.timeout_at = None if timeout_at is None else _aware(timeout_at, "timeout_at")
+        self.max_consecutive_errors = int(max_consecutive_errors)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "table": self.table,
+                "column": self.column,
+                "target": self.target.isoformat(),
+                "lateness_seconds": self.lateness_seconds,
+                "clickhouse_conn_id": self.clickhouse_conn_id,
+                "poke_interval": self.poke_interval,
+                "timeout_at": None if self.timeout_at is None else self.timeout_at.isoformat(),
+                "max_consecutive_errors": self.max_consecutive_errors,
+            },
+        )
+
+    def _event(self, status: str, **fields: Any) -> TriggerEvent:
+        return TriggerEvent(
+            {
+                "status": status,
+                "table": self.table,
+                "column": self.column,
+                "target": self.target.isoformat(),
+                **fields,
+            }
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        hook = ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id)
+        lateness = timedelta(seconds=self.lateness_seconds)
+        watermark: datetime | None = None
+        errors = 0
+        try:
+            while True:
+                try:
+                    watermark = await asyncio.to_thread(
+                        hook.watermark, self.table, self.column, lateness
+                    )
+                except Exception as exc:
+                    errors += 1
+                    self.log.warning(
+                        "watermark query on %s failed (%s/%s): %s",
+                        self.table,
+                        errors,
+                        self.max_consecutive_errors,
+                        exc,
+                    )
+                    if errors >= self.max_consecutive_errors:
+                        yield self._event("error", message=f"{type(exc).__name__}: {exc}")
+                        return
+                else:
+                    errors = 0
+                    if watermark is not None and watermark >= self.target:
+                        self.log.info(
+                            "%s watermark %s reached %s",
+                            self.table,
+                            watermark.isoformat(),
+                            self.target.isoformat(),
+                        )
+                        yield self._event("complete", watermark=watermark.isoformat())
+                        return
+                    self.log.info(
+                        "%s watermark %s is before %s; next check in %ss",
+                        self.table,
+                        watermark.isoformat() if watermark else None,
+                        self.target.isoformat(),
+                        self.poke_interval,
+                    )
+                if self.timeout_at is not None and datetime.now(timezone.utc) >= self.timeout_at:
+                    yield self._event(
+                        "timeout", watermark=watermark.isoformat() if watermark else None
+                    )
+                    return
+                await asyncio.sleep(self.poke_interval)
+        finally:
+            hook.close()

@@ -1,0 +1,258 @@
+"""DAG integrity: the dags folder parses fast and cleanly into the 9 offload DAGs, built as designed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from k2.config import ConfigError, load_tables
+from k2.dag_factory import (
+    MAX_ACTIVE_RUNS,
+    SPARK_POOL,
+    TASK_COMMIT,
+    TASK_OFFLOAD,
+    TASK_SENSOR,
+    build_dags,
+    first_interval_start,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DAGS_FOLDER = REPO_ROOT / "dags"
+DAG_FILES = sorted(DAGS_FOLDER.glob("*.py"))
+SPECS = load_tables().tables
+EXPECTED_DAG_IDS = sorted(f"k2_offload_{spec.name}" for spec in SPECS)
+PARSE_BUDGET_S = 2.0
+
+
+@pytest.fixture(scope="session")
+def parsed() -> tuple[Any, float]:
+    """The DagBag of the dags folder, built once, and how long building it took."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    started = time.perf_counter()
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    return bag, time.perf_counter() - started
+
+
+@pytest.fixture(scope="session")
+def dagbag(parsed: tuple[Any, float]) -> Any:
+    return parsed[0]
+
+
+def _dags(dagbag: Any) -> list[Any]:
+    return [dagbag.dags[dag_id] for dag_id in sorted(dagbag.dags)]
+
+
+@pytest.mark.parametrize(
+    "dag_file", DAG_FILES, ids=[str(p.relative_to(REPO_ROOT)) for p in DAG_FILES]
+)
+def test_dag_file_imports_cleanly(dagbag: Any, dag_file: Path) -> None:
+    errors = {
+        path: err for path, err in dagbag.import_errors.items() if Path(path).name == dag_file.name
+    }
+    assert errors == {}
+    assert any(Path(dag.fileloc) == dag_file for dag in dagbag.dags.values())
+
+
+def test_no_import_errors(dagbag: Any) -> None:
+    assert dagbag.import_errors == {}
+
+
+def test_parsing_is_fast(parsed: tuple[Any, float]) -> None:
+    assert parsed[1] < PARSE_BUDGET_S, f"parsing the dags folder took {parsed[1]:.2f}s"
+
+
+def test_exactly_one_dag_per_table(dagbag: Any) -> None:
+    assert sorted(dagbag.dag_ids) == EXPECTED_DAG_IDS
+    assert len(EXPECTED_DAG_IDS) == 9
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[spec.dag_id for spec in SPECS])
+class TestOffloadDag:
+    def test_timetable_is_a_15_minute_utc_data_interval(self, dagbag: Any, spec: Any) -> None:
+        from airflow.serialization.encoders import coerce_to_core_timetable
+        from airflow.timetables.interval import CronDataIntervalTimetable
+
+        timetable = coerce_to_core_timetable(dagbag.dags[spec.dag_id].timetable)
+        assert isinstance(timetable, CronDataIntervalTimetable)
+        assert timetable.serialize() == {"expression": "*/15 * * * *", "timezone": "UTC"}
+        import pendulum
+
+        interval = timetable.infer_manual_data_interval(
+            run_after=pendulum.datetime(2026, 3, 1, 10, 7, tz="UTC")
+        )
+        assert (interval.start, interval.end) == (
+            datetime(2026, 3, 1, 9, 45, tzinfo=timezone.utc),
+            datetime(2026, 3, 1, 10, 0, tzinfo=timezone.utc),
+        )
+
+    def test_schedule_settings(self, dagbag: Any, spec: Any) -> None:
+        dag = dagbag.dags[spec.dag_id]
+        assert dag.catchup is True
+        assert dag.start_date == spec.start_date
+        assert dag.max_active_runs == MAX_ACTIVE_RUNS
+        assert dag.doc_md and spec.iceberg_table in dag.doc_md and "Runbook" in dag.doc_md
+
+    def test_retries_with_exponential_backoff(self, dagbag: Any, spec: Any) -> None:
+        for task in dagbag.dags[spec.dag_id].tasks:
+            assert task.retries >= 2, task.task_id
+            # Airflow 3.3 treats this as a multiplier: 1 (True) would mean a constant delay.
+            assert task.retry_exponential_backoff >= 2, task.task_id
+            assert task.retry_delay > timedelta(0)
+
+    def test_tags(self, dagbag: Any, spec: Any) -> None:
+        tags = set(dagbag.dags[spec.dag_id].tags)
+        layer = spec.name.split("_", 1)[0]
+        assert {"k2", "offload", layer} <= tags
+        assert layer in {"bronze", "silver", "gold"}
+
+    def test_task_chain(self, dagbag: Any, spec: Any) -> None:
+        dag = dagbag.dags[spec.dag_id]
+        assert sorted(dag.task_ids) == sorted([TASK_SENSOR, TASK_OFFLOAD, TASK_COMMIT])
+        assert dag.get_task(TASK_SENSOR).downstream_task_ids == {TASK_OFFLOAD}
+        assert dag.get_task(TASK_OFFLOAD).downstream_task_ids == {TASK_COMMIT}
+        assert dag.get_task(TASK_COMMIT).downstream_task_ids == set()
+        assert dag.get_task(TASK_SENSOR).upstream_task_ids == set()
+
+    def test_tasks_are_configured_from_the_spec(self, dagbag: Any, spec: Any) -> None:
+        dag = dagbag.dags[spec.dag_id]
+        sensor = dag.get_task(TASK_SENSOR)
+        assert (sensor.table, sensor.column) == (spec.completeness.table, spec.completeness.column)
+        assert sensor.lateness == spec.allowed_lateness
+        assert sensor.deferrable is True
+        assert sensor.target == "{{ data_interval_end | ts }}"
+        offload = dag.get_task(TASK_OFFLOAD)
+        assert (offload.pool, offload.pool_slots) == (SPARK_POOL, 1)
+        assert offload.table == spec.name
+        assert offload.application.endswith("spark_jobs/offload_to_iceberg.py")
+        assert not offload.env_vars  # built at execute time, never at parse time
+        commit = dag.get_task(TASK_COMMIT)
+        assert commit.table == spec.name
+        assert commit.initial_watermark == first_interval_start(spec.start_date)
+
+    def test_deadline_alert(self, dagbag: Any, spec: Any) -> None:
+        from airflow.sdk import AsyncCallback, DeadlineReference
+
+        [alert] = dagbag.dags[spec.dag_id].deadline
+        assert alert.reference == DeadlineReference.DAGRUN_QUEUED_AT
+        assert alert.interval == spec.deadline
+        assert isinstance(alert.callback, AsyncCallback)
+        assert alert.callback.path == "airflow.providers.smtp.notifications.smtp.SmtpNotifier"
+        assert alert.callback.kwargs["to"]
+
+    def test_dag_serializes_for_the_scheduler(self, dagbag: Any, spec: Any) -> None:
+        from airflow.serialization.serialized_objects import DagSerialization
+
+        serialized = DagSerialization.from_dict(DagSerialization.to_dict(dagbag.dags[spec.dag_id]))
+        assert serialized.catchup is True
+        assert serialized.get_task(TASK_OFFLOAD).pool == SPARK_POOL
+        assert type(serialized.timetable).__name__ == "CronDataIntervalTimetable"
+
+
+def test_offload_arguments_render_to_iso_utc(dagbag: Any) -> None:
+    import pendulum
+
+    dag = dagbag.dags[EXPECTED_DAG_IDS[0]]
+    task = dag.get_task(TASK_OFFLOAD)
+    context = {
+        "data_interval_start": pendulum.datetime(2026, 1, 1, 0, 0, tz="UTC"),
+        "data_interval_end": pendulum.datetime(2026, 1, 1, 0, 15, tz="UTC"),
+        "run_id": "scheduled__2026-01-01T00:15:00+00:00",
+    }
+    args = task.render_template(task.application_args, context, dag.get_template_env())
+    assert args == [
+        "--table",
+        task.table,
+        "--interval-start",
+        "2026-01-01T00:00:00+00:00",
+        "--interval-end",
+        "2026-01-01T00:15:00+00:00",
+        "--run-id",
+        "scheduled__2026-01-01T00:15:00+00:00",
+    ]
+
+
+def test_first_interval_start_aligns_to_the_schedule() -> None:
+    aligned = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    assert first_interval_start(aligned) == aligned
+    assert first_interval_start(aligned + timedelta(minutes=1)) == aligned + timedelta(minutes=15)
+    assert (
+        first_interval_start(datetime(2026, 1, 1, 1, 0, tzinfo=timezone(timedelta(hours=1))))
+        == aligned
+    )
+
+
+# The factory's error isolation
+
+
+def _write_tables(tmp_path: Path, *entries: dict[str, Any]) -> Path:
+    path = tmp_path / "tables.yaml"
+    defaults = {
+        "start_date": "2026-01-01T00:00:00Z",
+        "allowed_lateness": "2m",
+        "hot_retention": "7d",
+        "deadline": "30m",
+    }
+    path.write_text(yaml.safe_dump({"defaults": defaults, "tables": list(entries)}))
+    return path
+
+
+def _entry(name: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        "clickhouse_table": name,
+        "event_time_column": "event_time",
+        "unique_key": ["trade_id"],
+        "iceberg_table": f"cold.{name}",
+        **overrides,
+    }
+
+
+def test_strict_mode_fails_parsing_with_the_config_error(tmp_path: Path) -> None:
+    path = _write_tables(
+        tmp_path, _entry("bronze_good"), _entry("bronze_bad", allowed_lateness="soon")
+    )
+    with pytest.raises(ConfigError, match="table 'bronze_bad', key 'allowed_lateness'"):
+        build_dags(path, strict=True)
+
+
+def test_strict_is_on_in_tests() -> None:
+    import os
+
+    assert os.environ.get("K2_STRICT_DAGS") == "1"
+
+
+def test_non_strict_mode_skips_only_the_bad_table(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _write_tables(
+        tmp_path,
+        _entry("bronze_good"),
+        _entry("bronze_bad", partition_by=["days(event_time)"]),
+        _entry("bronze_good"),  # a duplicate is skipped too
+        _entry("silver_also_good"),
+    )
+    with caplog.at_level(logging.ERROR, logger="k2.dag_factory"):
+        dags = build_dags(path, strict=False)
+    assert sorted(dags) == ["k2_offload_bronze_good", "k2_offload_silver_also_good"]
+    assert "bronze_bad" in caplog.text and "partition_by" in caplog.text
+    assert "listed twice" in caplog.text
+
+
+def test_non_strict_mode_skips_a_dag_that_fails_to_build(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _write_tables(
+        tmp_path, _entry("bronze_good"), _entry("platinum_table")
+    )  # no layer prefix
+    with caplog.at_level(logging.ERROR, logger="k2.dag_factory"):
+        dags = build_dags(path, strict=False)
+    assert list(dags) == ["k2_offload_bronze_good"]
+    assert "platinum_table" in caplog.text
+    with pytest.raises(ConfigError, match="platinum_table"):
+        build_dags(path, strict=True)
