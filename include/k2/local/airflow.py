@@ -19,6 +19,7 @@ from pathlib import Path
 from k2.local.daemons import Daemon, http_ok
 from k2.local.processes import StackError
 from k2.local.settings import REPO_ROOT, LocalStack
+from k2.runtime_env import ClickHouseSettings, IcebergSettings
 
 ADMIN_USER = "admin"
 SPARK_POOL_SLOTS = 2
@@ -27,6 +28,29 @@ CLICKHOUSE_DATABASE = "k2"
 
 def _airflow_bin() -> str:
     return str(Path(sys.executable).with_name("airflow"))
+
+
+def clickhouse_settings(stack: LocalStack) -> ClickHouseSettings:
+    c = stack.credentials
+    return ClickHouseSettings(
+        host=stack.host,
+        port=stack.clickhouse_port,
+        user=c["clickhouse_user"],
+        password=c["clickhouse_password"],
+        database=CLICKHOUSE_DATABASE,
+    )
+
+
+def iceberg_settings(stack: LocalStack) -> IcebergSettings:
+    """The Iceberg JDBC catalog in the stack's PostgreSQL (database k2), warehouse on disk."""
+    c = stack.credentials
+    return IcebergSettings(
+        catalog_name="k2",
+        uri=f"postgresql://{stack.host}:{stack.postgres_port}/k2",
+        user=c["postgres_user"],
+        password=c["postgres_password"],
+        warehouse=stack.warehouse.as_uri(),
+    )
 
 
 def connections(stack: LocalStack) -> dict[str, dict[str, object]]:
@@ -61,7 +85,7 @@ def connections(stack: LocalStack) -> dict[str, dict[str, object]]:
             "login": c["postgres_user"],
             "password": c["postgres_password"],
             "schema": "k2",
-            "extra": {"warehouse": stack.warehouse.as_uri(), "catalog_name": "k2"},
+            "extra": {"warehouse": iceberg_settings(stack).warehouse, "catalog_name": "k2"},
         },
     }
 

@@ -117,3 +117,61 @@ def wait_for_interrupt() -> None:
             time.sleep(1)
     except KeyboardInterrupt:
         pass
+
+
+def _failed_runs(stack: LocalStack) -> list[tuple[str, str]]:
+    """(dag_id, run_id) of failed offload runs, read from Airflow's metadata database."""
+    import psycopg
+
+    with psycopg.connect(stack.postgres_dsn("airflow"), connect_timeout=5) as conn:
+        return conn.execute(
+            "SELECT dag_id, run_id FROM dag_run WHERE state = 'failed' AND dag_id LIKE 'k2_offload_%%'"
+        ).fetchall()
+
+
+def wait_until_caught_up(pipeline: Pipeline, start_date: datetime, limit: timedelta) -> str | None:
+    """Wait until every table's watermark reaches the last interval closed now, then verify.
+
+    Returns None when caught up and verified, else what is wrong.
+    """
+    import clickhouse_connect
+
+    from k2.config import load_tables
+    from k2.iceberg import load_catalog
+    from k2.verify import verify_table
+    from k2.watermarks import WatermarkStore
+
+    stack, log = pipeline.stack, pipeline.log
+    specs = load_tables().tables
+    target = floor_interval(datetime.now(timezone.utc))
+    store = WatermarkStore(stack.postgres_dsn("k2"))
+    deadline = time.monotonic() + limit.total_seconds()
+    log(f"waiting for every table to reach {target.isoformat()} (at most {limit})")
+    last_report = 0.0
+    while True:
+        store.migrate()
+        marks = {row.table_name: row.watermark_ts for row in store.status()}
+        behind = [s.name for s in specs if marks.get(s.name) is None or marks[s.name] < target]
+        if not behind:
+            break
+        failed = _failed_runs(stack)
+        if failed:
+            return f"offload runs failed: {failed[:5]} (see the Airflow UI or {stack.airflow_home / 'logs'})"
+        if time.monotonic() > deadline:
+            return f"not caught up after {limit}: behind {target.isoformat()}: {', '.join(behind)}"
+        if time.monotonic() - last_report > 30:
+            done = len(specs) - len(behind)
+            log(f"  {done}/{len(specs)} tables caught up; behind: {', '.join(behind)}")
+            last_report = time.monotonic()
+        time.sleep(5)
+
+    log("all tables caught up; verifying ClickHouse against Iceberg")
+    client = clickhouse_connect.get_client(**airflow.clickhouse_settings(stack).client_kwargs())
+    catalog = load_catalog(airflow.iceberg_settings(stack))
+    problems = []
+    for spec in specs:
+        report = verify_table(spec, ch_client=client, catalog=catalog, start=start_date, end=target)
+        log(f"  verify {spec.name}: {'ok' if report.ok else 'DIFFERENCES'} {report.totals()}")
+        if not report.ok:
+            problems.append(report.format())
+    return "\n".join(problems) or None
