@@ -22,6 +22,9 @@ from k2.local.settings import REPO_ROOT, LocalStack
 from k2.runtime_env import ClickHouseSettings, IcebergSettings
 
 ADMIN_USER = "admin"
+# Where deadline-miss emails go on the local stack (the SMTP sink keeps them in .k2/mail).
+ALERT_TO = "oncall@k2.local"
+ALERT_FROM = "k2-airflow@k2.local"
 SPARK_POOL_SLOTS = 2
 CLICKHOUSE_DATABASE = "k2"
 
@@ -87,6 +90,12 @@ def connections(stack: LocalStack) -> dict[str, dict[str, object]]:
             "schema": "k2",
             "extra": {"warehouse": iceberg_settings(stack).warehouse, "catalog_name": "k2"},
         },
+        "smtp_default": {
+            "conn_type": "smtp",
+            "host": stack.host,
+            "port": stack.smtp_port,
+            "extra": {"disable_tls": True, "disable_ssl": True, "from_email": ALERT_FROM},
+        },
     }
 
 
@@ -116,7 +125,12 @@ def environment(stack: LocalStack) -> dict[str, str]:
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
         # spark-submit and the k2 CLI come from the project's virtualenv.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        # Spark on the local stack: loopback only, no UI, quiet logs (spark_jobs/conf).
+        "SPARK_LOCAL_IP": stack.host,
+        "SPARK_CONF_DIR": str(REPO_ROOT / "spark_jobs" / "conf"),
         "K2_HOME": str(stack.home),
+        "K2_ALERT_EMAIL_TO": os.environ.get("K2_ALERT_EMAIL_TO", ALERT_TO),
+        "K2_ALERT_EMAIL_FROM": os.environ.get("K2_ALERT_EMAIL_FROM", ALERT_FROM),
         "K2_STRICT_DAGS": os.environ.get("K2_STRICT_DAGS", "0"),
     }
     for conn_id, conn in connections(stack).items():

@@ -40,6 +40,7 @@ class LocalStack:
     clickhouse_port: int
     postgres_port: int
     airflow_port: int
+    smtp_port: int
     host: str = LOOPBACK
 
     @classmethod
@@ -50,6 +51,7 @@ class LocalStack:
             clickhouse_port=_env_int("K2_CLICKHOUSE_PORT", 8123),
             postgres_port=_env_int("K2_POSTGRES_PORT", 55432),
             airflow_port=_env_int("K2_AIRFLOW_PORT", 8080),
+            smtp_port=_env_int("K2_SMTP_PORT", 2525),
         )
 
     # Folders under home
@@ -68,6 +70,11 @@ class LocalStack:
     @property
     def airflow_home(self) -> Path:
         return self.home / "airflow"
+
+    @property
+    def maildir(self) -> Path:
+        """Where the local SMTP sink keeps every email it receives (a Maildir)."""
+        return self.home / "mail"
 
     @property
     def run_dir(self) -> Path:

@@ -44,6 +44,30 @@ CLICKHOUSE = Daemon(
 )
 
 
+def _smtp_ready(stack: LocalStack) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((stack.host, stack.smtp_port), timeout=2) as sock:
+            return sock.recv(64).startswith(b"220")
+    except OSError:
+        return False
+
+
+# Deadline-miss and alert emails land here; read them with `k2 mail` or from the Maildir.
+SMTP_SINK = Daemon(
+    name="smtp",
+    argv=lambda s: [
+        sys.executable, "-m", "aiosmtpd", "-n",
+        "-l", f"{s.host}:{s.smtp_port}",
+        "-c", "aiosmtpd.handlers.Mailbox", str(s.maildir),
+    ],
+    port=lambda s: s.smtp_port,
+    port_env_var="K2_SMTP_PORT",
+    healthy=_smtp_ready,
+)
+
+
 def _service(daemon: Daemon) -> Service:
     return Service(
         name=daemon.name,
@@ -65,6 +89,7 @@ SERVICES: list[Service] = [
         healthy=postgres.healthy,
     ),
     _service(CLICKHOUSE),
+    _service(SMTP_SINK),
 ]
 
 
