@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -22,15 +29,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_port_env() -> dict[str, str]:
+    """A free loopback port for every service of the local stack."""
+    from k2.local.settings import PORT_ENV_VARS
+
+    return {name: str(_free_port()) for name in PORT_ENV_VARS}
+
+
+def stack_home() -> Path:
+    """A fresh K2_HOME outside pytest's temp root: pytest resets that root to mode 0700
+    when another session starts, which would lock PostgreSQL (not root) out of its data."""
+    return Path(tempfile.mkdtemp(prefix="k2-test-home-"))
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory):
+def stack():
     """A LocalStack with PostgreSQL and the ClickHouse endpoint up."""
-    home = tmp_path_factory.mktemp("k2home")
-    env = {
-        "K2_HOME": str(home),
-        "K2_CLICKHOUSE_PORT": str(_free_port()),
-        "K2_POSTGRES_PORT": str(_free_port()),
-    }
+    home = stack_home()
+    env = {"K2_HOME": str(home), **free_port_env()}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # child processes (k2 CLI, spark-submit) see the same stack
     local = LocalStack.from_env()
@@ -39,6 +55,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         yield local
     finally:
         local_stack.down(local, log=lambda _msg: None)
+        shutil.rmtree(home, ignore_errors=True)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -57,3 +74,90 @@ def ch_client(stack: LocalStack, request: pytest.FixtureRequest):
     yield client
     client.close()
     admin.close()
+
+
+INTERVAL = timedelta(minutes=15)
+
+
+def floor_interval(moment: datetime) -> datetime:
+    seconds = int(moment.timestamp())
+    return datetime.fromtimestamp(seconds - seconds % 900, tz=timezone.utc)
+
+
+@pytest.fixture(scope="session")
+def start_date() -> datetime:
+    """The DAGs' start date in tests: two intervals back from the last complete one."""
+    now = datetime.now(timezone.utc)
+    return floor_interval(now - timedelta(minutes=2)) - 2 * INTERVAL
+
+
+@pytest.fixture(scope="session")
+def hot_data(stack: LocalStack, start_date: datetime):
+    """Trades from a little before start_date until now in the `k2` database (the one the
+    Airflow connection clickhouse_default names); returns a client on it."""
+    from k2.feed import run_feed
+    from k2.schema import apply_schema
+
+    admin = stack.clickhouse_client()
+    admin.command("CREATE DATABASE IF NOT EXISTS k2")
+    client = stack.clickhouse_client(database="k2")
+    apply_schema(client)
+    now = datetime.now(timezone.utc)
+    run_feed(client, history=now - start_date + timedelta(minutes=5), rate=None, seed=7, end=now, progress=None)
+    return client
+
+
+class AirflowHandle:
+    """The running Airflow of the test session, with the few operations tests need."""
+
+    def __init__(self, stack: LocalStack, env: dict[str, str]) -> None:
+        self.stack = stack
+        self.env = env
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(Path(sys.executable).with_name("airflow")), *args],
+            env=self.env, capture_output=True, text=True, timeout=timeout,
+        )
+        assert result.returncode == 0, f"airflow {' '.join(args)}:\n{result.stderr[-3000:]}"
+        return result
+
+    def run_state(self, dag_id: str, interval_start: datetime) -> str | None:
+        import psycopg
+
+        with psycopg.connect(self.stack.postgres_dsn("airflow")) as conn:
+            row = conn.execute(
+                "SELECT state FROM dag_run WHERE dag_id = %s AND data_interval_start = %s "
+                "ORDER BY id DESC LIMIT 1",
+                (dag_id, interval_start),
+            ).fetchone()
+        return row[0] if row else None
+
+    def wait_for_run(self, dag_id: str, interval_start: datetime, timeout: float = 600) -> str:
+        """Wait until the run of that interval has finished; returns its final state."""
+        deadline = time.monotonic() + timeout
+        state = None
+        while time.monotonic() < deadline:
+            state = self.run_state(dag_id, interval_start)
+            if state in ("success", "failed"):
+                return state
+            time.sleep(3)
+        raise AssertionError(f"{dag_id} run of {interval_start} still {state!r} after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def airflow_running(stack: LocalStack, hot_data, start_date: datetime):
+    """Airflow (api-server, scheduler, dag-processor, triggerer) on the test stack.
+
+    DAGs are created paused; a test unpauses the ones it needs, whose catch-up then
+    starts at start_date."""
+    from k2.local import airflow
+
+    os.environ["K2_START_DATE"] = start_date.isoformat()
+    os.environ["K2_DAGS_PAUSED"] = "True"
+    airflow.start(stack, log=lambda _msg: None)
+    handle = AirflowHandle(stack, {**os.environ, **airflow.environment(stack)})
+    try:
+        yield handle
+    finally:
+        airflow.stop(stack, log=lambda _msg: None)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.integration.conftest import free_port_env, stack_home
 
 pytestmark = pytest.mark.integration
 
@@ -30,22 +33,13 @@ TABLES = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def own_stack_env(tmp_path: Path):
-    env = {
-        **os.environ,
-        "K2_HOME": str(tmp_path / "k2home"),
-        "K2_CLICKHOUSE_PORT": str(_free_port()),
-        "K2_POSTGRES_PORT": str(_free_port()),
-    }
+def own_stack_env():
+    home = stack_home()
+    env = {**os.environ, "K2_HOME": str(home), **free_port_env()}
     yield env
     subprocess.run([K2, "local", "down"], env=env, capture_output=True, timeout=120)
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def k2(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

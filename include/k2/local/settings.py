@@ -17,6 +17,13 @@ from pathlib import Path
 # include/k2/local/settings.py -> repository root (editable install keeps files in place).
 REPO_ROOT = Path(__file__).resolve().parents[3]
 LOOPBACK = "127.0.0.1"
+# Every port of the local stack can be moved with one of these (tests use free ones).
+PORT_ENV_VARS = (
+    "K2_CLICKHOUSE_PORT",
+    "K2_POSTGRES_PORT",
+    "K2_AIRFLOW_PORT",
+    "K2_SMTP_PORT",
+)
 
 
 def _env_int(name: str, default: int) -> int:
