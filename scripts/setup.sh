@@ -47,7 +47,8 @@ else
 fi
 
 step "statsd_exporter $STATSD_EXPORTER_VERSION (.tools/bin) through go install"
-if [ -x "$TOOLS/bin/statsd_exporter" ] && "$TOOLS/bin/statsd_exporter" --version 2>&1 | grep -q "${STATSD_EXPORTER_VERSION#v}"; then
+# A `go install` build carries its module version in the binary (its --version is empty).
+if [ -x "$TOOLS/bin/statsd_exporter" ] && go version -m "$TOOLS/bin/statsd_exporter" | grep -Eq "statsd_exporter[[:space:]]+$STATSD_EXPORTER_VERSION"; then
   echo "up to date"
 else
   GOBIN="$TOOLS/bin" go install "github.com/prometheus/statsd_exporter@$STATSD_EXPORTER_VERSION"

@@ -15,7 +15,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-local_app = typer.Typer(help="The local stack (PostgreSQL, ClickHouse endpoint).", no_args_is_help=True)
+local_app = typer.Typer(
+    help="The local stack: PostgreSQL, the ClickHouse endpoint, an SMTP sink, statsd_exporter, "
+    "Prometheus and Alertmanager.",
+    no_args_is_help=True,
+)
 schema_app = typer.Typer(help="The ClickHouse data model.", no_args_is_help=True)
 app.add_typer(local_app, name="local")
 app.add_typer(schema_app, name="schema")
@@ -75,7 +79,7 @@ def clickhouse_client(stack=None):
 
 @local_app.command("up")
 def local_up() -> None:
-    """Start PostgreSQL and the ClickHouse endpoint on 127.0.0.1 (idempotent)."""
+    """Start the local services on 127.0.0.1 (idempotent)."""
     from k2.local import stack as local_stack
     from k2.local.processes import StackError
 

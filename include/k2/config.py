@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DEFAULT_TABLES_FILE = Path(__file__).resolve().parents[1] / "config" / "tables.yaml"
 # Overrides the config's start_date (e.g. the local stack starts at its feed history).
 START_DATE_ENV = "K2_START_DATE"
+# Who gets deadline-miss and alert emails (Airflow's notifier and Alertmanager alike).
+ALERT_TO_ENV = "K2_ALERT_EMAIL_TO"
+DEFAULT_ALERT_TO = "k2-oncall@localhost"
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 PARTITION_TRANSFORM = re.compile(

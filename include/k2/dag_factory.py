@@ -14,7 +14,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from k2.config import DEFAULT_TABLES_FILE, START_DATE_ENV, ConfigError, TableSpec, load_tables
+from k2.config import (
+    ALERT_TO_ENV,
+    DEFAULT_ALERT_TO,
+    DEFAULT_TABLES_FILE,
+    START_DATE_ENV,
+    ConfigError,
+    TableSpec,
+    load_tables,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import DAG
@@ -45,7 +53,6 @@ TASK_SENSOR = "wait_for_hot_data"
 TASK_OFFLOAD = "offload_to_iceberg"
 TASK_COMMIT = "commit_watermark"
 # Deadline-miss email (the smtp provider's notifier, run by the triggerer).
-ALERT_TO_ENV = "K2_ALERT_EMAIL_TO"
 ALERT_FROM_ENV = "K2_ALERT_EMAIL_FROM"
 SMTP_CONN_ID = "smtp_default"
 
@@ -118,7 +125,7 @@ def _deadline_alert(spec: TableSpec) -> DeadlineAlert:
         callback=AsyncCallback(
             SmtpNotifier,
             kwargs={
-                "to": os.environ.get(ALERT_TO_ENV) or "k2-oncall@localhost",
+                "to": os.environ.get(ALERT_TO_ENV) or DEFAULT_ALERT_TO,
                 "from_email": os.environ.get(ALERT_FROM_ENV) or "k2-airflow@localhost",
                 "smtp_conn_id": SMTP_CONN_ID,
                 "subject": f"[K2 SLA miss] {spec.dag_id} run {{{{ dag_run.dag_run_id }}}}",

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from k2.config import ALERT_TO_ENV, DEFAULT_ALERT_TO
+from k2.local import monitoring
 from k2.local.daemons import Daemon, http_ok
 from k2.local.processes import StackError
 from k2.local.settings import REPO_ROOT, LocalStack
@@ -23,8 +25,7 @@ from k2.runtime_env import ClickHouseSettings, IcebergSettings
 
 ADMIN_USER = "admin"
 # Where deadline-miss emails go on the local stack (the SMTP sink keeps them in .k2/mail).
-ALERT_TO = "oncall@k2.local"
-ALERT_FROM = "k2-airflow@k2.local"
+ALERT_FROM = "k2-airflow@localhost"
 SPARK_POOL_SLOTS = 2
 CLICKHOUSE_DATABASE = "k2"
 
@@ -129,10 +130,11 @@ def environment(stack: LocalStack) -> dict[str, str]:
         "SPARK_LOCAL_IP": stack.host,
         "SPARK_CONF_DIR": str(REPO_ROOT / "spark_jobs" / "conf"),
         "K2_HOME": str(stack.home),
-        "K2_ALERT_EMAIL_TO": os.environ.get("K2_ALERT_EMAIL_TO", ALERT_TO),
+        ALERT_TO_ENV: os.environ.get(ALERT_TO_ENV, DEFAULT_ALERT_TO),
         "K2_ALERT_EMAIL_FROM": os.environ.get("K2_ALERT_EMAIL_FROM", ALERT_FROM),
         "K2_STRICT_DAGS": os.environ.get("K2_STRICT_DAGS", "0"),
     }
+    env.update(monitoring.airflow_metrics_env(monitoring.MonitoringStack.for_local_stack(stack)))
     for conn_id, conn in connections(stack).items():
         env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
     if os.environ.get("K2_START_DATE"):

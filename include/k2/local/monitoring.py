@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import yaml
 
+from k2.config import ALERT_TO_ENV, DEFAULT_ALERT_TO
 from k2.local.daemons import Daemon, http_ok
 from k2.local.processes import StackError
 from k2.local.settings import LOOPBACK, REPO_ROOT, LocalStack, _env_int
@@ -44,7 +45,6 @@ PROMETHEUS_PORT_ENV = "K2_PROMETHEUS_PORT"
 ALERTMANAGER_PORT_ENV = "K2_ALERTMANAGER_PORT"
 SMTP_HOST_ENV = "K2_SMTP_HOST"
 SMTP_PORT_ENV = "K2_SMTP_PORT"
-ALERT_TO_ENV = "K2_ALERT_EMAIL_TO"
 ALERT_FROM_ENV = "K2_ALERT_EMAIL_FROM"
 STATSD_PREFIX = "airflow"
 
@@ -87,7 +87,7 @@ class MonitoringStack:
     alertmanager_port: int = 9093
     smtp_host: str = LOOPBACK
     smtp_port: int = 2525
-    alert_email_to: str = "k2-oncall@localhost"
+    alert_email_to: str = DEFAULT_ALERT_TO
     alert_email_from: str = "k2-alertmanager@localhost"
     scrape_interval: str | None = None
     evaluation_interval: str | None = None
@@ -105,7 +105,7 @@ class MonitoringStack:
             alertmanager_port=_env_int(ALERTMANAGER_PORT_ENV, 9093),
             smtp_host=os.environ.get(SMTP_HOST_ENV) or LOOPBACK,
             smtp_port=_env_int(SMTP_PORT_ENV, 2525),
-            alert_email_to=os.environ.get(ALERT_TO_ENV) or "k2-oncall@localhost",
+            alert_email_to=os.environ.get(ALERT_TO_ENV) or DEFAULT_ALERT_TO,
             alert_email_from=os.environ.get(ALERT_FROM_ENV) or "k2-alertmanager@localhost",
         )
 
@@ -312,16 +312,21 @@ def _ensure_udp_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def start(mon: MonitoringStack, log: Callable[[str], None] = print) -> list[Daemon]:
-    """Render the configs and start the daemons not yet running; all or nothing."""
+def prepare(mon: MonitoringStack) -> None:
+    """Render the configs and make the data folders; check the exporter's UDP port."""
     write_configs(mon)
     mon.prometheus_data.mkdir(parents=True, exist_ok=True)
     mon.alertmanager_data.mkdir(parents=True, exist_ok=True)
+    if STATSD_EXPORTER.pid(mon) is None:
+        _ensure_udp_port_free(mon.host, mon.statsd_port)
+
+
+def start(mon: MonitoringStack, log: Callable[[str], None] = print) -> list[Daemon]:
+    """Render the configs and start the daemons not yet running; all or nothing."""
+    prepare(mon)
     started: list[Daemon] = []
     try:
         for daemon in DAEMONS:
-            if daemon is STATSD_EXPORTER and daemon.pid(mon) is None:
-                _ensure_udp_port_free(mon.host, mon.statsd_port)
             if daemon.start(mon):
                 started.append(daemon)
                 log(f"started {daemon.name} on {mon.host}:{daemon.port(mon)}")

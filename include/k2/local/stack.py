@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from k2.local import postgres
+from k2.local import monitoring, postgres
 from k2.local.daemons import Daemon, http_ok
 from k2.local.processes import StackError, tail
 from k2.local.settings import LocalStack
@@ -79,6 +79,26 @@ def _service(daemon: Daemon) -> Service:
     )
 
 
+def _monitoring_service(daemon: Daemon) -> Service:
+    """statsd_exporter, Prometheus or Alertmanager, configured for this stack."""
+    def start(stack: LocalStack) -> bool:
+        mon = monitoring.MonitoringStack.for_local_stack(stack)
+        monitoring.prepare(mon)
+        return daemon.start(mon)
+
+    def on(method):
+        return lambda stack: method(monitoring.MonitoringStack.for_local_stack(stack))
+
+    return Service(
+        name=daemon.name,
+        port=on(daemon.port),
+        start=start,
+        stop=on(daemon.stop),
+        pid=on(daemon.pid),
+        healthy=on(daemon.healthy),
+    )
+
+
 SERVICES: list[Service] = [
     Service(
         name="postgres",
@@ -90,6 +110,7 @@ SERVICES: list[Service] = [
     ),
     _service(CLICKHOUSE),
     _service(SMTP_SINK),
+    *(_monitoring_service(d) for d in monitoring.DAEMONS),
 ]
 
 

@@ -1,0 +1,508 @@
+"""The Iceberg side, shared by the Spark job, the CLI and the Airflow provider.
+
+- the catalog: one Iceberg JDBC catalog in PostgreSQL, read by Spark
+  (`org.apache.iceberg.jdbc.JdbcCatalog`) and by pyiceberg (`SqlCatalog`), with
+  `jdbc.schema-version=V1` so both list the same tables (V1 adds the
+  `iceberg_type` column; pyiceberg's rows, where it is NULL, still count as tables);
+- the Spark conf the offload job needs (non-secret; the JDBC password is added by
+  the job at run time from the environment, never on a command line);
+- the type mapping ClickHouse -> Iceberg -> Spark (the table schema is derived from
+  ClickHouse's DESCRIBE of the source, not written by hand);
+- the snapshot summary properties an offload commit carries, and
+  `find_offload_snapshot` which reads them back.
+
+Type mapping (ClickHouse -> Iceberg), chosen to be lossless:
+
+    Bool                       boolean
+    Int8/16/32, UInt8/16       int
+    UInt32, Int64              long
+    UInt64                     decimal(20,0)   Iceberg has no unsigned types; `long`
+                                               would wrap values >= 2**63 to negative
+                                               numbers, decimal(20,0) holds the whole
+                                               range 0..2**64-1 exactly
+    Float32 / Float64          float / double
+    Decimal(P,S), P <= 38      decimal(P,S)    (Decimal32/64/128(S) likewise)
+    String                     string          (must be valid UTF-8)
+    Date, Date32               date
+    DateTime, DateTime64(p<=6) timestamptz     microseconds, UTC (an instant; the
+                                               ClickHouse column timezone only affects
+                                               display)
+    Nullable(T)                optional T      (everything else is required)
+    LowCardinality(T)          T
+
+Anything else (Int128+, Decimal256, DateTime64(7-9), FixedString, Enum, UUID,
+Array, Map, Tuple, JSON, ...) is refused with an error naming the column, rather
+than mapped approximately.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from pyiceberg.catalog import Catalog
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import IcebergType
+
+    from k2.config import TableSpec
+    from k2.runtime_env import IcebergSettings
+
+ICEBERG_EXTENSIONS = "org.apache.iceberg.spark.extensions.IcebergSparkSessionExtensions"
+JDBC_CATALOG_IMPL = "org.apache.iceberg.jdbc.JdbcCatalog"
+JDBC_SCHEMA_VERSION = "V1"
+
+# Snapshot summary keys written by every offload commit.
+PROP_TABLE = "k2.table"
+PROP_INTERVAL_START = "k2.interval-start"
+PROP_INTERVAL_END = "k2.interval-end"
+PROP_RUN_ID = "k2.run-id"
+PROP_ROWS = "k2.rows"
+PROP_CHECKSUM = "k2.checksum"
+PROP_ATTEMPT_ID = "k2.attempt-id"  # unique per job execution: finds *this* commit
+SNAPSHOT_PROPERTY_CONF_PREFIX = "spark.sql.iceberg.snapshot-property."
+
+# Table properties of tables the offload creates. Copy-on-write keeps the data files
+# free of delete files, so every reader (pyiceberg included) sees plain Parquet.
+TABLE_PROPERTIES = {
+    "format-version": "2",
+    "write.merge.mode": "copy-on-write",
+    "write.update.mode": "copy-on-write",
+    "write.delete.mode": "copy-on-write",
+    "write.merge.isolation-level": "serializable",
+    "write.parquet.compression-codec": "zstd",
+}
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class UnsupportedType(ValueError):
+    """A ClickHouse column type with no faithful Iceberg type."""
+
+
+class SchemaMismatch(RuntimeError):
+    """An existing Iceberg table whose columns differ from the ClickHouse source."""
+
+
+def _ident(name: str, what: str = "identifier") -> str:
+    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+        raise ValueError(f"{what} {name!r} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)")
+    return name
+
+
+# --------------------------------------------------------------------------------------
+# Catalog access
+
+
+def catalog_name(settings: IcebergSettings) -> str:
+    return _ident(settings.catalog_name, "Iceberg catalog name")
+
+
+def spark_conf(settings: IcebergSettings) -> dict[str, str]:
+    """The non-secret Spark conf of the offload job (also for SparkSubmitOperator(conf=...)).
+
+    The JDBC password is *not* in it: the job reads K2_ICEBERG_CATALOG_PASSWORD from its
+    environment and sets it on the SparkSession (see spark_secret_conf).
+    """
+    prefix = f"spark.sql.catalog.{catalog_name(settings)}"
+    return {
+        "spark.sql.extensions": ICEBERG_EXTENSIONS,
+        prefix: "org.apache.iceberg.spark.SparkCatalog",
+        f"{prefix}.catalog-impl": JDBC_CATALOG_IMPL,
+        f"{prefix}.uri": settings.jdbc_uri,
+        f"{prefix}.jdbc.user": settings.user,
+        f"{prefix}.jdbc.schema-version": JDBC_SCHEMA_VERSION,
+        f"{prefix}.warehouse": settings.warehouse,
+        "spark.sql.session.timeZone": "UTC",
+        # Intervals are small; AQE coalesces shuffle partitions, this bounds the start.
+        "spark.sql.shuffle.partitions": "16",
+        "spark.ui.showConsoleProgress": "false",
+    }
+
+
+def spark_secret_conf(settings: IcebergSettings) -> dict[str, str]:
+    """The secret part of the catalog conf; set on the SparkSession builder at run time.
+
+    Spark redacts keys matching 'password' in its UI and event logs.
+    """
+    return {f"spark.sql.catalog.{catalog_name(settings)}.jdbc.password": settings.password}
+
+
+def sqlalchemy_url(settings: IcebergSettings) -> str:
+    """postgresql+psycopg://user:password@host:port/db for pyiceberg's SqlCatalog."""
+    from sqlalchemy.engine import URL
+
+    parts = urlsplit(settings.uri)
+    if parts.scheme not in {"postgresql", "postgres"}:
+        raise ValueError(f"K2_ICEBERG_CATALOG_URI must be postgresql://host:port/db, got {parts.scheme}://")
+    query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+    url = URL.create(
+        "postgresql+psycopg",
+        username=settings.user,
+        password=settings.password or None,
+        host=parts.hostname,
+        port=parts.port,
+        database=parts.path.lstrip("/") or None,
+        query=query,
+    )
+    return url.render_as_string(hide_password=False)
+
+
+def load_catalog(settings: IcebergSettings) -> Catalog:
+    """pyiceberg's view of the same JDBC catalog Spark writes to."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    return SqlCatalog(catalog_name(settings), uri=sqlalchemy_url(settings), warehouse=settings.warehouse)
+
+
+# --------------------------------------------------------------------------------------
+# ClickHouse source schema -> Iceberg / Spark
+
+
+@dataclass(frozen=True)
+class SourceColumn:
+    name: str
+    clickhouse_type: str
+
+
+def describe_source(client: Any, spec: TableSpec) -> list[SourceColumn]:
+    """The columns of spec.source as ClickHouse describes them (EPHEMERAL ones skipped)."""
+    result = client.query(f"DESCRIBE TABLE `{_ident(spec.source)}`")
+    names = result.column_names
+    columns = []
+    for row in result.result_rows:
+        record = dict(zip(names, row))
+        if record.get("default_type") == "EPHEMERAL":
+            continue
+        columns.append(SourceColumn(_ident(record["name"], "column"), record["type"]))
+    if not columns:
+        raise SchemaMismatch(f"ClickHouse {spec.source} has no columns")
+    return columns
+
+
+def _unwrap(ch_type: str) -> tuple[str, bool]:
+    t = ch_type.strip()
+    nullable = False
+    while True:
+        m = re.fullmatch(r"(LowCardinality|Nullable)\((.*)\)", t)
+        if not m:
+            return t, nullable
+        nullable = nullable or m.group(1) == "Nullable"
+        t = m.group(2).strip()
+
+
+def iceberg_type(column: str, ch_type: str) -> tuple[IcebergType, bool]:
+    """(Iceberg type, required) for one ClickHouse column. Raises UnsupportedType."""
+    from pyiceberg import types as T
+
+    base, nullable = _unwrap(ch_type)
+    simple: dict[str, IcebergType] = {
+        "Bool": T.BooleanType(),
+        "Int8": T.IntegerType(),
+        "Int16": T.IntegerType(),
+        "Int32": T.IntegerType(),
+        "UInt8": T.IntegerType(),
+        "UInt16": T.IntegerType(),
+        "UInt32": T.LongType(),
+        "Int64": T.LongType(),
+        "UInt64": T.DecimalType(20, 0),
+        "Float32": T.FloatType(),
+        "Float64": T.DoubleType(),
+        "String": T.StringType(),
+        "Date": T.DateType(),
+        "Date32": T.DateType(),
+        "DateTime": T.TimestamptzType(),
+    }
+    result: IcebergType | None = simple.get(base)
+    if result is None:
+        if m := re.fullmatch(r"Decimal\(\s*(\d+)\s*,\s*(\d+)\s*\)", base):
+            precision, scale = int(m.group(1)), int(m.group(2))
+            if precision <= 38:
+                result = T.DecimalType(precision, scale)
+        elif m := re.fullmatch(r"Decimal(32|64|128)\(\s*(\d+)\s*\)", base):
+            precision = {"32": 9, "64": 18, "128": 38}[m.group(1)]
+            result = T.DecimalType(precision, int(m.group(2)))
+        elif re.fullmatch(r"DateTime\(\s*'[^']*'\s*\)", base):
+            result = T.TimestamptzType()
+        elif m := re.fullmatch(r"DateTime64\(\s*(\d)\s*(,\s*'[^']*'\s*)?\)", base):
+            if int(m.group(1)) <= 6:
+                result = T.TimestamptzType()
+    if result is None:
+        raise UnsupportedType(
+            f"column {column!r}: ClickHouse type {ch_type} has no faithful Iceberg type "
+            "(supported: Bool, (U)Int8-64, Float32/64, Decimal(P<=38,S), String, Date, "
+            "DateTime, DateTime64(<=6), wrapped in Nullable/LowCardinality)"
+        )
+    return result, not nullable
+
+
+def iceberg_schema(columns: Sequence[SourceColumn]) -> Schema:
+    from pyiceberg.schema import Schema
+    from pyiceberg.types import NestedField
+
+    fields = []
+    for field_id, column in enumerate(columns, start=1):
+        itype, required = iceberg_type(column.name, column.clickhouse_type)
+        fields.append(NestedField(field_id, column.name, itype, required=required))
+    return Schema(*fields)
+
+
+def spark_sql_type(itype: IcebergType) -> str:
+    from pyiceberg import types as T
+
+    if isinstance(itype, T.DecimalType):
+        return f"decimal({itype.precision},{itype.scale})"
+    names = {
+        T.BooleanType: "boolean",
+        T.IntegerType: "int",
+        T.LongType: "bigint",
+        T.FloatType: "float",
+        T.DoubleType: "double",
+        T.StringType: "string",
+        T.DateType: "date",
+        T.TimestamptzType: "timestamp",  # Spark TIMESTAMP = instant (local-time-zone semantics)
+    }
+    for cls, name in names.items():
+        if isinstance(itype, cls):
+            return name
+    raise UnsupportedType(f"Iceberg type {itype} has no Spark mapping here")
+
+
+def spark_columns_ddl(columns: Sequence[SourceColumn]) -> str:
+    """`a bigint NOT NULL, b string, ...` for CREATE TABLE."""
+    parts = []
+    for column in columns:
+        itype, required = iceberg_type(column.name, column.clickhouse_type)
+        parts.append(f"`{column.name}` {spark_sql_type(itype)}{' NOT NULL' if required else ''}")
+    return ", ".join(parts)
+
+
+def spark_data_type(itype: IcebergType) -> Any:
+    """The pyspark DataType of an Iceberg type (no JVM needed)."""
+    from pyiceberg import types as I
+    from pyspark.sql import types as S
+
+    if isinstance(itype, I.DecimalType):
+        return S.DecimalType(itype.precision, itype.scale)
+    names = {
+        I.BooleanType: S.BooleanType,
+        I.IntegerType: S.IntegerType,
+        I.LongType: S.LongType,
+        I.FloatType: S.FloatType,
+        I.DoubleType: S.DoubleType,
+        I.StringType: S.StringType,
+        I.DateType: S.DateType,
+        I.TimestamptzType: S.TimestampType,
+    }
+    for cls, spark_cls in names.items():
+        if isinstance(itype, cls):
+            return spark_cls()
+    raise UnsupportedType(f"Iceberg type {itype} has no Spark mapping here")
+
+
+def spark_struct(columns: Sequence[SourceColumn]) -> Any:
+    """The pyspark StructType of the offload's source DataFrame."""
+    from pyspark.sql.types import StructField, StructType
+
+    fields = []
+    for column in columns:
+        itype, required = iceberg_type(column.name, column.clickhouse_type)
+        fields.append(StructField(column.name, spark_data_type(itype), nullable=not required))
+    return StructType(fields)
+
+
+_PARTITION = re.compile(
+    r"^(?:(?P<fn>year|month|day|hour|identity)\((?P<col>\w+)\)"
+    r"|(?P<fn2>bucket|truncate)\((?P<n>\d+),\s*(?P<col2>\w+)\)"
+    r"|(?P<plain>\w+))$"
+)
+_SPARK_TRANSFORM = {"year": "years", "month": "months", "day": "days", "hour": "hours"}
+
+
+def spark_partition_sql(spec: TableSpec, column_names: Sequence[str] | None = None) -> str:
+    """spec.partition_by as Spark DDL transforms: 'day(event_time)' -> 'days(`event_time`)'."""
+    out = []
+    for item in spec.partition_by:
+        m = _PARTITION.match(item)
+        if not m:
+            raise ValueError(f"table {spec.name!r}: bad partition transform {item!r}")
+        column = _ident(m.group("col") or m.group("col2") or m.group("plain"), "partition column")
+        if column_names is not None and column not in column_names:
+            raise SchemaMismatch(
+                f"table {spec.name!r}: partition_by {item!r} names column {column!r}, "
+                f"which {spec.source} does not have"
+            )
+        if m.group("fn") in _SPARK_TRANSFORM:
+            out.append(f"{_SPARK_TRANSFORM[m.group('fn')]}(`{column}`)")
+        elif m.group("fn2"):
+            out.append(f"{m.group('fn2')}({int(m.group('n'))}, `{column}`)")
+        else:  # identity(col) or a plain column
+            out.append(f"`{column}`")
+    return ", ".join(out)
+
+
+def spark_table_name(settings: IcebergSettings, spec: TableSpec) -> str:
+    namespace, table = spec.iceberg_table.split(".")
+    return f"`{catalog_name(settings)}`.`{_ident(namespace)}`.`{_ident(table)}`"
+
+
+def create_table_sql(settings: IcebergSettings, spec: TableSpec, columns: Sequence[SourceColumn]) -> str:
+    partition = spark_partition_sql(spec, [c.name for c in columns])
+    props = ", ".join(f"'{k}'='{v}'" for k, v in TABLE_PROPERTIES.items())
+    return (
+        f"CREATE TABLE IF NOT EXISTS {spark_table_name(settings, spec)} ({spark_columns_ddl(columns)}) "
+        f"USING iceberg{f' PARTITIONED BY ({partition})' if partition else ''} "
+        f"TBLPROPERTIES ({props}, 'k2.source'='{_ident(spec.source)}')"
+    )
+
+
+def schema_differences(columns: Sequence[SourceColumn], actual: Any) -> list[str]:
+    """Differences between the schema derived from ClickHouse and an existing table's
+    Spark schema (`spark.table(name).schema`); empty when the offload can write."""
+    expected = spark_struct(columns)
+    have = {f.name: f for f in actual.fields}
+    problems = []
+    for field in expected.fields:
+        existing = have.get(field.name)
+        if existing is None:
+            problems.append(f"column {field.name!r} ({field.dataType.simpleString()}) is missing in Iceberg")
+        elif existing.dataType != field.dataType:
+            problems.append(
+                f"column {field.name!r} is {existing.dataType.simpleString()} in Iceberg, "
+                f"ClickHouse maps to {field.dataType.simpleString()}"
+            )
+        elif not existing.nullable and field.nullable:
+            problems.append(f"column {field.name!r} is required in Iceberg but Nullable in ClickHouse")
+    wanted = {f.name for f in expected.fields}
+    for name, field in have.items():
+        if name not in wanted and not field.nullable:
+            problems.append(f"required column {name!r} exists only in Iceberg")
+    return problems
+
+
+# --------------------------------------------------------------------------------------
+# Snapshot summaries: which interval a commit holds
+
+
+def iso_utc(value: datetime) -> str:
+    if value.tzinfo is None:
+        raise ValueError(f"{value!r} has no timezone")
+    return value.astimezone(timezone.utc).isoformat()
+
+
+def _parse_iso(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return value.astimezone(timezone.utc) if value.tzinfo else None
+
+
+def snapshot_properties(spec: TableSpec, start: datetime, end: datetime, *, run_id: str,
+                        rows: int, checksum: int, attempt_id: str) -> dict[str, str]:
+    return {
+        PROP_TABLE: spec.name,
+        PROP_INTERVAL_START: iso_utc(start),
+        PROP_INTERVAL_END: iso_utc(end),
+        PROP_RUN_ID: run_id,
+        PROP_ROWS: str(rows),
+        PROP_CHECKSUM: str(checksum),
+        PROP_ATTEMPT_ID: attempt_id,
+    }
+
+
+def snapshot_property_conf(properties: Mapping[str, str]) -> dict[str, str]:
+    """Session conf that makes Iceberg add `properties` to the SQL statement's snapshot."""
+    return {SNAPSHOT_PROPERTY_CONF_PREFIX + k: v for k, v in properties.items()}
+
+
+@dataclass(frozen=True)
+class OffloadSnapshot:
+    table: str
+    iceberg_table: str
+    snapshot_id: int
+    interval_start: datetime
+    interval_end: datetime
+    run_id: str
+    rows: int
+    checksum: int
+    attempt_id: str | None
+    committed_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "iceberg_table": self.iceberg_table,
+            "snapshot_id": self.snapshot_id,
+            "interval_start": iso_utc(self.interval_start),
+            "interval_end": iso_utc(self.interval_end),
+            "run_id": self.run_id,
+            "rows": self.rows,
+            "checksum": self.checksum,
+            "attempt_id": self.attempt_id,
+            "committed_at": iso_utc(self.committed_at),
+        }
+
+
+def offload_snapshot_from_summary(spec: TableSpec, snapshot_id: int, timestamp_ms: int,
+                                  summary: Mapping[str, str]) -> OffloadSnapshot | None:
+    if summary.get(PROP_TABLE) != spec.name:
+        return None
+    start = _parse_iso(summary.get(PROP_INTERVAL_START))
+    end = _parse_iso(summary.get(PROP_INTERVAL_END))
+    if start is None or end is None:
+        return None
+    try:
+        rows = int(summary.get(PROP_ROWS, ""))
+        checksum = int(summary.get(PROP_CHECKSUM, ""))
+    except ValueError:
+        return None
+    return OffloadSnapshot(
+        table=spec.name,
+        iceberg_table=spec.iceberg_table,
+        snapshot_id=int(snapshot_id),
+        interval_start=start,
+        interval_end=end,
+        run_id=summary.get(PROP_RUN_ID, ""),
+        rows=rows,
+        checksum=checksum,
+        attempt_id=summary.get(PROP_ATTEMPT_ID),
+        committed_at=datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc),
+    )
+
+
+def find_offload_snapshot(catalog: Catalog, spec: TableSpec, interval_start: datetime,
+                          interval_end: datetime) -> OffloadSnapshot | None:
+    """The newest offload commit of [interval_start, interval_end) on the table's main branch.
+
+    Walks the current snapshot's ancestry (so a rolled-back commit does not count; a
+    later compaction does not hide it). Returns None when the table does not exist, the
+    interval was never offloaded, or its snapshot has since been expired — the offload
+    ledger in PostgreSQL is the durable record; this is the table's own evidence.
+    A caller that wants to skip re-offloading should also compare rows/checksum with
+    ClickHouse's current figures for the interval (late rows change them).
+    """
+    from pyiceberg.exceptions import NoSuchTableError
+    from pyiceberg.table.snapshots import ancestors_of
+
+    try:
+        table = catalog.load_table(spec.iceberg_table)
+    except NoSuchTableError:
+        return None
+    current = table.current_snapshot()
+    if current is None:
+        return None
+    want_start = interval_start.astimezone(timezone.utc)
+    want_end = interval_end.astimezone(timezone.utc)
+    for snapshot in ancestors_of(current, table.metadata):
+        summary = snapshot.summary.additional_properties if snapshot.summary else {}
+        found = offload_snapshot_from_summary(spec, snapshot.snapshot_id, snapshot.timestamp_ms, summary)
+        if found and found.interval_start == want_start and found.interval_end == want_end:
+            return found
+    return None

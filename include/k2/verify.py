@@ -1,0 +1,383 @@
+"""Reconciliation of the hot and cold tier: `k2 verify`.
+
+Per interval (15 minutes by default) of [start, end), ClickHouse's row count and
+order-independent key checksum (k2.checksum, computed inside ClickHouse in one
+GROUP BY query) are compared with the same figures over the Iceberg table (read with
+pyiceberg, filtered on the event-time column, streamed batch by batch). For the
+intervals that differ, the rows are compared key by key:
+
+    missing      keys in ClickHouse that Iceberg does not have
+    unexpected   keys in Iceberg that ClickHouse does not have (e.g. deleted hot rows)
+    duplicated   keys with more than one copy in Iceberg
+    mismatched   keys in both whose other column values differ
+
+The checksum covers the unique key only (it is what "exactly one copy of each row"
+needs, and it is cheap); value differences are looked for in the row-level detail.
+Iceberg is read at one snapshot for the whole report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from k2 import checksum as ck
+from k2 import iceberg as ib
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from pyiceberg.catalog import Catalog
+
+    from k2.config import TableSpec
+
+DEFAULT_INTERVAL = timedelta(minutes=15)
+
+
+@dataclass
+class IntervalResult:
+    start: datetime
+    end: datetime
+    clickhouse: ck.IntervalChecksum
+    iceberg: ck.IntervalChecksum
+    snapshot_id: int | None = None  # the offload commit recorded for exactly this interval
+    run_id: str | None = None
+    detail: bool = False  # whether the row-level comparison below was done
+    missing: int = 0
+    unexpected: int = 0
+    duplicated: int = 0
+    mismatched: int = 0
+    samples: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        if self.clickhouse != self.iceberg:
+            return False
+        return not (self.missing or self.unexpected or self.duplicated or self.mismatched)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "start": ib.iso_utc(self.start),
+            "end": ib.iso_utc(self.end),
+            "ok": self.ok,
+            "clickhouse": self.clickhouse.to_dict(),
+            "iceberg": self.iceberg.to_dict(),
+            "snapshot_id": self.snapshot_id,
+            "run_id": self.run_id,
+        }
+        if self.detail:
+            out.update(missing=self.missing, unexpected=self.unexpected, duplicated=self.duplicated,
+                       mismatched=self.mismatched, samples=self.samples)
+        return out
+
+
+@dataclass
+class VerifyReport:
+    table: str
+    source: str
+    iceberg_table: str
+    start: datetime
+    end: datetime
+    interval: timedelta
+    intervals: list[IntervalResult]
+    iceberg_snapshot_id: int | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(i.ok for i in self.intervals)
+
+    @property
+    def failed(self) -> list[IntervalResult]:
+        return [i for i in self.intervals if not i.ok]
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "clickhouse_rows": sum(i.clickhouse.rows for i in self.intervals),
+            "iceberg_rows": sum(i.iceberg.rows for i in self.intervals),
+            "missing": sum(i.missing for i in self.intervals),
+            "unexpected": sum(i.unexpected for i in self.intervals),
+            "duplicated": sum(i.duplicated for i in self.intervals),
+            "mismatched": sum(i.mismatched for i in self.intervals),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "source": self.source,
+            "iceberg_table": self.iceberg_table,
+            "start": ib.iso_utc(self.start),
+            "end": ib.iso_utc(self.end),
+            "interval_seconds": int(self.interval.total_seconds()),
+            "iceberg_snapshot_id": self.iceberg_snapshot_id,
+            "ok": self.ok,
+            "totals": self.totals(),
+            "notes": self.notes,
+            "intervals": [i.to_dict() for i in self.intervals],
+        }
+
+    def format(self) -> str:
+        totals = self.totals()
+        head = (
+            f"{self.table}: {'OK' if self.ok else 'MISMATCH'} - {len(self.intervals)} intervals "
+            f"[{ib.iso_utc(self.start)}, {ib.iso_utc(self.end)}), "
+            f"ClickHouse {totals['clickhouse_rows']:,} rows, Iceberg {totals['iceberg_rows']:,} rows"
+        )
+        lines = [head]
+        lines += [f"  note: {n}" for n in self.notes]
+        failed = self.failed
+        if failed:
+            lines.append(f"  {len(failed)} interval(s) differ:")
+            lines.append(f"    {'interval start':<26} {'clickhouse':>12} {'iceberg':>12}  detail")
+            for r in failed:
+                if r.detail:
+                    detail = (f"missing {r.missing}, unexpected {r.unexpected}, "
+                              f"duplicated {r.duplicated}, mismatched {r.mismatched}")
+                elif r.clickhouse.rows == r.iceberg.rows:
+                    detail = "same count, different checksum (no row detail computed)"
+                else:
+                    detail = "(no row detail computed)"
+                lines.append(
+                    f"    {ib.iso_utc(r.start):<26} {r.clickhouse.rows:>12,} {r.iceberg.rows:>12,}  {detail}"
+                )
+                for kind, keys in r.samples.items():
+                    if keys:
+                        lines.append(f"      {kind} e.g.: {'; '.join(keys)}")
+        return "\n".join(lines)
+
+
+def _buckets(start: datetime, end: datetime, interval: timedelta) -> list[tuple[datetime, datetime]]:
+    if interval <= timedelta(0):
+        raise ValueError("interval must be positive")
+    if end <= start:
+        raise ValueError("end must be after start")
+    out = []
+    cursor = start
+    while cursor < end:
+        out.append((cursor, min(cursor + interval, end)))
+        cursor += interval
+    return out
+
+
+def verify_table(
+    spec: TableSpec,
+    *,
+    ch_client: Any,
+    catalog: Catalog,
+    start: datetime,
+    end: datetime,
+    interval: timedelta = DEFAULT_INTERVAL,
+    detail: bool = True,
+    compare_values: bool = False,
+    max_detail_intervals: int = 10,
+    samples: int = 5,
+) -> VerifyReport:
+    """Compare ClickHouse and Iceberg per interval of [start, end) (see the module doc).
+
+    detail          row-level comparison of the intervals whose count or checksum differ
+                    (at most `max_detail_intervals`; it reads them in full from both sides)
+    compare_values  row-level comparison of every interval, so that value differences
+                    under equal keys are found too (the checksum covers keys only)
+    """
+    from pyiceberg.exceptions import NoSuchTableError
+
+    start, end = start.astimezone(timezone.utc), end.astimezone(timezone.utc)
+    buckets = _buckets(start, end, interval)
+    columns = ib.describe_source(ch_client, spec)
+    types = {c.name: c.clickhouse_type for c in columns}
+    if spec.event_time_column not in types:
+        raise ValueError(f"{spec.source} has no event-time column {spec.event_time_column!r}")
+
+    ch_sums = _clickhouse_buckets(ch_client, spec, types, start, end, interval, len(buckets))
+    notes: list[str] = []
+    try:
+        table = catalog.load_table(spec.iceberg_table)
+    except NoSuchTableError:
+        table = None
+        notes.append(f"Iceberg table {spec.iceberg_table} does not exist")
+    snapshot = table.current_snapshot() if table is not None else None
+    if table is not None and snapshot is None:
+        notes.append(f"Iceberg table {spec.iceberg_table} has no snapshot yet")
+    snapshot_id = snapshot.snapshot_id if snapshot is not None else None
+    ice_sums = (
+        _iceberg_buckets(table, snapshot_id, spec, start, end, interval, len(buckets))
+        if snapshot_id is not None
+        else [ck.IntervalChecksum(0, 0)] * len(buckets)
+    )
+    commits = _offload_commits(table, spec) if snapshot_id is not None else {}
+
+    results = []
+    for (b_start, b_end), ch_sum, ice_sum in zip(buckets, ch_sums, ice_sums):
+        commit = commits.get((b_start, b_end))
+        results.append(IntervalResult(
+            start=b_start, end=b_end, clickhouse=ch_sum, iceberg=ice_sum,
+            snapshot_id=commit.snapshot_id if commit else None,
+            run_id=commit.run_id if commit else None,
+        ))
+
+    if compare_values:
+        for r in results:
+            _row_detail(r, spec, ch_client, columns, table, snapshot_id, samples)
+    elif detail:
+        differing = [r for r in results if not r.ok]
+        for r in differing[:max_detail_intervals]:
+            _row_detail(r, spec, ch_client, columns, table, snapshot_id, samples)
+        if len(differing) > max_detail_intervals:
+            notes.append(
+                f"row-level detail computed for the first {max_detail_intervals} of "
+                f"{len(differing)} differing intervals"
+            )
+    return VerifyReport(
+        table=spec.name, source=spec.source, iceberg_table=spec.iceberg_table, start=start, end=end,
+        interval=interval, intervals=results, iceberg_snapshot_id=snapshot_id, notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Counts and checksums per interval
+
+
+def _clickhouse_buckets(client: Any, spec: TableSpec, types: dict[str, str], start: datetime,
+                        end: datetime, interval: timedelta, n: int) -> list[ck.IntervalChecksum]:
+    keys = [(c, types[c]) for c, _ in ck.key_columns(
+        spec, {c: ck.kind_from_clickhouse(c, types[c]) for c in spec.unique_key if c in types})]
+    ms = ck.clickhouse_time_ms_sql(spec.event_time_column, types[spec.event_time_column])
+    sql = (
+        f"SELECT intDiv({ms} - {{k2_start_ms:Int64}}, {{k2_step_ms:Int64}}) AS bucket, "
+        f"count() AS rows, sumWithOverflow({ck.clickhouse_row_hash_sql(keys)}) AS checksum "
+        f"FROM `{spec.source}` WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)} "
+        f"GROUP BY bucket ORDER BY bucket"
+    )
+    params = {**ck.interval_parameters(start, end), "k2_step_ms": int(interval.total_seconds() * 1000)}
+    out = [ck.IntervalChecksum(0, 0)] * n
+    for bucket, rows, checksum in client.query(sql, parameters=params).result_rows:
+        out[int(bucket)] = ck.IntervalChecksum(int(rows), int(checksum))
+    return out
+
+
+def _iceberg_filter(spec: TableSpec, start: datetime, end: datetime) -> Any:
+    from pyiceberg.expressions import And, GreaterThanOrEqual, LessThan
+
+    return And(
+        GreaterThanOrEqual(spec.event_time_column, ib.iso_utc(start)),
+        LessThan(spec.event_time_column, ib.iso_utc(end)),
+    )
+
+
+def _batches(table: Any, snapshot_id: int, spec: TableSpec, start: datetime, end: datetime,
+             fields: tuple[str, ...] = ("*",)) -> Any:
+    scan = table.scan(row_filter=_iceberg_filter(spec, start, end), selected_fields=fields,
+                      snapshot_id=snapshot_id)
+    if hasattr(scan, "to_arrow_batch_reader"):
+        yield from scan.to_arrow_batch_reader()
+    else:  # older pyiceberg
+        yield from scan.to_arrow().to_batches()
+
+
+def _iceberg_buckets(table: Any, snapshot_id: int, spec: TableSpec, start: datetime, end: datetime,
+                     interval: timedelta, n: int) -> list[ck.IntervalChecksum]:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    fields = tuple(dict.fromkeys([*spec.unique_key, spec.event_time_column]))
+    counts = np.zeros(n, dtype=np.int64)
+    sums = np.zeros(n, dtype=np.uint64)  # numpy uint64 addition wraps: sum mod 2**64
+    start_us = ck.to_epoch_ms(start) * 1000
+    step_us = int(interval.total_seconds() * 1_000_000)
+    keys = None
+    for batch in _batches(table, snapshot_id, spec, start, end, fields):
+        if batch.num_rows == 0:
+            continue
+        keys = keys or ck.arrow_key_columns(spec, batch.schema)
+        event = batch.column(spec.event_time_column)
+        micros = pc.cast(pc.cast(event, pa.timestamp("us", tz="UTC")), pa.int64()).to_numpy(zero_copy_only=False)
+        bucket = (micros - start_us) // step_us
+        hashes = np.array(ck.arrow_row_hashes(batch, keys), dtype=np.uint64)
+        np.add.at(counts, bucket, 1)
+        np.add.at(sums, bucket, hashes)
+    return [ck.IntervalChecksum(int(c), int(s)) for c, s in zip(counts, sums)]
+
+
+def _offload_commits(table: Any, spec: TableSpec) -> dict[tuple[datetime, datetime], ib.OffloadSnapshot]:
+    """The newest offload commit per interval on the main branch's history."""
+    from pyiceberg.table.snapshots import ancestors_of
+
+    found: dict[tuple[datetime, datetime], ib.OffloadSnapshot] = {}
+    for snapshot in ancestors_of(table.current_snapshot(), table.metadata):
+        summary = snapshot.summary.additional_properties if snapshot.summary else {}
+        commit = ib.offload_snapshot_from_summary(spec, snapshot.snapshot_id, snapshot.timestamp_ms, summary)
+        if commit is not None:
+            found.setdefault((commit.interval_start, commit.interval_end), commit)
+    return found
+
+
+# --------------------------------------------------------------------------------------
+# Row-level detail
+
+
+def _value_strings(batch: pa.RecordBatch | pa.Table, names: list[str]) -> list[str]:
+    """One comparable string per row over `names` (same text for both tiers' Arrow types)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rendered = []
+    for name in names:
+        column = batch.column(name)
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        if pa.types.is_dictionary(column.type):
+            column = column.dictionary_decode()
+        if pa.types.is_timestamp(column.type):
+            column = pc.cast(pc.cast(column, pa.timestamp("us", tz="UTC")), pa.int64())
+        rendered.append(pc.fill_null(pc.cast(column, pa.string()), ck.NULL_TOKEN))
+    if not rendered:
+        return [""] * batch.num_rows
+    joined = rendered[0] if len(rendered) == 1 else pc.binary_join_element_wise(*rendered, ck.KEY_SEPARATOR)
+    return [hashlib.md5(v.encode("utf-8")).hexdigest() for v in joined.to_pylist()]
+
+
+def _show(key: str) -> str:
+    return "(" + ", ".join(key.split(ck.KEY_SEPARATOR)) + ")"
+
+
+def _row_detail(result: IntervalResult, spec: TableSpec, ch_client: Any, columns: list[ib.SourceColumn],
+                table: Any, snapshot_id: int | None, samples: int) -> None:
+    ch_rows = ch_client.query_arrow(
+        f"SELECT {', '.join(f'`{c.name}`' for c in columns)} FROM `{spec.source}` "
+        f"WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)}",
+        parameters=ck.interval_parameters(result.start, result.end),
+        use_strings=True,
+    )
+    ch_keys = ck.arrow_key_columns(spec, ch_rows.schema)
+    ice_batches = list(_batches(table, snapshot_id, spec, result.start, result.end)) if snapshot_id else []
+    ice_names = set(ice_batches[0].schema.names) if ice_batches else set()
+    compared = [c.name for c in columns if c.name in ice_names and c.name not in spec.unique_key]
+
+    ch_values = dict(zip(ck.arrow_canonical_keys(ch_rows, ch_keys).to_pylist(),
+                         _value_strings(ch_rows, compared)))
+    ice_count: Counter[str] = Counter()
+    ice_values: dict[str, str] = {}
+    for batch in ice_batches:
+        if batch.num_rows == 0:
+            continue
+        keys = ck.arrow_canonical_keys(batch, ck.arrow_key_columns(spec, batch.schema)).to_pylist()
+        for key, value in zip(keys, _value_strings(batch, compared)):
+            ice_count[key] += 1
+            ice_values.setdefault(key, value)
+
+    missing = [k for k in ch_values if k not in ice_count]
+    unexpected = [k for k in ice_count if k not in ch_values]
+    duplicated = [k for k, n in ice_count.items() if n > 1]
+    mismatched = [k for k, v in ch_values.items() if k in ice_values and ice_values[k] != v]
+    result.detail = True
+    result.missing, result.unexpected = len(missing), len(unexpected)
+    result.duplicated, result.mismatched = len(duplicated), len(mismatched)
+    result.samples = {
+        name: [_show(k) for k in sorted(keys)[:samples]]
+        for name, keys in (("missing", missing), ("unexpected", unexpected),
+                           ("duplicated", duplicated), ("mismatched", mismatched))
+        if keys
+    }
