@@ -340,6 +340,42 @@ def demo(
     typer.echo("caught up: every table's watermark reached the last closed interval; k2 verify clean")
 
 
+@app.command("health")
+def health(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """The 30-second health check: local services, Airflow heartbeats, import errors, per-table
+    lag, last success and watermark staleness. Exit 0 ok, 1 warning, 2 critical."""
+    import psycopg
+
+    from k2 import health as hc
+    from k2.config import load_tables
+    from k2.local import stack as local_stack
+    from k2.watermarks import WatermarkStore
+
+    stack = _stack()
+    checks = [
+        hc.Check(f"service {row.name}", "ok" if row.state == "healthy" else "critical",
+                 f"{row.host}:{row.port} {row.state}")
+        for row in local_stack.status(stack)
+    ]
+    checks += hc.airflow_checks(f"http://{stack.host}:{stack.airflow_port}")
+    try:
+        with psycopg.connect(stack.postgres_dsn("airflow"), connect_timeout=5) as conn:
+            errors = conn.execute("SELECT count(*) FROM import_error").fetchone()[0]
+    except psycopg.Error:
+        errors = None
+    checks.append(hc.import_error_check(errors))
+    tables = [spec.name for spec in load_tables().tables]
+    try:
+        store = WatermarkStore(_watermark_dsn())
+        store.migrate()
+        marks = {row.table_name: row for row in store.status()}
+        checks += hc.table_checks(tables, marks, hc.thresholds(), hc.now_utc())
+    except psycopg.Error as exc:
+        checks.append(hc.Check("watermark store", "critical", f"unreachable: {exc}"))
+    typer.echo(hc.to_json(checks) if as_json else hc.format_checks(checks))
+    raise typer.Exit(hc.STATUS_CODE[hc.worst(checks)])
+
+
 def main() -> None:
     app()
 

@@ -136,3 +136,32 @@ def test_sensor_waits_for_incomplete_interval_then_proceeds(stack, hot_data, air
     event, seconds = asyncio.run(scenario())
     assert event.payload["status"] == "complete", event.payload
     assert seconds < 30
+
+
+def test_health_reports_components_and_lag(stack, airflow_running, start_date):
+    """`k2 health` against the running stack: services and Airflow healthy; a table whose
+    watermark is hours behind and not moving is critical (exit 2) and named."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    k2 = str(Path(sys.executable).with_name("k2"))
+    store = WatermarkStore(stack.postgres_dsn("k2"))
+    store.migrate()
+    stale_table = "gold_ohlcv_1d"  # never unpaused in these tests
+    store.initialize(stale_table, datetime.now(timezone.utc) - timedelta(hours=3))
+
+    result = subprocess.run([k2, "health", "--json"], env=airflow_running.env, capture_output=True, text=True,
+                            timeout=120)
+    report = json.loads(result.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert result.returncode == 2 and report["status"] == "critical", result.stdout
+    assert checks["service postgres"]["status"] == "ok"
+    assert checks["service clickhouse"]["status"] == "ok"
+    assert checks["airflow scheduler"]["status"] == "ok", checks["airflow scheduler"]
+    assert checks["dag import errors"]["status"] == "ok"
+    assert checks[f"lag {stale_table}"]["status"] == "critical"
+    assert "lag 180 min" in checks[f"lag {stale_table}"]["detail"]
+    offloaded = checks["lag bronze_trades_binance"]
+    assert offloaded["status"] == "ok", offloaded
