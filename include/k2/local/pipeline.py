@@ -90,14 +90,19 @@ class Pipeline:
                 self.log(f"while stopping: {exc}")
 
     def banner(self, start_date: datetime) -> str:
+        from k2.local.monitoring import MonitoringStack
+
         s = self.stack
+        mon = MonitoringStack.for_local_stack(s)
         return "\n".join(
             [
                 "",
                 "K2 pipeline is running.",
-                f"  Airflow UI   http://{s.host}:{s.airflow_port}   login: {airflow.ADMIN_USER} / "
+                f"  Airflow UI     http://{s.host}:{s.airflow_port}   login: {airflow.ADMIN_USER} / "
                 f"password in {s.airflow_home / 'passwords.json'}",
-                f"  ClickHouse   http://{s.host}:{s.clickhouse_port}   (k2 local status)",
+                f"  Prometheus     {mon.prometheus_url}   (alerts: {mon.prometheus_url}/alerts)",
+                f"  Alertmanager   {mon.alertmanager_url}   emails land in {s.maildir}",
+                f"  ClickHouse     http://{s.host}:{s.clickhouse_port}   (k2 local status)",
                 f"  DAGs catch up from {start_date.isoformat()}; watch them with `k2 watermark show`.",
                 "  Ctrl-C stops everything this command started.",
                 "",
