@@ -1,16 +1,26 @@
-"""Offload one interval of one table from ClickHouse (hot tier) to Iceberg (cold tier).
+"""Offload intervals of one table from ClickHouse (hot tier) to Iceberg (cold tier).
 
     spark-submit --jars <iceberg-spark-runtime>,<postgresql> spark_jobs/offload_to_iceberg.py \\
         --table bronze_trades_binance \\
-        --interval-start 2026-11-26T10:00:00+00:00 --interval-end 2026-11-26T10:15:00+00:00 \\
-        --run-id <airflow run id> [--tables-config path] [--slices N]
+        --interval-start 2026-11-26T10:00:00+00:00 --interval-end 2026-11-26T11:00:00+00:00 \\
+        [--interval-step 15m] --run-id <airflow run id> [--tables-config path] [--slices N]
 
 Connection settings come from the environment (k2.runtime_env: K2_CLICKHOUSE_*,
-K2_ICEBERG_*), never from the command line. The last line on stdout is
+K2_ICEBERG_*), never from the command line.
 
-    K2_OFFLOAD_RESULT {"table": ..., "rows": ..., "checksum": ..., "snapshot_id": ..., ...}
+[--interval-start, --interval-end) is a whole number of --interval-step steps (default
+15m); each step is offloaded as its own interval - its own checks, one MERGE, one
+snapshot whose k2.interval-start/end are the step's bounds - in order, in one
+SparkSession, so a catch-up of many intervals pays for one JVM. Without --interval-step
+a range that is not a multiple of 15 minutes is one interval, as before steps existed.
+The job stops at the first interval that fails (exit status 1); the intervals before it
+stay committed (each one is atomic, and offloading it again replaces it). On success the
+last lines on stdout are one result per interval, in interval order:
 
-How it works:
+    K2_OFFLOAD_RESULT {"table": ..., "interval_start": ..., "rows": ..., "checksum": ...,
+                       "snapshot_id": ..., ...}
+
+How it works (step 1 and the Spark session once per job, steps 2-5 per interval):
 
 1. DESCRIBE the source in ClickHouse; derive the Iceberg/Spark schema (k2.iceberg);
    create namespace and table when missing (partition spec from tables.yaml).
@@ -19,8 +29,9 @@ How it works:
    time slices through mapInArrow - one task and one ClickHouse connection per
    slice; no JDBC, no rows on the driver. The result is persisted, counted and
    checksummed on the executors, and must equal ClickHouse's figures before
-   anything is written. Duplicate unique keys in ClickHouse stop the run before
-   Spark starts (an interval must hold one row per key to be replaceable).
+   anything is written. Duplicate unique keys in ClickHouse stop the job at that
+   interval before it is read - for the first interval, before the Spark session
+   starts (an interval must hold one row per key to be replaceable).
 4. One MERGE replaces the interval atomically (one Iceberg snapshot, tagged with
    k2.table / k2.interval-start / k2.interval-end / k2.run-id / k2.rows /
    k2.checksum / k2.attempt-id through spark.sql.iceberg.snapshot-property.*):
@@ -49,7 +60,7 @@ pyarrow and clickhouse-connect - the slice reader is defined here and travels by
 
 Exit status: 0 done, 2 bad arguments or settings, 1 anything else; the reason is the
 line starting with "offload_to_iceberg: error:" (written to stderr, which spark-submit's
-PythonRunner merges into its stdout; the result line is always the last line).
+PythonRunner merges into its stdout; on success the result lines are the last lines).
 """
 
 from __future__ import annotations
@@ -60,14 +71,17 @@ import logging
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterator, NamedTuple
 
 STARTED = time.monotonic()
 RESULT_PREFIX = "K2_OFFLOAD_RESULT"
 SOURCE_VIEW = "k2_offload_rows"
 MERGE_ATTEMPTS = 3  # a MERGE that lost a commit race is re-planned on the new table version
 OP_COLUMN = "__k2_op"
+DEFAULT_STEP = timedelta(minutes=15)
+MAX_STEPS = 1000  # a guard against a typo such as --interval-step 1s over a day
 
 log = logging.getLogger("k2.offload")
 
@@ -96,6 +110,18 @@ def _utc_time(text: str) -> datetime:
     return value.astimezone(timezone.utc)
 
 
+def _step(text: str) -> timedelta:
+    from k2.config import parse_duration
+
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= timedelta(0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -117,7 +143,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--table", required=True, help="clickhouse_table from tables.yaml")
     parser.add_argument("--interval-start", required=True, type=_utc_time, help="inclusive, ISO-8601 with zone")
     parser.add_argument("--interval-end", required=True, type=_utc_time, help="exclusive, ISO-8601 with zone")
-    parser.add_argument("--run-id", required=True, help="the Airflow run id (recorded in the snapshot)")
+    parser.add_argument("--interval-step", type=_step, default=None,
+                        help="length of each interval of the range, e.g. 15m (default 15m)")
+    parser.add_argument("--run-id", required=True, help="the Airflow run id (recorded in the snapshots)")
     parser.add_argument("--tables-config", default=None, help="tables.yaml (default: the bundled one)")
     parser.add_argument("--slices", type=_positive, default=None,
                         help="parallel ClickHouse reads (default: Spark's default parallelism)")
@@ -126,7 +154,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError("--interval-end must be after --interval-start")
     if not args.run_id.strip():
         raise UsageError("--run-id is empty")
+    args.intervals = split_range(args.interval_start, args.interval_end, args.interval_step)
     return args
+
+
+def split_range(start: datetime, end: datetime, step: timedelta | None) -> list[tuple[datetime, datetime]]:
+    """[start, end) as consecutive intervals of `step` (None: 15 minutes, or the whole range
+    as one interval when it is not a multiple of 15 minutes - a single interval as before)."""
+    if step is None:
+        step = DEFAULT_STEP if (end - start) % DEFAULT_STEP == timedelta(0) else end - start
+    if step % timedelta(milliseconds=1):
+        raise UsageError(f"--interval-step {step} is finer than milliseconds")
+    steps, remainder = divmod(end - start, step)
+    if remainder:
+        raise UsageError(
+            f"[--interval-start, --interval-end) is {end - start}, not a whole number of "
+            f"--interval-step {step} steps"
+        )
+    if steps > MAX_STEPS:
+        raise UsageError(f"the range holds {steps} intervals of {step}; at most {MAX_STEPS} per job")
+    return [(start + i * step, start + (i + 1) * step) for i in range(steps)]
 
 
 # --------------------------------------------------------------------------------------
@@ -278,8 +325,8 @@ def _phase(name: str, since: float) -> float:
     return now
 
 
-def offload(args: argparse.Namespace) -> dict[str, Any]:
-    from k2 import checksum as ck
+def offload(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Offload every interval of args.intervals in order; one result dict per interval."""
     from k2 import iceberg as ib
     from k2.config import ConfigError, load_tables
     from k2.runtime_env import ClickHouseSettings, IcebergSettings, MissingSetting
@@ -290,50 +337,30 @@ def offload(args: argparse.Namespace) -> dict[str, Any]:
         ice_settings = IcebergSettings.from_env()
     except (ConfigError, MissingSetting, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    start, end = args.interval_start, args.interval_end
-    attempt_id = uuid.uuid4().hex
-    log.info("offload %s [%s, %s) run_id=%s attempt=%s from %r to %s",
-             spec.name, start.isoformat(), end.isoformat(), args.run_id, attempt_id, ch_settings,
-             spec.iceberg_table)
+    intervals = args.intervals
+    log.info("offload %s: %d interval(s) of %s in [%s, %s) run_id=%s from %r to %s",
+             spec.name, len(intervals), intervals[0][1] - intervals[0][0],
+             args.interval_start.isoformat(), args.interval_end.isoformat(), args.run_id,
+             ch_settings, spec.iceberg_table)
 
-    # 1-2. Source schema and ClickHouse's own figures for the interval (driver, metadata only)
-    import clickhouse_connect
-
+    # 1-2. Source schema, and ClickHouse's own figures for the first interval before the JVM
+    # starts: an interval that cannot be offloaded costs no Spark session.
     t = time.monotonic()
     client_kwargs = ch_settings.client_kwargs()
-    try:
-        ch = clickhouse_connect.get_client(**client_kwargs)
-    except Exception as exc:
-        raise OffloadError(f"cannot connect to ClickHouse at {ch_settings!r}: {exc}") from None
-    try:
+    with _clickhouse(client_kwargs, ch_settings) as ch:
         columns = ib.describe_source(ch, spec)
-        types = {c.name: c.clickhouse_type for c in columns}
-        if spec.event_time_column not in types:
-            raise OffloadError(f"{spec.source} has no event-time column {spec.event_time_column!r}")
-        struct = ib.spark_struct(columns)  # raises UnsupportedType naming the column
-        expected = ck.clickhouse_interval_checksum(ch, spec, types, start, end)
-        duplicates = ch.query(
-            f"SELECT {', '.join(_quote(k) for k in spec.unique_key)}, count() AS copies "
-            f"FROM {_quote(spec.source)} WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)} "
-            f"GROUP BY {', '.join(_quote(k) for k in spec.unique_key)} HAVING copies > 1 LIMIT 5",
-            parameters=ck.interval_parameters(start, end),
-        ).result_rows
-    finally:
-        ch.close()
-    if duplicates:
-        sample = ", ".join(str(tuple(row[:-1])) for row in duplicates)
-        raise OffloadError(
-            f"{spec.source} holds duplicate unique keys {tuple(spec.unique_key)} in the interval "
-            f"(e.g. {sample}); nothing written"
-        )
-    log.info("ClickHouse %s [%s, %s): %s", spec.source, start, end, expected)
+    types = {c.name: c.clickhouse_type for c in columns}
+    if spec.event_time_column not in types:
+        raise OffloadError(f"{spec.source} has no event-time column {spec.event_time_column!r}")
+    struct = ib.spark_struct(columns)  # raises UnsupportedType naming the column
+    first = clickhouse_figures(client_kwargs, ch_settings, spec, types, *intervals[0])
     t = _phase("ClickHouse describe + checksum", t)
 
     spark = build_spark(ice_settings, f"k2-offload-{spec.name}")
     t = _phase("Spark session", t)
     try:
-        return _offload_with_spark(spark, args, spec, ice_settings, client_kwargs, columns, struct,
-                                   expected, attempt_id, t)
+        return _offload_with_spark(spark, args, spec, ice_settings, client_kwargs, ch_settings,
+                                   columns, types, struct, first, t)
     except (UsageError, OffloadError):
         raise
     except Exception as exc:  # described while the JVM is still up
@@ -343,16 +370,52 @@ def offload(args: argparse.Namespace) -> dict[str, Any]:
         spark.stop()
 
 
+@contextmanager
+def _clickhouse(client_kwargs: dict[str, Any], ch_settings: Any) -> Iterator[Any]:
+    import clickhouse_connect
+
+    try:
+        client = clickhouse_connect.get_client(**client_kwargs)
+    except Exception as exc:
+        raise OffloadError(f"cannot connect to ClickHouse at {ch_settings!r}: {exc}") from None
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def clickhouse_figures(client_kwargs: dict[str, Any], ch_settings: Any, spec: Any,
+                       types: dict[str, str], start: datetime, end: datetime) -> Any:
+    """ClickHouse's count and checksum of the interval; refuses duplicate unique keys."""
+    from k2 import checksum as ck
+
+    with _clickhouse(client_kwargs, ch_settings) as ch:
+        expected = ck.clickhouse_interval_checksum(ch, spec, types, start, end)
+        duplicates = ch.query(
+            f"SELECT {', '.join(_quote(k) for k in spec.unique_key)}, count() AS copies "
+            f"FROM {_quote(spec.source)} WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)} "
+            f"GROUP BY {', '.join(_quote(k) for k in spec.unique_key)} HAVING copies > 1 LIMIT 5",
+            parameters=ck.interval_parameters(start, end),
+        ).result_rows
+    if duplicates:
+        sample = ", ".join(str(tuple(row[:-1])) for row in duplicates)
+        raise OffloadError(
+            f"{spec.source} holds duplicate unique keys {tuple(spec.unique_key)} in the interval "
+            f"[{start.isoformat()}, {end.isoformat()}) (e.g. {sample}); nothing written for it"
+        )
+    log.info("ClickHouse %s [%s, %s): %s", spec.source, start.isoformat(), end.isoformat(), expected)
+    return expected
+
+
 def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_settings: Any,
-                        client_kwargs: dict[str, Any], columns: list[Any], struct: Any,
-                        expected: Any, attempt_id: str, t: float) -> dict[str, Any]:
-    from pyspark import StorageLevel
+                        client_kwargs: dict[str, Any], ch_settings: Any, columns: list[Any],
+                        types: dict[str, str], struct: Any, first: Any, t: float
+                        ) -> list[dict[str, Any]]:
     from pyspark.sql.pandas.types import to_arrow_schema
 
     from k2 import checksum as ck
     from k2 import iceberg as ib
 
-    start, end = args.interval_start, args.interval_end
     target = ib.spark_table_name(ice_settings, spec)
     namespace = spec.iceberg_table.split(".")[0]
 
@@ -367,34 +430,97 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
         )
     t = _phase("namespace/table", t)
 
-    # Parallel Arrow read on the executors
-    slices = args.slices or max(1, spark.sparkContext.defaultParallelism)
-    bounds = slice_bounds(ck.to_epoch_ms(start), ck.to_epoch_ms(end), slices)
-    select_sql = (
-        f"SELECT {', '.join(_quote(c.name) for c in columns)} FROM {_quote(spec.source)} "
-        f"WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)}"
+    job = _Job(
+        spark=spark, spec=spec, target=target, struct=struct, client_kwargs=client_kwargs,
+        run_id=args.run_id,
+        slices=args.slices or max(1, spark.sparkContext.defaultParallelism),
+        select_sql=(
+            f"SELECT {', '.join(_quote(c.name) for c in columns)} FROM {_quote(spec.source)} "
+            f"WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)}"
+        ),
+        schema_ipc=to_arrow_schema(struct).serialize().to_pybytes(),
+        key_cols=ck.spark_key_columns(spec, struct),
+        application_id=spark.sparkContext.applicationId,
     )
-    schema_ipc = to_arrow_schema(struct).serialize().to_pybytes()
+    results: list[dict[str, Any]] = []
+    intervals = args.intervals
+    for index, (start, end) in enumerate(intervals):
+        began = time.monotonic()
+        try:
+            expected = first if index == 0 else clickhouse_figures(
+                client_kwargs, ch_settings, spec, types, start, end)
+            result = _offload_interval(job, start, end, expected)
+        except Exception:
+            if results:
+                log.error("stopped at interval %d of %d [%s, %s); the %d interval(s) before it are "
+                          "committed: %s", index + 1, len(intervals), start.isoformat(),
+                          end.isoformat(), len(results),
+                          ", ".join(f"[{r['interval_start']}, {r['interval_end']}) -> snapshot "
+                                    f"{r['snapshot_id']}" for r in results))
+            raise
+        result.update(
+            interval_index=index,
+            intervals=len(intervals),
+            interval_seconds=round(time.monotonic() - began, 3),
+            seconds=round(time.monotonic() - STARTED, 3),
+        )
+        results.append(result)
+        log.info("interval %d of %d [%s, %s): %s rows -> snapshot %s in %.1f s", index + 1,
+                 len(intervals), result["interval_start"], result["interval_end"], result["rows"],
+                 result["snapshot_id"], result["interval_seconds"])
+    return results
+
+
+class _Job(NamedTuple):
+    """What every interval of one job shares."""
+
+    spark: Any
+    spec: Any
+    target: str
+    struct: Any
+    client_kwargs: dict[str, Any]
+    run_id: str
+    slices: int
+    select_sql: str
+    schema_ipc: bytes
+    key_cols: list[Any]
+    application_id: str
+
+
+def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) -> dict[str, Any]:
+    """Read, check, MERGE and verify one interval: one Iceberg snapshot."""
+    from pyspark import StorageLevel
+
+    from k2 import checksum as ck
+    from k2 import iceberg as ib
+
+    spark, spec, target = job.spark, job.spec, job.target
+    attempt_id = uuid.uuid4().hex  # finds this interval's commit among the job's
+    t = time.monotonic()
+
+    # Parallel Arrow read on the executors
+    bounds = slice_bounds(ck.to_epoch_ms(start), ck.to_epoch_ms(end), job.slices)
     descriptors = spark.createDataFrame(
         spark.sparkContext.parallelize(bounds, len(bounds)), "slice int, start_ms long, end_ms long"
     )
-    source = descriptors.mapInArrow(make_slice_reader(client_kwargs, select_sql, schema_ipc), struct)
+    source = descriptors.mapInArrow(
+        make_slice_reader(job.client_kwargs, job.select_sql, job.schema_ipc), job.struct)
     source = source.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        key_cols = ck.spark_key_columns(spec, struct)
-        read = ck.spark_checksum(source, key_cols)
+        read = ck.spark_checksum(source, job.key_cols)
         t = _phase(f"read {read.rows} rows in {len(bounds)} slices", t)
         if read != expected:
             raise OffloadError(
-                f"read from ClickHouse does not match ClickHouse's own figures for the interval: "
-                f"read {read}, ClickHouse {expected} (rows changed during the read?); nothing written"
+                f"read from ClickHouse does not match ClickHouse's own figures for the interval "
+                f"[{start.isoformat()}, {end.isoformat()}): read {read}, ClickHouse {expected} "
+                "(rows changed during the read?); nothing written for it"
             )
 
         # One MERGE: the atomic replace of the interval
         source.createOrReplaceTempView(SOURCE_VIEW)
-        statement = merge_sql(target, struct, spec.unique_key, spec.event_time_column, start, end)
+        statement = merge_sql(target, job.struct, spec.unique_key, spec.event_time_column, start, end)
         properties = ib.snapshot_properties(
-            spec, start, end, run_id=args.run_id, rows=expected.rows, checksum=expected.checksum,
+            spec, start, end, run_id=job.run_id, rows=expected.rows, checksum=expected.checksum,
             attempt_id=attempt_id,
         )
         run_merge(spark, statement, ib.snapshot_property_conf(properties))
@@ -402,21 +528,22 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
     finally:
         source.unpersist()
 
-    snapshot_id = _find_attempt_snapshot(spark, target, attempt_id)
-    if snapshot_id is None:
-        snapshot_id = _commit_marker_snapshot(spark, target, properties)
+    found = _find_attempt_snapshot(spark, target, attempt_id)
+    if found is None:
+        found = (_commit_marker_snapshot(spark, target, properties), {})
+    snapshot_id, summary = found
 
     # Read the committed snapshot back
     stored = ck.spark_checksum(
         spark.sql(f"SELECT * FROM {target} VERSION AS OF {snapshot_id} t "
                   f"WHERE {interval_predicate('t', spec.event_time_column, start, end)}"),
-        key_cols,
+        job.key_cols,
     )
-    t = _phase("verify snapshot", t)
+    _phase("verify snapshot", t)
     if stored != expected:
         raise OffloadError(
-            f"after the MERGE, Iceberg snapshot {snapshot_id} holds {stored} for the interval, "
-            f"ClickHouse {expected}"
+            f"after the MERGE, Iceberg snapshot {snapshot_id} holds {stored} for the interval "
+            f"[{start.isoformat()}, {end.isoformat()}), ClickHouse {expected}"
         )
     return {
         "table": spec.name,
@@ -426,10 +553,13 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
         "rows": expected.rows,
         "checksum": expected.checksum,
         "snapshot_id": snapshot_id,
-        "run_id": args.run_id,
+        "run_id": job.run_id,
         "attempt_id": attempt_id,
         "slices": len(bounds),
-        "seconds": round(time.monotonic() - STARTED, 3),
+        "application_id": job.application_id,
+        # Iceberg's summary of the commit (for the operator's metrics when pyiceberg cannot read it)
+        "added_files_size": ib.summary_int(summary, "added-files-size"),
+        "total_data_files": ib.summary_int(summary, "total-data-files"),
     }
 
 
@@ -465,14 +595,15 @@ def run_merge(spark: Any, statement: str, snapshot_conf: dict[str, str]) -> None
                 spark.conf.unset(key)
 
 
-def _find_attempt_snapshot(spark: Any, target: str, attempt_id: str) -> int | None:
+def _find_attempt_snapshot(spark: Any, target: str, attempt_id: str) -> tuple[int, dict[str, str]] | None:
+    """(snapshot id, summary) of the commit carrying attempt_id, if any."""
     from k2.iceberg import PROP_ATTEMPT_ID
 
     rows = spark.sql(
-        f"SELECT snapshot_id FROM {target}.snapshots WHERE summary['{PROP_ATTEMPT_ID}'] = '{attempt_id}' "
-        f"ORDER BY committed_at DESC LIMIT 1"
+        f"SELECT snapshot_id, summary FROM {target}.snapshots "
+        f"WHERE summary['{PROP_ATTEMPT_ID}'] = '{attempt_id}' ORDER BY committed_at DESC LIMIT 1"
     ).collect()
-    return int(rows[0][0]) if rows else None
+    return (int(rows[0][0]), dict(rows[0][1] or {})) if rows else None
 
 
 def _commit_marker_snapshot(spark: Any, target: str, properties: dict[str, str]) -> int:
@@ -518,7 +649,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    handler = logging.StreamHandler(sys.stderr)  # stdout carries only the result line
+    handler = logging.StreamHandler(sys.stderr)  # stdout carries only the result lines
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     k2_log = logging.getLogger("k2")
     k2_log.addHandler(handler)
@@ -527,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("py4j").setLevel(logging.WARNING)
     try:
         args = parse_args(argv)
-        result = offload(args)
+        results = offload(args)
     except UsageError as exc:
         print(f"offload_to_iceberg: error: {exc}", file=sys.stderr)
         return 2
@@ -538,9 +669,13 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("offload failed")
         print(f"offload_to_iceberg: error: {describe_error(exc)}", file=sys.stderr)
         return 1
-    log.info("offloaded %s rows of %s [%s, %s) in %.1f s -> snapshot %s", result["rows"], result["table"],
-             result["interval_start"], result["interval_end"], result["seconds"], result["snapshot_id"])
-    print(f"{RESULT_PREFIX} {json.dumps(result, sort_keys=True)}", flush=True)
+    last = results[-1]
+    log.info("offloaded %s rows of %s in %d interval(s) [%s, %s) in %.1f s -> snapshot(s) %s",
+             sum(r["rows"] for r in results), last["table"], len(results),
+             results[0]["interval_start"], last["interval_end"], last["seconds"],
+             ", ".join(str(r["snapshot_id"]) for r in results))
+    # Printed together at the end, so that they are the last lines of the output.
+    print("\n".join(f"{RESULT_PREFIX} {json.dumps(r, sort_keys=True)}" for r in results), flush=True)
     return 0
 
 

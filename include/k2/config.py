@@ -32,6 +32,8 @@ PARTITION_TRANSFORM = re.compile(
 )
 DURATION = re.compile(r"^(?P<n>[0-9]+)(?P<unit>s|m|h|d)$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# One day of 15-minute intervals.
+MAX_INTERVALS_PER_JOB = 96
 
 
 class ConfigError(ValueError):
@@ -76,6 +78,9 @@ class TableSpec(BaseModel):
     hot_retention: timedelta
     deadline: timedelta
     start_date: datetime
+    # Catch-up: the most 15-minute intervals one Spark job offloads (k2.catchup). A bigger
+    # batch saves JVM starts but holds the table's offload lock longer.
+    max_intervals_per_job: int = Field(default=16, ge=1, le=MAX_INTERVALS_PER_JOB, strict=True)
 
     @field_validator("clickhouse_table", "read_from", "event_time_column")
     @classmethod

@@ -86,7 +86,9 @@ def _doc_md(spec: TableSpec) -> str:
 ### Offload `{spec.name}` to Iceberg `{spec.iceberg_table}`
 
 Every 15 minutes (UTC), one run per interval `[data_interval_start, data_interval_end)`;
-catch-up on, at most {MAX_ACTIVE_RUNS} runs at once, Spark jobs bounded by the pool `{SPARK_POOL}`.
+catch-up on, at most {MAX_ACTIVE_RUNS} runs at once, one offload of the table at a time, Spark jobs
+bounded by the pool `{SPARK_POOL}`. Catching up, one Spark job offloads up to
+{spec.max_intervals_per_job} complete intervals; the runs of the others find them offloaded and start no job.
 
 | | |
 |---|---|
@@ -98,15 +100,22 @@ catch-up on, at most {MAX_ACTIVE_RUNS} runs at once, Spark jobs bounded by the p
 | deadline | email when a run is not done {spec.deadline} after it was queued |
 
 1. **wait_for_hot_data** – deferrable sensor; fails after {SENSOR_TIMEOUT} with "feed looks stopped".
-2. **offload_to_iceberg** – spark-submit of `spark_jobs/offload_to_iceberg.py`; writes the interval
-   atomically, returns rows, checksum and snapshot id.
-3. **commit_watermark** – ledger row + watermark compare-and-set in PostgreSQL (`k2_watermarks`).
+2. **offload_to_iceberg** – under the table's offload lock (PostgreSQL advisory lock): skips an interval
+   already offloaded by another run's batch (scheduled runs, first try), else spark-submit of
+   `spark_jobs/offload_to_iceberg.py` for the run's interval - plus, for a scheduled first try, the complete
+   intervals after it that are not offloaded yet - one atomic snapshot per interval; returns rows, checksum
+   and snapshot id of each. Retries, clears, manual runs and backfills re-offload their own interval.
+3. **commit_watermark** – a ledger row per offloaded interval + watermark compare-and-set in PostgreSQL
+   (`k2_watermarks`).
 
 #### Runbook
 - *Sensor timed out (feed stopped)*: check the feed handlers and inserts into `{completeness.table}`;
   once data flows again, clear the failed `wait_for_hot_data` tasks (downstream included).
 - *Offload failed*: read the spark-submit log of the task; retries are automatic (exponential backoff).
-  Re-running an interval is safe: it replaces that interval in Iceberg, never duplicates it.
+  Re-running an interval is safe: it replaces that interval in Iceberg, never duplicates it. A batch that
+  failed part-way keeps the intervals it committed; their runs find them and skip Spark.
+- *Offload waits for its lock*: the log names the session holding the table's offload lock (its
+  application_name is `k2 offload <run id>`); a killed task's lock goes with its connection.
 - *Watermark stuck*: `k2 watermark show` lists the watermark, its lag and pending intervals; a pending
   interval means an earlier one is not committed yet – find and clear that run.
 - *Verify*: `k2 verify {spec.name}` compares ClickHouse and Iceberg interval by interval.
@@ -177,8 +186,13 @@ def build_dag(spec: TableSpec) -> DAG:
         offload = OffloadToIcebergOperator(
             task_id=TASK_OFFLOAD,
             table=spec.name,
+            max_intervals_per_job=spec.max_intervals_per_job,
             pool=SPARK_POOL,
             pool_slots=1,
+            # One offload of a table at a time, so that a run waiting for the table's offload
+            # lock never holds a Spark pool slot that another table could use. The lock itself
+            # (k2_provider.operators.offload.offload_lock) also covers writers outside this DAG.
+            max_active_tis_per_dag=1,
         )
         commit = WatermarkCommitOperator(
             task_id=TASK_COMMIT,

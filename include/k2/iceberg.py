@@ -38,7 +38,7 @@ than mapped approximately.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -434,6 +434,9 @@ class OffloadSnapshot:
     checksum: int
     attempt_id: str | None
     committed_at: datetime
+    # Iceberg's own summary figures of the commit (None when the summary lacks them).
+    added_files_size: int | None = None  # bytes of the data files the commit added
+    total_data_files: int | None = None  # data files of the table after the commit
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -447,6 +450,8 @@ class OffloadSnapshot:
             "checksum": self.checksum,
             "attempt_id": self.attempt_id,
             "committed_at": iso_utc(self.committed_at),
+            "added_files_size": self.added_files_size,
+            "total_data_files": self.total_data_files,
         }
 
 
@@ -474,7 +479,56 @@ def offload_snapshot_from_summary(spec: TableSpec, snapshot_id: int, timestamp_m
         checksum=checksum,
         attempt_id=summary.get(PROP_ATTEMPT_ID),
         committed_at=datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc),
+        added_files_size=summary_int(summary, "added-files-size"),
+        total_data_files=summary_int(summary, "total-data-files"),
     )
+
+
+def summary_int(summary: Mapping[str, str], key: str) -> int | None:
+    """An integer figure of a snapshot summary (e.g. total-data-files), None when absent."""
+    try:
+        return int(summary[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def offload_snapshots_of(table: Any, spec: TableSpec,
+                         intervals: Iterable[tuple[datetime, datetime]]
+                         ) -> dict[tuple[datetime, datetime], OffloadSnapshot]:
+    """The newest offload commit of each of `intervals` on a loaded pyiceberg table's main
+    branch (one walk of the current snapshot's ancestry). Intervals never offloaded, or
+    whose snapshot has expired, are absent from the result."""
+    from pyiceberg.table.snapshots import ancestors_of
+
+    wanted = {(s.astimezone(timezone.utc), e.astimezone(timezone.utc)) for s, e in intervals}
+    found: dict[tuple[datetime, datetime], OffloadSnapshot] = {}
+    current = table.current_snapshot()
+    if current is None or not wanted:
+        return found
+    for snapshot in ancestors_of(current, table.metadata):
+        summary = snapshot.summary.additional_properties if snapshot.summary else {}
+        offload = offload_snapshot_from_summary(spec, snapshot.snapshot_id, snapshot.timestamp_ms, summary)
+        if offload is None:
+            continue
+        key = (offload.interval_start, offload.interval_end)
+        if key in wanted and key not in found:  # newest first: the first one found wins
+            found[key] = offload
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def find_offload_snapshots(catalog: Catalog, spec: TableSpec,
+                           intervals: Iterable[tuple[datetime, datetime]]
+                           ) -> dict[tuple[datetime, datetime], OffloadSnapshot]:
+    """find_offload_snapshot for several intervals with one table load; {} without the table."""
+    from pyiceberg.exceptions import NoSuchTableError
+
+    try:
+        table = catalog.load_table(spec.iceberg_table)
+    except NoSuchTableError:
+        return {}
+    return offload_snapshots_of(table, spec, intervals)
 
 
 def find_offload_snapshot(catalog: Catalog, spec: TableSpec, interval_start: datetime,
@@ -488,21 +542,5 @@ def find_offload_snapshot(catalog: Catalog, spec: TableSpec, interval_start: dat
     A caller that wants to skip re-offloading should also compare rows/checksum with
     ClickHouse's current figures for the interval (late rows change them).
     """
-    from pyiceberg.exceptions import NoSuchTableError
-    from pyiceberg.table.snapshots import ancestors_of
-
-    try:
-        table = catalog.load_table(spec.iceberg_table)
-    except NoSuchTableError:
-        return None
-    current = table.current_snapshot()
-    if current is None:
-        return None
-    want_start = interval_start.astimezone(timezone.utc)
-    want_end = interval_end.astimezone(timezone.utc)
-    for snapshot in ancestors_of(current, table.metadata):
-        summary = snapshot.summary.additional_properties if snapshot.summary else {}
-        found = offload_snapshot_from_summary(spec, snapshot.snapshot_id, snapshot.timestamp_ms, summary)
-        if found and found.interval_start == want_start and found.interval_end == want_end:
-            return found
-    return None
+    found = find_offload_snapshots(catalog, spec, [(interval_start, interval_end)])
+    return next(iter(found.values()), None)

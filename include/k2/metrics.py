@@ -18,8 +18,10 @@ config. With `[metrics] statsd_on = False` every helper is a no-op.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from string import Formatter
@@ -362,3 +364,16 @@ def set_hot_max_event_time(table: str, ts: datetime | float) -> None:
 
 def record_deadline_missed(table: str) -> None:
     _incr(DEADLINE_MISSED, 1, table=table)
+
+
+def emit_safely(helper: Callable[..., None], *args: Any, log: logging.Logger | None = None,
+                **kwargs: Any) -> bool:
+    """Call an emit helper; a failure is logged, never raised: metrics must not fail a task."""
+    try:
+        helper(*args, **kwargs)
+    except Exception as exc:
+        (log or logging.getLogger(__name__)).warning(
+            "metric %s not sent: %s: %s", getattr(helper, "__name__", helper), type(exc).__name__, exc
+        )
+        return False
+    return True

@@ -457,6 +457,25 @@ class WatermarkStore:
             r[0], _utc(r[1]), _utc(r[2]), int(r[3]), int(r[4]), r[5], r[6], _utc(r[7])
         )
 
+    def ledger_range(self, table: str, start: datetime, end: datetime) -> list[LedgerEntry]:
+        """The ledgered intervals of a table that start in [start, end), oldest first."""
+        start, end = _utc(start, "range start"), _utc(end, "range end")
+        with self._connect() as conn:
+            rows = conn.execute(
+                f"""
+                SELECT table_name, interval_start, interval_end, rows, checksum, snapshot_id,
+                       run_id, committed_at
+                FROM {LEDGER_TABLE}
+                WHERE table_name = %s AND interval_start >= %s AND interval_start < %s
+                ORDER BY interval_start
+                """,
+                (table, start, end),
+            ).fetchall()
+        return [
+            LedgerEntry(r[0], _utc(r[1]), _utc(r[2]), int(r[3]), int(r[4]), r[5], r[6], _utc(r[7]))
+            for r in rows
+        ]
+
     def status(self, tables: Sequence[str] | None = None) -> list[TableStatus]:
         """Watermark and ledger summary per table (all known tables when none are named)."""
         with self._connect() as conn:

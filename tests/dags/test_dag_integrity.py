@@ -130,6 +130,9 @@ class TestOffloadDag:
         offload = dag.get_task(TASK_OFFLOAD)
         assert (offload.pool, offload.pool_slots) == (SPARK_POOL, 1)
         assert offload.table == spec.name
+        assert offload.max_intervals_per_job == spec.max_intervals_per_job
+        # one offload of a table at a time: a run waiting for its lock holds no pool slot
+        assert offload.max_active_tis_per_dag == 1
         assert offload.application.endswith("spark_jobs/offload_to_iceberg.py")
         assert not offload.env_vars  # built at execute time, never at parse time
         commit = dag.get_task(TASK_COMMIT)
@@ -152,6 +155,7 @@ class TestOffloadDag:
         serialized = DagSerialization.from_dict(DagSerialization.to_dict(dagbag.dags[spec.dag_id]))
         assert serialized.catchup is True
         assert serialized.get_task(TASK_OFFLOAD).pool == SPARK_POOL
+        assert serialized.get_task(TASK_OFFLOAD).max_active_tis_per_dag == 1
         assert type(serialized.timetable).__name__ == "CronDataIntervalTimetable"
 
 

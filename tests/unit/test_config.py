@@ -120,6 +120,18 @@ def test_bad_partition_transform_names_table_and_key(tmp_path: Path, transform: 
     assert repr(transform) in message
 
 
+def test_max_intervals_per_job_defaults_and_overrides(tmp_path: Path) -> None:
+    config = load_tables(_write(tmp_path, _table(), _table("silver_trades", max_intervals_per_job=4)))
+    assert [t.max_intervals_per_job for t in config.tables] == [16, 4]
+    assert {t.max_intervals_per_job for t in load_tables(DEFAULT_TABLES_FILE).tables} == {16}
+
+
+@pytest.mark.parametrize("value", [0, -1, 97, "8", 2.5, True])
+def test_bad_max_intervals_per_job_names_table_and_key(tmp_path: Path, value: Any) -> None:
+    message = _error(_write(tmp_path, _table(max_intervals_per_job=value)))
+    assert "table 'bronze_trades_x', key 'max_intervals_per_job'" in message
+
+
 def test_duplicate_table(tmp_path: Path) -> None:
     message = _error(_write(tmp_path, _table(), _table(), _table("silver_trades")))
     assert "listed twice" in message and "bronze_trades_x" in message

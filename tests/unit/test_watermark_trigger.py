@@ -217,3 +217,45 @@ def test_sensor_defers_when_the_first_check_fails() -> None:
     with mock.patch(SENSOR_QUERY, side_effect=ConnectionError("refused")):
         with pytest.raises(TaskDeferred):
             _sensor().execute({})
+
+
+# k2_hot_max_event_timestamp_seconds: sent on every check, never failing the task
+
+EMIT = "k2.metrics.set_hot_max_event_time"
+
+
+def test_trigger_sends_the_newest_event_time_on_every_successful_check() -> None:
+    readings = [None, ConnectionError("blip"), TARGET - timedelta(minutes=1), TARGET]
+    with mock.patch(TRIGGER_QUERY, side_effect=readings), mock.patch(EMIT) as emit:
+        [event] = asyncio.run(_events(_trigger()))
+    assert event["status"] == "complete"
+    # max(event time) = watermark + lateness; no reading, no gauge
+    assert emit.call_args_list == [
+        mock.call("silver_trades", TARGET + timedelta(minutes=1)),
+        mock.call("silver_trades", TARGET + timedelta(minutes=2)),
+    ]
+
+
+def test_trigger_survives_a_failing_metric() -> None:
+    with mock.patch(TRIGGER_QUERY, return_value=TARGET), mock.patch(EMIT, side_effect=OSError("udp")):
+        [event] = asyncio.run(_events(_trigger()))
+    assert event["status"] == "complete"
+
+
+def test_sensor_sends_the_newest_event_time_on_its_check_and_its_event() -> None:
+    with mock.patch(SENSOR_QUERY, return_value=TARGET), mock.patch(EMIT) as emit:
+        _sensor().execute({})
+    emit.assert_called_once_with("silver_trades", TARGET + timedelta(minutes=2))
+    with mock.patch(EMIT) as emit:
+        _sensor().execute_complete(
+            {}, {"status": "complete", "watermark": TARGET.isoformat(), "target": TARGET.isoformat()}
+        )
+    emit.assert_called_once_with("silver_trades", TARGET + timedelta(minutes=2))
+    with mock.patch(EMIT) as emit, pytest.raises(AirflowSensorTimeout):
+        _sensor().execute_complete({}, {"status": "timeout", "watermark": None, "target": TARGET.isoformat()})
+    emit.assert_not_called()
+
+
+def test_sensor_survives_a_failing_metric() -> None:
+    with mock.patch(SENSOR_QUERY, return_value=TARGET), mock.patch(EMIT, side_effect=OSError("udp")):
+        assert _sensor().execute({}) == TARGET.isoformat()

@@ -1,25 +1,36 @@
-"""Operator: offload one run's interval of a table from ClickHouse to Iceberg with spark-submit."""
+"""Operator: offload a run's interval of a table - and, catching up, the complete intervals after
+it - from ClickHouse to Iceberg with one spark-submit."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from logging import Logger
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
 if TYPE_CHECKING:
+    from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
     from airflow.sdk import Connection, Context
+    from k2.catchup import CatchupPlan, Interval
+    from k2.config import TableSpec
+    from k2.iceberg import OffloadSnapshot
     from k2.runtime_env import IcebergSettings
+    from k2.watermarks import LedgerEntry, WatermarkStore
 
 # plugins/k2_provider/operators/offload.py -> repository root (the package is installed editable).
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_APPLICATION = REPO_ROOT / "spark_jobs" / "offload_to_iceberg.py"
 DEFAULT_JARS_DIR = REPO_ROOT / "spark_jobs" / "jars"
 ICEBERG_CONN_ID = "iceberg_default"
+WATERMARKS_CONN_ID = "k2_watermarks"
 RESULT_MARKER = "K2_OFFLOAD_RESULT"
 RESULT_KEYS = (
     "table",
@@ -85,36 +96,160 @@ def normalize_result(raw: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def parse_result_line(lines: Sequence[str]) -> dict[str, Any] | None:
-    """The last ``K2_OFFLOAD_RESULT {json}`` line of the job's output, if any."""
-    for line in reversed(list(lines)):
+def parse_result_lines(lines: Sequence[str]) -> list[dict[str, Any]]:
+    """Every ``K2_OFFLOAD_RESULT {json}`` line of the job's output, raw, in output order."""
+    results = []
+    for line in lines:
         _, marker, payload = line.partition(RESULT_MARKER)
         if marker and payload.strip().startswith("{"):
-            return normalize_result(json.loads(payload.strip()))
-    return None
+            results.append(json.loads(payload.strip()))
+    return results
+
+
+def parse_result_line(lines: Sequence[str]) -> dict[str, Any] | None:
+    """The last ``K2_OFFLOAD_RESULT {json}`` line of the job's output, if any."""
+    results = parse_result_lines(lines)
+    return normalize_result(results[-1]) if results else None
+
+
+# --------------------------------------------------------------------------------------
+# The per-table offload lock
+
+
+@contextmanager
+def offload_lock(
+    dsn: str,
+    table: str,
+    *,
+    holder: str,
+    log: Logger,
+    poll_interval: float = 5.0,
+    report_every: float = 60.0,
+) -> Iterator[None]:
+    """Hold the table's PostgreSQL advisory lock (a session lock) for the block.
+
+    Offloads of one table never overlap: they would conflict in Iceberg's optimistic
+    commits, and a catching-up batch must not be planned while another one runs. The lock
+    lives as long as its connection, so a task that is killed - or whose host vanishes
+    (server-side TCP keepalives below) - releases it. While another session holds it, this
+    polls with pg_try_advisory_lock and logs who holds it; the wait is bounded by the task's
+    execution_timeout like any other step.
+    """
+    import psycopg
+
+    from k2.catchup import lock_key_parts, offload_lock_key
+
+    key = offload_lock_key(table)
+    classid, objid = lock_key_parts(key)
+    conn = psycopg.connect(dsn, autocommit=True, application_name=f"k2 offload {holder}"[:63])
+    try:
+        # A vanished worker's session (and lock) is dropped after ~2 min instead of ~2 h.
+        conn.execute("SET tcp_keepalives_idle = 60")
+        conn.execute("SET tcp_keepalives_interval = 10")
+        conn.execute("SET tcp_keepalives_count = 6")
+        waited_since = time.monotonic()
+        reported = None
+        while not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+            now = time.monotonic()
+            if reported is None or now - reported >= report_every:
+                reported = now
+                row = conn.execute(
+                    """
+                    SELECT a.application_name, a.pid, a.backend_start, a.client_addr
+                    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                    WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s
+                      AND l.objid = %s AND l.objsubid = 1
+                    """,
+                    (classid, objid),
+                ).fetchone()
+                who = (
+                    f"{row[0] or 'a session'} (PostgreSQL pid {row[1]}, connected {row[2]:%Y-%m-%d %H:%M:%S%z}"
+                    f"{f' from {row[3]}' if row[3] else ''})"
+                    if row
+                    else "another session"
+                )
+                log.info(
+                    "waiting for the offload lock of %s, held by %s: offloads of one table run "
+                    "one at a time (waited %.0f s so far)",
+                    table,
+                    who,
+                    now - waited_since,
+                )
+            time.sleep(poll_interval)
+        if reported is not None:
+            log.info(
+                "got the offload lock of %s after %.0f s", table, time.monotonic() - waited_since
+            )
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------
+# The operator
+
+
+@dataclass
+class _Facts:
+    """What the plan is made from, read under the lock."""
+
+    now: datetime
+    hot_watermark: datetime | None = None
+    hot_known: bool = False
+    ledger: dict[tuple[datetime, datetime], LedgerEntry] = field(default_factory=dict)
+    snapshots: dict[tuple[datetime, datetime], OffloadSnapshot] = field(default_factory=dict)
+
+    @property
+    def offloaded(self) -> set[tuple[datetime, datetime]]:
+        return set(self.ledger) | set(self.snapshots)
 
 
 class OffloadToIcebergOperator(SparkSubmitOperator):
     """
-    Offload ``[data_interval_start, data_interval_end)`` of one table to Iceberg with spark-submit.
+    Offload ``[data_interval_start, data_interval_end)`` of one table to Iceberg with spark-submit;
+    catching up, also the complete intervals after it, in the same Spark job.
 
     Runs ``spark_jobs/offload_to_iceberg.py --table T --interval-start S --interval-end E
-    --run-id R``. Where ClickHouse and the Iceberg catalog are, the job learns from
+    --interval-step D --run-id R``: one MERGE and one Iceberg snapshot per interval of
+    ``[S, E)``. Where ClickHouse and the Iceberg catalog are, the job learns from
     environment variables (:mod:`k2.runtime_env`) built at execute time from the
     ``clickhouse_conn_id`` and ``iceberg_conn_id`` connections; they are never templated,
     logged or put on the command line, and their secrets are registered with Airflow's
     secrets masker. The Spark conf carries only the non-secret catalog settings.
 
-    Returns (to XCom) the offload result: table, interval_start, interval_end, run_id,
-    rows, checksum, snapshot_id. It is read from the Iceberg snapshot the job committed
-    (its summary carries ``k2.*`` properties), which works in every deploy mode; the
-    job's ``K2_OFFLOAD_RESULT`` stdout line is the fallback in client mode.
+    At execute time, holding the table's PostgreSQL advisory lock (:func:`offload_lock`) from
+    planning until the job's result is read, it plans with :func:`k2.catchup.plan_offload`:
+
+    - a scheduled run's first try whose interval is already offloaded - in the ledger, or
+      committed in Iceberg by another run's batch that is not ledgered yet - starts no Spark
+      job and returns that offload's figures;
+    - a scheduled run's first try otherwise offloads its interval and the following ones
+      while they are complete in ClickHouse, have ended, are not offloaded yet, and are at
+      most ``max_intervals_per_job`` in all;
+    - a retry, a clear, a manual run or a backfill re-offloads just its own interval.
+
+    Returns (to XCom) the run's own interval - table, interval_start, interval_end, run_id
+    (of the run that wrote it), rows, checksum, snapshot_id - plus ``intervals``: that
+    shape for every interval the job offloaded, own interval first, and ``skipped``. They
+    are read from the Iceberg snapshots (their summaries carry ``k2.*`` properties), which
+    works in every deploy mode; the job's ``K2_OFFLOAD_RESULT`` lines are the fallback in
+    client mode.
+
+    Metrics (:mod:`k2.metrics`, never failing the task): rows, bytes and duration per
+    interval, the table's data-file count, the catch-up backlog, and errors by type.
 
     :param table: table name from tables.yaml (templated).
     :param interval_start: interval start, ISO-8601 UTC (templated); default data_interval_start.
     :param interval_end: interval end, ISO-8601 UTC (templated); default data_interval_end.
+    :param max_intervals_per_job: the most intervals one job takes; default the table's
+        ``max_intervals_per_job`` in tables.yaml.
     :param clickhouse_conn_id: the ClickHouse connection id.
     :param iceberg_conn_id: the Iceberg JDBC catalog connection id (postgres-style).
+    :param postgres_conn_id: the watermark database's connection (ledger and offload lock).
+    :param lock_poll_interval: seconds between attempts to take a held offload lock.
     :param application: the PySpark job (templated); default spark_jobs/offload_to_iceberg.py.
     :param jars: comma-separated jars (templated); default every jar in ``jars_dir``.
     :param jars_dir: folder whose jars are used when ``jars`` is not given.
@@ -135,8 +270,11 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         table: str,
         interval_start: str = "{{ data_interval_start | ts }}",
         interval_end: str = "{{ data_interval_end | ts }}",
+        max_intervals_per_job: int | None = None,
         clickhouse_conn_id: str = "clickhouse_default",
         iceberg_conn_id: str = ICEBERG_CONN_ID,
+        postgres_conn_id: str = WATERMARKS_CONN_ID,
+        lock_poll_interval: float = 5.0,
         application: str | os.PathLike[str] = DEFAULT_APPLICATION,
         jars: str | None = None,
         jars_dir: str | os.PathLike[str] = DEFAULT_JARS_DIR,
@@ -145,11 +283,14 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
     ) -> None:
         if "application_args" in kwargs:
             raise TypeError("OffloadToIcebergOperator builds its application_args itself")
+        if max_intervals_per_job is not None and max_intervals_per_job < 1:
+            raise ValueError(f"max_intervals_per_job must be >= 1, got {max_intervals_per_job}")
         super().__init__(
             application=str(application),
             jars=jars,
             name=name or f"k2-offload-{table}",
-            # Rendered with the other template fields: the same templates as interval_start/end.
+            # The own interval's arguments, rendered with the other template fields; execute()
+            # replaces them with the planned range (see _job_arguments).
             application_args=[
                 "--table",
                 table,
@@ -165,9 +306,16 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         self.table = table
         self.interval_start = interval_start
         self.interval_end = interval_end
+        self.max_intervals_per_job = max_intervals_per_job
         self.clickhouse_conn_id = clickhouse_conn_id
         self.iceberg_conn_id = iceberg_conn_id
+        self.postgres_conn_id = postgres_conn_id
+        self.lock_poll_interval = lock_poll_interval
         self.jars_dir = str(jars_dir)
+        self._result_lines: list[str] = []
+        self._stage = "prepare"
+
+    # Settings
 
     def _default_jars(self) -> str | None:
         folder = Path(self.jars_dir)
@@ -193,77 +341,353 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
                 mask_secret(env[name], name)
         return env, iceberg
 
+    def _postgres_dsn(self) -> str:
+        from airflow.sdk import BaseHook
+
+        from k2_provider.operators.watermark_commit import postgres_dsn_from_connection
+
+        return postgres_dsn_from_connection(BaseHook.get_connection(self.postgres_conn_id))
+
+    def _get_hook(self) -> SparkSubmitHook:
+        """The spark-submit hook, keeping every result line of the job's output.
+
+        The hook itself keeps only a short tail of the output, which a long batch's result
+        lines may overflow.
+        """
+        hook = super()._get_hook()
+        process_log = hook._process_spark_submit_log
+        lines = self._result_lines
+
+        def keep_results(itr: Iterator[Any]) -> None:
+            def tee() -> Iterator[Any]:
+                for line in itr:
+                    if RESULT_MARKER in str(line):
+                        lines.append(str(line).strip())
+                    yield line
+
+            process_log(tee())
+
+        hook._process_spark_submit_log = keep_results  # type: ignore[method-assign]
+        return hook
+
+    # Execute
+
     def execute(self, context: Context) -> dict[str, Any]:
-        from k2.iceberg import spark_conf
+        from k2 import metrics
+
+        try:
+            return self._execute(context)
+        except Exception as exc:
+            metrics.emit_safely(
+                metrics.record_error, self.table, self._error_type(exc), log=self.log
+            )
+            raise
+
+    def _error_type(self, exc: BaseException) -> str:
+        from k2.metrics import classify_error
+
+        kind = classify_error(exc)
+        if kind == "other" and isinstance(exc, OffloadResultError):
+            return "iceberg"
+        if kind == "other" and self._stage == "spark":
+            return "spark"
+        return kind
+
+    def _execute(self, context: Context) -> dict[str, Any]:
+        from k2.catchup import may_batch, plan_offload
+        from k2.config import cached_tables
+        from k2.watermarks import WatermarkStore
+
+        spec = cached_tables().get(self.table)
+        own = (_parse_time(self.interval_start), _parse_time(self.interval_end))
+        run_id = str(context["run_id"])
+        dag_run = context.get("dag_run")
+        ti = context.get("ti")
+        run_type = getattr(dag_run, "run_type", None)
+        try_number = int(getattr(ti, "try_number", None) or 1)
+        cap = self.max_intervals_per_job or spec.max_intervals_per_job
 
         env, iceberg = self._runtime_env()
+        dsn = self._postgres_dsn()
+        store = WatermarkStore(dsn)
+        store.migrate()
+        self._stage = "lock"
+        with offload_lock(
+            dsn, spec.name, holder=run_id, log=self.log, poll_interval=self.lock_poll_interval
+        ):
+            self._stage = "plan"
+            batching = may_batch(run_type, try_number)
+            facts = self._facts(spec, own, cap, store, iceberg, batching)
+            plan = plan_offload(
+                own,
+                offloaded=facts.offloaded,
+                hot_watermark=facts.hot_watermark,
+                now=facts.now,
+                max_intervals=cap,
+                run_type=run_type,
+                try_number=try_number,
+            )
+            if plan.skip:
+                result = self._already_offloaded(own, facts)
+            else:
+                self.log.info(
+                    "%s run %s (try %s): offloading [%s, %s) - %s",
+                    spec.name,
+                    run_id,
+                    try_number,
+                    plan.range[0].isoformat(),
+                    plan.range[1].isoformat(),
+                    plan.reason,
+                )
+                result = self._offload(context, env, iceberg, spec, plan, run_id)
+            self._stage = "metrics"
+            self._emit_backlog(spec, own, store, facts, plan)
+        return result
+
+    def _facts(
+        self,
+        spec: TableSpec,
+        own: Interval,
+        cap: int,
+        store: WatermarkStore,
+        iceberg: IcebergSettings,
+        batching: bool,
+    ) -> _Facts:
+        """Ledger, Iceberg snapshots and ClickHouse completeness of the intervals a batch may take."""
+        from k2.catchup import following
+
+        facts = _Facts(now=datetime.now(timezone.utc))
+        if not batching:
+            return facts
+        window = list(following(own, cap))
+        facts.ledger = {
+            (e.interval_start, e.interval_end): e
+            for e in store.ledger_range(spec.name, window[0][0], window[-1][1])
+        }
+        try:
+            from k2.iceberg import find_offload_snapshots, load_catalog
+
+            facts.snapshots = find_offload_snapshots(load_catalog(iceberg), spec, window)
+        except Exception as exc:  # the ledger alone still gives a correct, if larger, plan
+            self.log.warning("cannot read the Iceberg snapshots of %s: %s", spec.name, exc)
+        self._read_hot_watermark(spec, facts)
+        return facts
+
+    def _read_hot_watermark(self, spec: TableSpec, facts: _Facts) -> None:
+        from k2_provider.hooks.clickhouse import ClickHouseHook
+
+        completeness = spec.completeness
+        assert completeness is not None
+        hook = ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id)
+        try:
+            facts.hot_watermark = hook.watermark(
+                completeness.table, completeness.column, spec.allowed_lateness
+            )
+            facts.hot_known = True
+        except Exception as exc:  # without it the batch is just the own interval
+            self.log.warning("cannot read the ClickHouse watermark of %s: %s", completeness.table, exc)
+        finally:
+            hook.close()
+
+    def _already_offloaded(self, own: Interval, facts: _Facts) -> dict[str, Any]:
+        entry = facts.ledger.get(own)
+        if entry is not None:
+            result = {
+                "table": self.table,
+                "interval_start": own[0].isoformat(),
+                "interval_end": own[1].isoformat(),
+                "run_id": entry.run_id,
+                "rows": entry.rows,
+                "checksum": entry.checksum,
+                "snapshot_id": entry.snapshot_id,
+            }
+            where = "the ledger"
+        else:
+            result = normalize_result(facts.snapshots[own].to_dict())
+            where = "its Iceberg snapshot; not ledgered yet"
+        self.log.info(
+            "%s [%s, %s) already offloaded by run %s in snapshot %s (%s rows, from %s): no Spark job",
+            self.table,
+            result["interval_start"],
+            result["interval_end"],
+            result["run_id"],
+            result["snapshot_id"],
+            result["rows"],
+            where,
+        )
+        return {**result, "intervals": [dict(result)], "skipped": True}
+
+    def _job_arguments(self, plan: CatchupPlan, run_id: str) -> list[str]:
+        start, end = plan.range
+        step = plan.intervals[0][1] - plan.intervals[0][0]
+        if step % timedelta(seconds=1):
+            raise ValueError(f"interval length {step} is not a whole number of seconds")
+        return [
+            "--table",
+            self.table,
+            "--interval-start",
+            start.isoformat(),
+            "--interval-end",
+            end.isoformat(),
+            "--interval-step",
+            f"{int(step.total_seconds())}s",
+            "--run-id",
+            run_id,
+        ]
+
+    def _offload(
+        self,
+        context: Context,
+        env: dict[str, str],
+        iceberg: IcebergSettings,
+        spec: TableSpec,
+        plan: CatchupPlan,
+        run_id: str,
+    ) -> dict[str, Any]:
+        from k2 import metrics
+        from k2.iceberg import spark_conf
+
         # Set only now: rendered template fields were recorded before execute() (and are
         # not re-recorded), so the values never reach the UI; the hook hands them to
         # spark-submit through its environment (client mode) and does not log them.
         self.env_vars = {**(self.env_vars or {}), **env}
         self.conf = {**spark_conf(iceberg), **(self.conf or {})}
+        self.application_args = self._job_arguments(plan, run_id)
         if not self.jars:
             self.jars = self._default_jars()
+        self._hook = None  # built by super().execute() from the arguments above
+        self._result_lines.clear()
+        self._stage = "spark"
+        started = time.monotonic()
         super().execute(context)
-        result = self._offload_result(iceberg, context)
-        self.log.info(
-            "offloaded %s [%s, %s): %s rows, checksum %s, snapshot %s",
-            result["table"],
-            result["interval_start"],
-            result["interval_end"],
-            result["rows"],
-            result["checksum"],
-            result["snapshot_id"],
-        )
-        return result
+        wall = time.monotonic() - started
+        self._stage = "result"
+        results, extras, data_files = self._offload_results(iceberg, spec, plan.intervals, run_id)
 
-    def _offload_result(self, iceberg: IcebergSettings, context: Context) -> dict[str, Any]:
-        start, end = _parse_time(self.interval_start), _parse_time(self.interval_end)
+        self._stage = "metrics"
+        for result, extra in zip(results, extras):
+            metrics.emit_safely(
+                metrics.record_offload,
+                self.table,
+                result["rows"],
+                extra.get("added_files_size") or 0,
+                # The job's wall time (JVM start included) spread over its intervals, so that
+                # the sum is the Spark time spent and rows / duration the throughput.
+                wall / len(results),
+                log=self.log,
+            )
+        if data_files is not None:
+            metrics.emit_safely(metrics.set_iceberg_data_files, self.table, data_files, log=self.log)
+        self.log.info(
+            "offloaded %s in %d interval(s) [%s, %s) with one Spark job in %.1f s: %s",
+            self.table,
+            len(results),
+            results[0]["interval_start"],
+            results[-1]["interval_end"],
+            wall,
+            "; ".join(
+                f"[{r['interval_start']}, {r['interval_end']}) {r['rows']} rows, checksum "
+                f"{r['checksum']}, snapshot {r['snapshot_id']}"
+                for r in results
+            ),
+        )
+        return {**results[0], "intervals": results, "skipped": False}
+
+    def _offload_results(
+        self, iceberg: IcebergSettings, spec: TableSpec, intervals: Sequence[Interval], run_id: str
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int | None]:
+        """Each interval's committed offload (normalized), its raw record, and the table's
+        data-file count: from the Iceberg snapshots, else from the job's result lines."""
+        from k2.iceberg import load_catalog, offload_snapshots_of, summary_int
+
+        snapshots: dict[tuple[datetime, datetime], OffloadSnapshot] = {}
+        data_files = None
         try:
-            result = self._result_from_snapshot(iceberg, start, end)
+            table = load_catalog(iceberg).load_table(spec.iceberg_table)
+            snapshots = offload_snapshots_of(table, spec, intervals)
+            current = table.current_snapshot()
+            if current is not None and current.summary is not None:
+                data_files = summary_int(current.summary.additional_properties, "total-data-files")
         except Exception as exc:  # the job's own output below is the same evidence (client mode)
             self.log.warning("cannot read the Iceberg snapshots of %s: %s", self.table, exc)
-            result = None
-        if result is None:
-            lines = list(getattr(self._hook, "_last_submit_log_lines", None) or [])
-            result = parse_result_line(lines)
-        if result is None:
-            raise OffloadResultError(
-                f"the offload of {self.table} [{start.isoformat()}, {end.isoformat()}) finished but "
-                "left no Iceberg snapshot for the interval and no K2_OFFLOAD_RESULT line"
-            )
-        if (
-            result["table"],
-            _parse_time(result["interval_start"]),
-            _parse_time(result["interval_end"]),
-        ) != (
-            self.table,
-            start,
-            end,
-        ):
-            raise OffloadResultError(f"offload result is for another interval or table: {result!r}")
-        run_id = context.get("run_id")
-        if run_id and result["run_id"] != run_id:
-            # Another run of the same interval committed after this one (two runs at once, e.g. a
-            # clear during a run): the newest commit is what Iceberg holds, so that is recorded.
-            self.log.warning(
-                "the newest commit of the interval is run %s's, not %s's", result["run_id"], run_id
-            )
-        return result
 
-    def _result_from_snapshot(
-        self, iceberg: IcebergSettings, start: datetime, end: datetime
-    ) -> dict[str, Any] | None:
-        """The newest offload commit of the interval, from the Iceberg table's own snapshot summaries."""
-        from k2.config import cached_tables
-        from k2.iceberg import find_offload_snapshot, load_catalog
-
-        spec = cached_tables().get(self.table)
-        snapshot = find_offload_snapshot(load_catalog(iceberg), spec, start, end)
-        if snapshot is None:
-            self.log.warning(
-                "no Iceberg snapshot of %s carries the interval; trying the job's output",
+        lines = self._result_lines or list(
+            getattr(self._hook, "_last_submit_log_lines", None) or []
+        )
+        printed = {
+            (_parse_time(raw["interval_start"]), _parse_time(raw["interval_end"])): raw
+            for raw in parse_result_lines(lines)
+            if raw.get("interval_start") and raw.get("interval_end")
+        }
+        results, extras, missing = [], [], []
+        for start, end in intervals:
+            snapshot = snapshots.get((start, end))
+            raw = snapshot.to_dict() if snapshot is not None else printed.get((start, end))
+            if raw is None:
+                missing.append(f"[{start.isoformat()}, {end.isoformat()})")
+                continue
+            result = normalize_result(raw)
+            if (result["table"], _parse_time(result["interval_start"]), _parse_time(result["interval_end"])) != (
                 self.table,
+                start,
+                end,
+            ):
+                raise OffloadResultError(f"offload result is for another interval or table: {result!r}")
+            if result["run_id"] != run_id:
+                # Another run of the same interval committed after this one (a writer outside
+                # this Airflow): the newest commit is what Iceberg holds, so that is recorded.
+                self.log.warning(
+                    "the newest commit of [%s, %s) is run %s's, not %s's",
+                    start.isoformat(),
+                    end.isoformat(),
+                    result["run_id"],
+                    run_id,
+                )
+            results.append(result)
+            extras.append(raw)
+        if missing:
+            raise OffloadResultError(
+                f"the offload of {self.table} finished but left no Iceberg snapshot and no "
+                f"K2_OFFLOAD_RESULT line for {', '.join(missing)}"
             )
-            return None
-        return normalize_result(snapshot.to_dict())
+        if data_files is None and extras:
+            data_files = extras[-1].get("total_data_files")
+        return results, extras, data_files
+
+    def _emit_backlog(
+        self,
+        spec: TableSpec,
+        own: Interval,
+        store: WatermarkStore,
+        facts: _Facts,
+        plan: CatchupPlan,
+    ) -> None:
+        """k2_catchup_backlog_intervals: complete intervals not offloaded once this job is done."""
+        from k2 import metrics
+        from k2.catchup import backlog
+
+        try:
+            if not facts.hot_known:
+                self._read_hot_watermark(spec, facts)
+            if not facts.hot_known:
+                return
+            current = store.get(spec.name)
+            watermark = current.watermark_ts if current is not None else own[0]
+            limit = min(facts.hot_watermark or watermark, facts.now)
+            offloaded = facts.offloaded | set(plan.intervals)
+            offloaded |= {
+                (e.interval_start, e.interval_end)
+                for e in store.ledger_range(spec.name, watermark, max(limit, watermark))
+            }
+            due = backlog(
+                watermark,
+                own[1] - own[0],
+                hot_watermark=facts.hot_watermark,
+                now=facts.now,
+                offloaded=offloaded,
+            )
+        except Exception as exc:
+            self.log.warning("catch-up backlog of %s not measured: %s", spec.name, exc)
+            return
+        self.log.info("%s: %d complete interval(s) wait to be offloaded", spec.name, due)
+        metrics.emit_safely(metrics.set_catchup_backlog, spec.name, due, log=self.log)

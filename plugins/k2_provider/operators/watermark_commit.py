@@ -1,8 +1,8 @@
-"""Operator: record an offloaded interval in the ledger and advance the table's watermark."""
+"""Operator: record offloaded intervals in the ledger and advance the table's watermark."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -11,9 +11,10 @@ from airflow.sdk.exceptions import AirflowException
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection, Context
-    from k2.watermarks import WatermarkStore
+    from k2.watermarks import CommitResult, WatermarkStore
 
 WATERMARKS_CONN_ID = "k2_watermarks"
+INTERVAL_KEYS = ("table", "interval_start", "interval_end", "rows", "checksum", "run_id")
 
 
 def postgres_dsn_from_connection(conn: Connection) -> str:
@@ -54,14 +55,22 @@ def _utc(value: Any) -> datetime:
 
 class WatermarkCommitOperator(BaseOperator):
     """
-    Commit the interval the offload task wrote: ledger row + watermark advance, in one transaction.
+    Commit the intervals the offload task wrote: a ledger row each, and the watermark advance.
 
-    Pulls the offload result (table, interval, rows, checksum, snapshot id, run id) from
-    the XCom of ``offload_task_id`` and commits it through :mod:`k2.watermarks` using the
-    PostgreSQL connection ``postgres_conn_id``. The watermark is a compare-and-set on its
-    sequence number; a concurrent commit of the same table makes it re-read and retry
-    (bounded). Re-running the task is safe: a committed interval is an idempotent
-    re-commit. Returns the commit result (to XCom).
+    Pulls the offload result from the XCom of ``offload_task_id``: the run's own interval
+    (table, interval, rows, checksum, snapshot id, run id) and ``intervals``, every interval
+    its Spark job offloaded (catching up, a job takes the complete intervals after the
+    run's own). Each is committed through :mod:`k2.watermarks` in its own transaction, in
+    interval order, using the PostgreSQL connection ``postgres_conn_id``: ledger row +
+    compare-and-set of the watermark on its sequence number (a concurrent commit of the
+    same table makes it re-read and retry, bounded). So the watermark jumps over a batch.
+    Re-running the task is safe: a committed interval is an idempotent re-commit; a run
+    whose offload found its interval already offloaded re-commits just that one.
+
+    Metrics (:mod:`k2.metrics`, never failing the task): the new watermark, the time of
+    this success and the run's wall time so far (its cycle).
+
+    Returns (to XCom) the last commit's result plus ``intervals_committed``.
 
     :param table: table name from tables.yaml (templated).
     :param initial_watermark: the table's watermark when it is seen for the first time
@@ -101,64 +110,97 @@ class WatermarkCommitOperator(BaseOperator):
         conn = BaseHook.get_connection(self.postgres_conn_id)
         return WatermarkStore(postgres_dsn_from_connection(conn))
 
-    def _offload_result(self, context: Context) -> dict[str, Any]:
+    def _check_interval(self, item: Any) -> dict[str, Any]:
+        if not isinstance(item, Mapping):
+            raise AirflowException(f"offload result entry is not a mapping: {item!r}")
+        missing = set(INTERVAL_KEYS) - item.keys()
+        if missing:
+            raise AirflowException(f"offload result lacks {sorted(missing)}: {item!r}")
+        if item["table"] != self.table:
+            raise AirflowException(
+                f"offload result is for table {item['table']!r}, not {self.table!r}"
+            )
+        if _utc(item["interval_end"]) <= _utc(item["interval_start"]):
+            raise AirflowException(f"offload result has an empty interval: {item!r}")
+        return dict(item)
+
+    def _offload_result(self, context: Context) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The run's own interval and every interval to commit (own included), by start."""
         result = context["ti"].xcom_pull(task_ids=self.offload_task_id)
         if not isinstance(result, dict):
             raise AirflowException(
                 f"no offload result in the XCom of {self.offload_task_id!r}: {result!r}"
             )
-        missing = {
-            "table",
-            "interval_start",
-            "interval_end",
-            "rows",
-            "checksum",
-            "run_id",
-        } - result.keys()
-        if missing:
-            raise AirflowException(f"offload result lacks {sorted(missing)}: {result!r}")
-        if result["table"] != self.table:
-            raise AirflowException(
-                f"offload result is for table {result['table']!r}, not {self.table!r}"
-            )
+        own = self._check_interval(result)
         start, end = context.get("data_interval_start"), context.get("data_interval_end")
         if start is not None and end is not None:
-            if (_utc(result["interval_start"]), _utc(result["interval_end"])) != (
-                _utc(start),
-                _utc(end),
-            ):
+            if (_utc(own["interval_start"]), _utc(own["interval_end"])) != (_utc(start), _utc(end)):
                 raise AirflowException(
-                    f"offload result covers [{result['interval_start']}, {result['interval_end']}), "
+                    f"offload result covers [{own['interval_start']}, {own['interval_end']}), "
                     f"not this run's [{_utc(start).isoformat()}, {_utc(end).isoformat()})"
                 )
-        return result
+        listed = result.get("intervals")
+        if listed is None:  # a result from before batches: the own interval alone
+            listed = [own]
+        if not isinstance(listed, list):
+            raise AirflowException(f"offload result 'intervals' is not a list: {listed!r}")
+        intervals = [self._check_interval(item) for item in listed]
+        own_key = (_utc(own["interval_start"]), _utc(own["interval_end"]))
+        keys = [(_utc(i["interval_start"]), _utc(i["interval_end"])) for i in intervals]
+        if own_key not in keys:
+            intervals.append(own)
+        if len(set(keys)) != len(keys):
+            raise AirflowException(f"offload result lists an interval twice: {listed!r}")
+        intervals.sort(key=lambda i: _utc(i["interval_start"]))
+        return own, intervals
 
     def execute(self, context: Context) -> dict[str, Any]:
-        result = self._offload_result(context)
+        _, intervals = self._offload_result(context)
         store = self._store()
         store.migrate()
         store.initialize(self.table, self.initial_watermark)
-        commit = store.commit_with_retry(
-            self.table,
-            _utc(result["interval_start"]),
-            _utc(result["interval_end"]),
-            int(result["rows"]),
-            int(result["checksum"]),
-            None if result.get("snapshot_id") is None else int(result["snapshot_id"]),
-            str(result["run_id"]),
-            attempts=self.attempts,
-        )
-        if commit.advanced:
-            note = ""
-        elif commit.recommit:
-            note = " (unchanged: re-commit of an offloaded interval)"
-        else:
-            note = " (unchanged: an earlier interval is still open)"
-        self.log.info(
-            "%s: watermark %s, sequence %s%s",
-            self.table,
-            commit.watermark_ts.isoformat(),
-            commit.sequence_number,
-            note,
-        )
-        return commit.as_dict()
+        commits: list[CommitResult] = []
+        for item in intervals:
+            commit = store.commit_with_retry(
+                self.table,
+                _utc(item["interval_start"]),
+                _utc(item["interval_end"]),
+                int(item["rows"]),
+                int(item["checksum"]),
+                None if item.get("snapshot_id") is None else int(item["snapshot_id"]),
+                str(item["run_id"]),
+                attempts=self.attempts,
+            )
+            commits.append(commit)
+            if commit.advanced:
+                note = ""
+            elif commit.recommit:
+                note = " (unchanged: re-commit of an offloaded interval)"
+            else:
+                note = " (unchanged: an earlier interval is still open)"
+            self.log.info(
+                "%s [%s, %s) committed: watermark %s, sequence %s%s",
+                self.table,
+                commit.interval_start.isoformat(),
+                commit.interval_end.isoformat(),
+                commit.watermark_ts.isoformat(),
+                commit.sequence_number,
+                note,
+            )
+        # Commits ran in interval order, each reading the watermark under its row lock.
+        last = commits[-1]
+        self._emit_metrics(context, last)
+        return {**last.as_dict(), "intervals_committed": len(commits)}
+
+    def _emit_metrics(self, context: Context, last: CommitResult) -> None:
+        from k2 import metrics
+
+        metrics.emit_safely(metrics.set_watermark, self.table, last.watermark_ts, log=self.log)
+        metrics.emit_safely(metrics.set_last_success, self.table, log=self.log)
+        dag_run = context.get("dag_run")
+        started = getattr(dag_run, "start_date", None)
+        if isinstance(started, datetime):
+            if started.tzinfo is None:
+                started = started.replace(tzinfo=timezone.utc)
+            cycle = max(0.0, (datetime.now(timezone.utc) - started).total_seconds())
+            metrics.emit_safely(metrics.record_cycle, self.table, cycle, log=self.log)

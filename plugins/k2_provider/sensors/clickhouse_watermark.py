@@ -34,7 +34,9 @@ class ClickHouseWatermarkSensor(BaseSensorOperator):
     holding no worker slot. Otherwise it pokes in ``reschedule`` mode. Either way,
     after ``timeout`` it fails (no retry) with a message naming the table, the last
     watermark and the target, because a watermark that does not move means the feed
-    has stopped. Returns the watermark that passed (ISO string, to XCom).
+    has stopped. Returns the watermark that passed (ISO string, to XCom). Every check
+    sends the table's newest event time as ``k2_hot_max_event_timestamp_seconds``
+    (:mod:`k2.metrics`; a failed send is logged, never fails the task).
 
     :param table: table whose max event time is the watermark (templated; a plain identifier).
     :param column: its event-time column (templated; a plain identifier).
@@ -87,6 +89,18 @@ class ClickHouseWatermarkSensor(BaseSensorOperator):
             "Check the feed handlers and ClickHouse inserts; see the runbook in the DAG docs."
         )
 
+    def _emit_hot_max_event_time(self, watermark: datetime | str | None) -> None:
+        """k2_hot_max_event_timestamp_seconds of the watched table (watermark + lateness)."""
+        if watermark is None:
+            return
+        from k2 import metrics
+
+        if isinstance(watermark, str):
+            watermark = _parse_target(watermark)
+        metrics.emit_safely(
+            metrics.set_hot_max_event_time, self.table, watermark + self.lateness, log=self.log
+        )
+
     def poke(self, context: Context) -> bool | PokeReturnValue:
         target = _parse_target(self.target)
         hook = self._hook()
@@ -95,6 +109,7 @@ class ClickHouseWatermarkSensor(BaseSensorOperator):
         finally:
             hook.close()
         self._last_watermark = watermark
+        self._emit_hot_max_event_time(watermark)
         self.log.info(
             "%s watermark %s, target %s",
             self.table,
@@ -143,6 +158,10 @@ class ClickHouseWatermarkSensor(BaseSensorOperator):
         if not event:
             raise AirflowException(f"watermark trigger for {self.table!r} ended without an event")
         status = event.get("status")
+        try:
+            self._emit_hot_max_event_time(event.get("watermark"))
+        except ValueError as exc:  # a malformed watermark in the event is reported below
+            self.log.warning("watermark in the trigger event is unreadable: %s", exc)
         if status == "complete":
             self.log.info(
                 "%s watermark %s passed %s", self.table, event.get("watermark"), event.get("target")

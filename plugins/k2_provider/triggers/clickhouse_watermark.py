@@ -30,7 +30,9 @@ class ClickHouseWatermarkTrigger(BaseTrigger):
 
     clickhouse-connect is synchronous, so every query runs in a worker thread
     (``asyncio.to_thread``): the triggerer's event loop, shared by all triggers, never
-    waits on ClickHouse. Only the connection id is serialized, never credentials.
+    waits on ClickHouse. Only the connection id is serialized, never credentials. Every
+    successful query sends the table's newest event time as
+    ``k2_hot_max_event_timestamp_seconds`` (:mod:`k2.metrics`) from the triggerer.
 
     Events (one, then the trigger ends):
 
@@ -97,6 +99,16 @@ class ClickHouseWatermarkTrigger(BaseTrigger):
             }
         )
 
+    def _emit_hot_max_event_time(self, watermark: datetime | None, lateness: timedelta) -> None:
+        """k2_hot_max_event_timestamp_seconds from the triggerer (a UDP send: does not block)."""
+        if watermark is None:
+            return
+        from k2 import metrics
+
+        metrics.emit_safely(
+            metrics.set_hot_max_event_time, self.table, watermark + lateness, log=self.log
+        )
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id)
         lateness = timedelta(seconds=self.lateness_seconds)
@@ -122,6 +134,7 @@ class ClickHouseWatermarkTrigger(BaseTrigger):
                         return
                 else:
                     errors = 0
+                    self._emit_hot_max_event_time(watermark, lateness)
                     if watermark is not None and watermark >= self.target:
                         self.log.info(
                             "%s watermark %s reached %s",
