@@ -20,6 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DEFAULT_TABLES_FILE = Path(__file__).resolve().parents[1] / "config" / "tables.yaml"
 # Overrides the config's start_date (e.g. the local stack starts at its feed history).
 START_DATE_ENV = "K2_START_DATE"
+DEADLINE_ENV = "K2_DEADLINE"
+# Environment overrides of a key for every table (a local stack starting at its feed
+# history; a staging or test deployment with a tighter deadline).
+OVERRIDE_ENV = {"start_date": START_DATE_ENV, "deadline": DEADLINE_ENV}
 # Who gets deadline-miss and alert emails (Airflow's notifier and Alertmanager alike).
 ALERT_TO_ENV = "K2_ALERT_EMAIL_TO"
 DEFAULT_ALERT_TO = "k2-oncall@localhost"
@@ -198,8 +202,8 @@ def load_tables(path: Path | str | None = None) -> TablesConfig:
     defaults = dict(document.get("defaults") or {})
     raw_tables = document["tables"]
     merged = [{**defaults, **entry} if isinstance(entry, dict) else entry for entry in raw_tables]
-    if os.environ.get(START_DATE_ENV):
-        override = {"start_date": os.environ[START_DATE_ENV]}
+    override = {key: os.environ[env] for key, env in OVERRIDE_ENV.items() if os.environ.get(env)}
+    if override:
         merged = [{**e, **override} if isinstance(e, dict) else e for e in merged]
     try:
         config = TablesConfig(tables=merged)

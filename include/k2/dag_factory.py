@@ -123,17 +123,19 @@ bounded by the pool `{SPARK_POOL}`. Catching up, one Spark job offloads up to
 
 
 def _deadline_alert(spec: TableSpec) -> DeadlineAlert:
-    from airflow.providers.smtp.notifications.smtp import SmtpNotifier
     from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference
 
-    # The triggerer awaits SmtpNotifier(**kwargs, context=...) with a small context:
+    from k2_provider.notifications.deadline import DeadlineMissNotifier
+
+    # The triggerer awaits DeadlineMissNotifier(**kwargs, context=...) with a small context:
     # dag_run (the run's API fields) and deadline (id, deadline_time). Only those are templated.
     return DeadlineAlert(
         reference=DeadlineReference.DAGRUN_QUEUED_AT,
         interval=spec.deadline,
         callback=AsyncCallback(
-            SmtpNotifier,
+            DeadlineMissNotifier,
             kwargs={
+                "table": spec.name,
                 "to": os.environ.get(ALERT_TO_ENV) or DEFAULT_ALERT_TO,
                 "from_email": os.environ.get(ALERT_FROM_ENV) or "k2-airflow@localhost",
                 "smtp_conn_id": SMTP_CONN_ID,

@@ -146,8 +146,9 @@ class TestOffloadDag:
         assert alert.reference == DeadlineReference.DAGRUN_QUEUED_AT
         assert alert.interval == spec.deadline
         assert isinstance(alert.callback, AsyncCallback)
-        assert alert.callback.path == "airflow.providers.smtp.notifications.smtp.SmtpNotifier"
+        assert alert.callback.path == "k2_provider.notifications.deadline.DeadlineMissNotifier"
         assert alert.callback.kwargs["to"]
+        assert alert.callback.kwargs["table"] == spec.name
 
     def test_dag_serializes_for_the_scheduler(self, dagbag: Any, spec: Any) -> None:
         from airflow.serialization.serialized_objects import DagSerialization
