@@ -77,6 +77,7 @@ def ch_client(stack: LocalStack, request: pytest.FixtureRequest):
 
 
 INTERVAL = timedelta(minutes=15)
+DEADLINE = "3m"
 
 
 def floor_interval(moment: datetime) -> datetime:
@@ -133,6 +134,23 @@ class AirflowHandle:
             ).fetchone()
         return row[0] if row else None
 
+    def run_state_by_id(self, dag_id: str, run_id: str, timeout: float = 600) -> str:
+        """Wait until that run has finished; returns its final state."""
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        state = None
+        while time.monotonic() < deadline:
+            with psycopg.connect(self.stack.postgres_dsn("airflow")) as conn:
+                row = conn.execute(
+                    "SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s", (dag_id, run_id)
+                ).fetchone()
+            state = row[0] if row else None
+            if state in ("success", "failed"):
+                return state
+            time.sleep(3)
+        raise AssertionError(f"{dag_id} run {run_id} still {state!r} after {timeout} s")
+
     def wait_for_run(self, dag_id: str, interval_start: datetime, timeout: float = 600) -> str:
         """Wait until the run of that interval has finished; returns its final state."""
         deadline = time.monotonic() + timeout
@@ -155,6 +173,8 @@ def airflow_running(stack: LocalStack, hot_data, start_date: datetime):
 
     os.environ["K2_START_DATE"] = start_date.isoformat()
     os.environ["K2_DAGS_PAUSED"] = "True"
+    # Short enough for a test to see a run miss it, long enough for a fast run to make it.
+    os.environ["K2_DEADLINE"] = DEADLINE
     airflow.start(stack, log=lambda _msg: None)
     handle = AirflowHandle(stack, {**os.environ, **airflow.environment(stack)})
     try:

@@ -22,7 +22,7 @@ K2 = str(Path(sys.executable).with_name("k2"))
 def test_demo_catches_up_and_verifies_clean():
     home = stack_home()
     env = {**os.environ, "K2_HOME": str(home), **free_port_env()}
-    for key in ("K2_START_DATE", "K2_DAGS_PAUSED"):  # set by other test modules' fixtures
+    for key in ("K2_START_DATE", "K2_DAGS_PAUSED", "K2_DEADLINE"):  # set by other test modules' fixtures
         env.pop(key, None)
     try:
         result = subprocess.run(

@@ -173,6 +173,7 @@ def run_cli(stack: LocalStack, *args: str, timeout: float = 300) -> subprocess.C
 def prepare(stack: LocalStack, log=print) -> None:
     """Migrate the metadata DB, write the admin password, create the Spark pool."""
     stack.airflow_home.mkdir(parents=True, exist_ok=True)
+    write_env_file(stack)
     passwords = stack.airflow_home / "passwords.json"
     passwords.touch(mode=0o600)
     passwords.write_text(json.dumps({ADMIN_USER: stack.credentials["airflow_admin_password"]}))

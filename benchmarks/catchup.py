@@ -1,0 +1,112 @@
+"""Catch-up benchmark: one Spark job per interval (the baseline) against one job for a
+range of intervals (what a catching-up run does), in the same script and stack.
+
+    .venv/bin/python benchmarks/catchup.py [--intervals 4] [--rate 200]
+
+Starts a throwaway local stack (own K2_HOME, free ports), feeds trades, then times
+spark-submit of the offload job both ways on fresh intervals of bronze_trades_binance and
+prints wall times, rows/s and the ratio. Nothing is asserted: figures, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+INTERVAL = timedelta(minutes=15)
+TABLE = "bronze_trades_binance"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def submit(env: dict[str, str], start: datetime, end: datetime, run_id: str) -> float:
+    jars = ",".join(str(p) for p in sorted((REPO / "spark_jobs" / "jars").glob("*.jar")))
+    argv = [
+        str(Path(sys.executable).with_name("spark-submit")), "--master", "local[2]", "--jars", jars,
+        str(REPO / "spark_jobs" / "offload_to_iceberg.py"), "--table", TABLE,
+        "--interval-start", start.isoformat(), "--interval-end", end.isoformat(),
+        "--interval-step", "15m", "--run-id", run_id,
+    ]
+    started = time.monotonic()
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        sys.exit(f"spark-submit failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--intervals", type=int, default=4, help="intervals per side (default 4)")
+    parser.add_argument("--rate", type=float, default=200.0, help="average feed trades/s (default 200)")
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="k2-bench-"))
+    os.environ.update({"K2_HOME": str(home)})
+    from k2.local.settings import PORT_ENV_VARS
+
+    os.environ.update({name: str(free_port()) for name in PORT_ENV_VARS})
+    from k2.feed import run_feed
+    from k2.local import airflow, postgres
+    from k2.local import stack as local_stack
+    from k2.local.settings import LocalStack
+    from k2.schema import apply_schema
+
+    stack = LocalStack.from_env()
+    try:
+        postgres.start(stack)
+        local_stack.CLICKHOUSE.start(stack)
+        admin = stack.clickhouse_client()
+        admin.command("CREATE DATABASE IF NOT EXISTS k2")
+        client = stack.clickhouse_client(database="k2")
+        apply_schema(client)
+        n = args.intervals
+        end = datetime.now(timezone.utc).replace(second=0, microsecond=0)
+        end -= timedelta(minutes=end.minute % 15)
+        first = end - 2 * n * INTERVAL
+        print(f"feeding {2 * n} intervals at ~{args.rate:.0f} trades/s …", flush=True)
+        run_feed(client, history=end - first, rate=args.rate, seed=3, end=end, progress=None)
+        rows = client.query(
+            f"SELECT count() FROM {TABLE} WHERE event_time >= %(a)s AND event_time < %(b)s",
+            parameters={"a": first, "b": end},
+        ).result_rows[0][0]
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("K2_ICEBERG")}
+        env.update(airflow.clickhouse_settings(stack).to_env())
+        env.update(airflow.iceberg_settings(stack).to_env())
+        env.update({"SPARK_LOCAL_IP": stack.host, "SPARK_CONF_DIR": str(REPO / "spark_jobs" / "conf"),
+                    "PYSPARK_PYTHON": sys.executable})
+
+        singles = []
+        for i in range(n):
+            start = first + i * INTERVAL
+            singles.append(submit(env, start, start + INTERVAL, f"bench_single_{i}"))
+            print(f"  single-interval job {i + 1}/{n}: {singles[-1]:.1f} s", flush=True)
+        batch_start = first + n * INTERVAL
+        batch = submit(env, batch_start, batch_start + n * INTERVAL, "bench_batch")
+        half = rows / 2
+        print()
+        print(f"rows per side            ~{half:,.0f} ({TABLE}, {n} intervals)")
+        print(f"baseline: {n} jobs        {sum(singles):.1f} s  ({half / sum(singles):,.0f} rows/s)")
+        print(f"batched: 1 job           {batch:.1f} s  ({half / batch:,.0f} rows/s)")
+        print(f"speed-up                 {sum(singles) / batch:.2f}x")
+    finally:
+        local_stack.CLICKHOUSE.stop(stack)
+        postgres.stop(stack)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""SLA-miss emails through Airflow 3 Deadline Alerts, on the real scheduler and triggerer,
+delivered by the SMTP provider to the stack's SMTP sink: a run that is still waiting when
+its deadline passes sends exactly one email naming the DAG, the run and the deadline; a
+run that finishes in time sends none."""
+
+from __future__ import annotations
+
+import mailbox
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from k2.config import load_tables
+from tests.integration.conftest import DEADLINE, INTERVAL, floor_interval
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SPEC = load_tables().get("gold_ohlcv_5m")
+DEADLINE_SECONDS = int(DEADLINE.rstrip("m")) * 60
+
+
+def _emails(stack) -> list:
+    if not stack.maildir.exists():
+        return []
+    return list(mailbox.Maildir(stack.maildir, create=False))
+
+
+def _about(messages, run_id: str) -> list:
+    return [m for m in messages if run_id in (m["Subject"] or "")]
+
+
+def _trigger(airflow_running, logical_date: datetime) -> str:
+    run_id = f"manual__deadline_test_{int(logical_date.timestamp())}"
+    airflow_running.cli(
+        "dags", "trigger", SPEC.dag_id, "--logical-date", logical_date.isoformat(), "--run-id", run_id
+    )
+    return run_id
+
+
+def _unpause(airflow_running) -> None:
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            airflow_running.cli("dags", "unpause", SPEC.dag_id)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(3)
+
+
+def test_slow_run_emails_once_fast_run_does_not(stack, airflow_running, start_date):
+    _unpause(airflow_running)
+    # Let the catch-up of the scheduled runs finish first: the fast run then has the
+    # table's offload slot to itself.
+    for interval_start in (start_date, start_date + INTERVAL):
+        assert airflow_running.wait_for_run(SPEC.dag_id, interval_start) == "success"
+    # Fast: an interval whose data is complete; it re-offloads well within the deadline.
+    fast_run = _trigger(airflow_running, start_date)
+    # Slow: an interval the feed has not reached, so wait_for_hot_data keeps waiting.
+    future = floor_interval(datetime.now(timezone.utc)) + INTERVAL
+    slow_run = _trigger(airflow_running, future)
+    triggered = time.monotonic()
+
+    deadline = triggered + DEADLINE_SECONDS + 150
+    while time.monotonic() < deadline and not _about(_emails(stack), slow_run):
+        time.sleep(5)
+    slow_mails = _about(_emails(stack), slow_run)
+    assert len(slow_mails) == 1, f"expected one SLA-miss email for {slow_run}, got {len(slow_mails)}"
+    mail = slow_mails[0]
+    body = mail.get_payload(decode=False)
+    text = body if isinstance(body, str) else "".join(
+        part.get_payload(decode=True).decode(errors="replace") for part in mail.walk() if not part.is_multipart()
+    )
+    assert SPEC.dag_id in mail["Subject"]
+    assert "deadline" in text.lower() and SPEC.name in text
+
+    fast_state = airflow_running.run_state_by_id(SPEC.dag_id, fast_run)
+    assert fast_state == "success", f"the fast run ended {fast_state}"
+    # Give the fast run's deadline time to pass too, then make sure it sent nothing and the
+    # slow run did not send a second one.
+    time.sleep(max(0.0, triggered + DEADLINE_SECONDS + 30 - time.monotonic()))
+    messages = _emails(stack)
+    assert _about(messages, fast_run) == []
+    assert len(_about(messages, slow_run)) == 1
