@@ -134,6 +134,24 @@ class AirflowHandle:
             ).fetchone()
         return row[0] if row else None
 
+    def _is_paused(self, dag_id: str) -> bool | None:
+        import psycopg
+
+        with psycopg.connect(self.stack.postgres_dsn("airflow")) as conn:
+            row = conn.execute("SELECT is_paused FROM dag WHERE dag_id = %s", (dag_id,)).fetchone()
+        return None if row is None else bool(row[0])
+
+    def unpause(self, dag_id: str, timeout: float = 180) -> None:
+        """Unpause once the dag-processor has registered the DAG (`airflow dags unpause`
+        exits 0 without doing anything for a DAG that is not in the database yet)."""
+        deadline = time.monotonic() + timeout
+        while self._is_paused(dag_id) is not False:
+            assert time.monotonic() < deadline, f"{dag_id} not registered/unpaused after {timeout} s"
+            if self._is_paused(dag_id):
+                self.cli("dags", "unpause", dag_id)
+            else:
+                time.sleep(2)
+
     def run_state_by_id(self, dag_id: str, run_id: str, timeout: float = 600) -> str:
         """Wait until that run has finished; returns its final state."""
         import psycopg

@@ -38,20 +38,8 @@ def _trigger(airflow_running, logical_date: datetime) -> str:
     return run_id
 
 
-def _unpause(airflow_running) -> None:
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            airflow_running.cli("dags", "unpause", SPEC.dag_id)
-            return
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(3)
-
-
 def test_slow_run_emails_once_fast_run_does_not(stack, airflow_running, start_date):
-    _unpause(airflow_running)
+    airflow_running.unpause(SPEC.dag_id)
     # Let the catch-up of the scheduled runs finish first: the fast run then has the
     # table's offload slot to itself.
     for interval_start in (start_date, start_date + INTERVAL):

@@ -49,23 +49,10 @@ def _verify(stack, client, spec, start, end):
     return verify_table(spec, ch_client=client, catalog=catalog, start=start, end=end)
 
 
-def _unpause(airflow_running, dag_id: str) -> None:
-    # The dag-processor registers the DAGs a few seconds after start.
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            airflow_running.cli("dags", "unpause", dag_id)
-            return
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(3)
-
-
 @pytest.mark.parametrize("table", ["bronze_trades_binance", "silver_trades", "gold_ohlcv_5m"])
 def test_scheduled_runs_offload_their_intervals(stack, hot_data, airflow_running, start_date, table):
     spec = TABLES.get(table)
-    _unpause(airflow_running, spec.dag_id)
+    airflow_running.unpause(spec.dag_id)
     intervals = [(start_date, start_date + INTERVAL), (start_date + INTERVAL, start_date + 2 * INTERVAL)]
     store = WatermarkStore(stack.postgres_dsn("k2"))
     for start, end in intervals:
