@@ -30,12 +30,9 @@ def _about(messages, run_id: str) -> list:
     return [m for m in messages if run_id in (m["Subject"] or "")]
 
 
-def _trigger(airflow_running, logical_date: datetime) -> str:
-    run_id = f"manual__deadline_test_{int(logical_date.timestamp())}"
-    airflow_running.cli(
-        "dags", "trigger", SPEC.dag_id, "--logical-date", logical_date.isoformat(), "--run-id", run_id
-    )
-    return run_id
+def _trigger(airflow_running, start: datetime) -> str:
+    run_id = f"manual__deadline_test_{int(start.timestamp())}"
+    return airflow_running.trigger(SPEC.dag_id, run_id, start, start + INTERVAL)
 
 
 def test_slow_run_emails_once_fast_run_does_not(stack, airflow_running, start_date):
