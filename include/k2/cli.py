@@ -285,6 +285,37 @@ def watermark_show(
             )
 
 
+@watermark_app.command("repair")
+def watermark_repair(
+    table: str = typer.Option(..., "--table", help="The table to repair (clickhouse_table of tables.yaml)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would change; change nothing."),
+) -> None:
+    """Rebuild a table's ledger and watermark from its Iceberg snapshot summaries: ledger the
+    intervals Iceberg holds, drop ledger rows it does not, set the watermark to the end of
+    the contiguous run from the table's start_date. Prints every change."""
+    import psycopg
+
+    from k2.iceberg import load_catalog
+    from k2.local.processes import StackError
+    from k2.watermarks import WatermarkError, WatermarkStore, repair_table
+
+    (spec,) = _tables(table)
+    try:
+        _, ice_settings = _targets()
+    except StackError as exc:
+        _fail(str(exc))
+    store = WatermarkStore(_watermark_dsn())
+    try:
+        plan = repair_table(store, load_catalog(ice_settings), spec, dry_run=dry_run)
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot reach the watermark store: {exc}")
+    except WatermarkError as exc:
+        _fail(str(exc))
+    prefix = "would change: " if dry_run and plan.changed else ""
+    for line in plan.describe():
+        typer.echo(prefix + line)
+
+
 @app.command("run")
 def run(
     history: str = typer.Option("3h", help="Feed history written before the DAGs start catching up."),

@@ -49,12 +49,30 @@ DEFAULT_ARGS: dict[str, Any] = {
     "max_retry_delay": timedelta(minutes=15),
     "depends_on_past": False,
 }
+# Tests only: K2_RETRY_DELAY (seconds) shortens the first retry delay of every task, so a
+# fault-injection test need not wait a minute per retry. Read when the DAG file is parsed.
+RETRY_DELAY_ENV = "K2_RETRY_DELAY"
 TASK_SENSOR = "wait_for_hot_data"
 TASK_OFFLOAD = "offload_to_iceberg"
 TASK_COMMIT = "commit_watermark"
 # Deadline-miss email (the smtp provider's notifier, run by the triggerer).
 ALERT_FROM_ENV = "K2_ALERT_EMAIL_FROM"
 SMTP_CONN_ID = "smtp_default"
+
+
+def default_args_from_env() -> dict[str, Any]:
+    """DEFAULT_ARGS with the K2_RETRY_DELAY override applied (a positive number of seconds)."""
+    args = dict(DEFAULT_ARGS)
+    raw = os.environ.get(RETRY_DELAY_ENV, "").strip()
+    if raw:
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = -1.0
+        if seconds <= 0:
+            raise ValueError(f"{RETRY_DELAY_ENV}={raw!r}: expected a positive number of seconds")
+        args["retry_delay"] = timedelta(seconds=seconds)
+    return args
 
 
 def strict_from_env() -> bool:
@@ -172,7 +190,7 @@ def build_dag(spec: TableSpec) -> DAG:
         start_date=spec.start_date,
         catchup=True,
         max_active_runs=MAX_ACTIVE_RUNS,
-        default_args=DEFAULT_ARGS,
+        default_args=default_args_from_env(),
         tags=["k2", "offload", layer_of(spec)],
         doc_md=_doc_md(spec),
         deadline=_deadline_alert(spec),

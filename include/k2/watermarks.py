@@ -421,6 +421,49 @@ class WatermarkStore:
                 sleep(delay)
         raise AssertionError("unreachable")
 
+    def apply_repair(self, plan: RepairPlan) -> None:
+        """Apply a RepairPlan: delete, re-ledger and set the watermark under the table's row lock."""
+        table = plan.table_name
+        with self._connect() as conn, conn.transaction():
+            conn.execute(
+                f"""
+                INSERT INTO {WATERMARKS_TABLE} (table_name, watermark_ts, sequence_number)
+                VALUES (%s, %s, 0) ON CONFLICT (table_name) DO NOTHING
+                """,
+                (table, plan.watermark_after),
+            )
+            self._get(conn, table, for_update=True)
+            for entry in plan.drop:
+                conn.execute(
+                    f"DELETE FROM {LEDGER_TABLE} WHERE table_name = %s AND interval_start = %s",
+                    (table, entry.interval_start),
+                )
+            for o in plan.reledger:
+                conn.execute(
+                    f"""
+                    INSERT INTO {LEDGER_TABLE}
+                        (table_name, interval_start, interval_end, rows, checksum, snapshot_id, run_id)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s)
+                    ON CONFLICT (table_name, interval_start) DO UPDATE SET
+                        interval_end = EXCLUDED.interval_end, rows = EXCLUDED.rows,
+                        checksum = EXCLUDED.checksum, snapshot_id = EXCLUDED.snapshot_id,
+                        run_id = EXCLUDED.run_id, committed_at = now()
+                    """,
+                    (table, o.interval_start, o.interval_end, o.rows, Decimal(o.checksum), o.snapshot_id, o.run_id),
+                )
+            # Bump the sequence so an in-flight compare-and-set commit re-reads the repaired state.
+            conn.execute(
+                f"""
+                UPDATE {WATERMARKS_TABLE}
+                SET watermark_ts = %s, sequence_number = sequence_number + 1, updated_at = now()
+                WHERE table_name = %s
+                """,
+                (plan.watermark_after, table),
+            )
+        for line in plan.describe():
+            log.info("repair: %s", line)
+
+
     # Reading the ledger
 
     def ledger_tail(self, table: str, n: int = 10) -> list[LedgerEntry]:
@@ -455,6 +498,12 @@ class WatermarkStore:
             return None
         return LedgerEntry(
             r[0], _utc(r[1]), _utc(r[2]), int(r[3]), int(r[4]), r[5], r[6], _utc(r[7])
+        )
+
+    def ledger_all(self, table: str) -> list[LedgerEntry]:
+        """Every ledgered interval of a table, oldest first."""
+        return self.ledger_range(
+            table, datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(9999, 1, 1, tzinfo=timezone.utc)
         )
 
     def ledger_range(self, table: str, start: datetime, end: datetime) -> list[LedgerEntry]:
@@ -522,3 +571,176 @@ def format_status(rows: Sequence[TableStatus], *, now: datetime | None = None) -
             f"{r.sequence_number:>6} {r.ledgered_intervals:>9} {r.ledgered_rows:>12} {r.pending_intervals:>7}"
         )
     return "\n".join(lines)
+
+
+# Repair: rebuild the ledger and the watermark from what the Iceberg table itself records.
+
+
+@dataclass(frozen=True)
+class TableOffload:
+    """One interval as the Iceberg table records it (the newest offload snapshot's summary)."""
+
+    interval_start: datetime
+    interval_end: datetime
+    rows: int
+    checksum: int
+    snapshot_id: int
+    run_id: str
+    committed_at: datetime
+
+
+@dataclass(frozen=True)
+class RepairPlan:
+    """What `k2 watermark repair` changes for one table."""
+
+    table_name: str
+    watermark_before: datetime | None
+    watermark_after: datetime
+    # Intervals Iceberg holds whose ledger row is missing or names another snapshot/figures.
+    reledger: tuple[TableOffload, ...]
+    # Ledger rows of intervals Iceberg's retained history does not hold.
+    drop: tuple[LedgerEntry, ...]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.reledger or self.drop) or self.watermark_before != self.watermark_after
+
+    def describe(self) -> list[str]:
+        def span(start: datetime, end: datetime) -> str:
+            return f"[{start.isoformat()}, {end.isoformat()})"
+
+        lines = []
+        before = self.watermark_before.isoformat() if self.watermark_before else "none"
+        if self.watermark_before != self.watermark_after:
+            lines.append(f"{self.table_name}: watermark {before} -> {self.watermark_after.isoformat()}")
+        for o in self.reledger:
+            lines.append(
+                f"{self.table_name}: ledger {span(o.interval_start, o.interval_end)} from snapshot "
+                f"{o.snapshot_id} (rows={o.rows}, run={o.run_id})"
+            )
+        for e in self.drop:
+            lines.append(
+                f"{self.table_name}: drop ledger row {span(e.interval_start, e.interval_end)} "
+                f"(not in the Iceberg table; was snapshot {e.snapshot_id}, run={e.run_id})"
+            )
+        if not lines:
+            lines.append(f"{self.table_name}: consistent, watermark {before}; nothing to change")
+        return lines
+
+
+def plan_repair(
+    table: str,
+    start_date: datetime,
+    watermark: Watermark | None,
+    ledger: Sequence[LedgerEntry],
+    offloads: Sequence[TableOffload],
+    *,
+    history_since: datetime | None,
+) -> RepairPlan:
+    """Make the ledger say what the Iceberg table says, and the watermark follow the ledger.
+
+    ``offloads`` are the intervals of the offload snapshots still in the table's history
+    (newest per interval). ``history_since`` is the commit time of the oldest snapshot
+    still in that history: a ledger row committed before it cannot be contradicted (its
+    snapshot may simply have been expired), so it is kept; a newer one that Iceberg does
+    not hold is dropped. The watermark becomes the end of the contiguous run of ledgered
+    intervals from ``start_date`` (never before ``start_date``).
+    """
+    start_date = _utc(start_date, "start_date")
+    by_start = {e.interval_start: e for e in ledger}
+    reledger = []
+    for o in sorted(offloads, key=lambda o: o.interval_start):
+        entry = by_start.get(o.interval_start)
+        if entry is None or (entry.interval_end, entry.rows, entry.checksum, entry.snapshot_id) != (
+            o.interval_end, o.rows, o.checksum, o.snapshot_id
+        ):
+            reledger.append(o)
+    held = {o.interval_start for o in offloads}
+    drop = [
+        e
+        for e in sorted(ledger, key=lambda e: e.interval_start)
+        if e.interval_start not in held and (history_since is None or e.committed_at >= history_since)
+    ]
+    dropped = {e.interval_start for e in drop}
+    kept: dict[datetime, datetime] = {
+        e.interval_start: e.interval_end for e in ledger if e.interval_start not in dropped
+    }
+    kept.update({o.interval_start: o.interval_end for o in offloads})
+    after = _contiguous_end(start_date, sorted(kept.items()))
+    return RepairPlan(
+        table_name=table,
+        watermark_before=watermark.watermark_ts if watermark else None,
+        watermark_after=after,
+        reledger=tuple(reledger),
+        drop=tuple(drop),
+    )
+
+
+def table_offloads(catalog: Any, spec: Any) -> tuple[list[TableOffload], datetime | None]:
+    """The offload snapshots still in the main branch's history of ``spec``'s Iceberg table
+    (newest per interval) and the commit time of the oldest snapshot in that history.
+    ([], None) when the table does not exist or has no snapshot."""
+    from pyiceberg.exceptions import NoSuchTableError
+    from pyiceberg.table.snapshots import ancestors_of
+
+    from k2 import iceberg as ib
+
+    try:
+        iceberg_table = catalog.load_table(spec.iceberg_table)
+    except NoSuchTableError:
+        return [], None
+    current = iceberg_table.current_snapshot()
+    if current is None:
+        return [], None
+    found: dict[datetime, TableOffload] = {}
+    oldest_ms = current.timestamp_ms
+    for snapshot in ancestors_of(current, iceberg_table.metadata):
+        oldest_ms = min(oldest_ms, snapshot.timestamp_ms)
+        summary = snapshot.summary.additional_properties if snapshot.summary else {}
+        offload = ib.offload_snapshot_from_summary(spec, snapshot.snapshot_id, snapshot.timestamp_ms, summary)
+        if offload is None or offload.interval_start in found:  # newest first wins
+            continue
+        found[offload.interval_start] = TableOffload(
+            interval_start=offload.interval_start,
+            interval_end=offload.interval_end,
+            rows=offload.rows,
+            checksum=offload.checksum,
+            snapshot_id=offload.snapshot_id,
+            run_id=offload.run_id or "k2-watermark-repair",
+            committed_at=offload.committed_at,
+        )
+    return sorted(found.values(), key=lambda o: o.interval_start), datetime.fromtimestamp(
+        oldest_ms / 1000, tz=timezone.utc
+    )
+
+
+def repair_table(
+    store: WatermarkStore,
+    catalog: Any,
+    spec: Any,
+    *,
+    dry_run: bool = False,
+) -> RepairPlan:
+    """Plan (and unless ``dry_run`` apply, in one transaction) the repair of one table."""
+    offloads, history_since = table_offloads(catalog, spec)
+    store.migrate()
+    ledger = store.ledger_all(spec.name)
+    if history_since is None and ledger:
+        # More likely a wrong catalog than a lost table: do not wipe the ledger on that evidence.
+        raise WatermarkError(
+            f"{spec.iceberg_table} is missing or has no snapshot, yet {spec.name} has {len(ledger)} "
+            "ledger rows; check the Iceberg catalog settings before repairing"
+        )
+    from k2.dag_factory import first_interval_start  # the DAG's initial watermark
+
+    plan = plan_repair(
+        spec.name,
+        first_interval_start(spec.start_date),
+        store.get(spec.name),
+        ledger,
+        offloads,
+        history_since=history_since,
+    )
+    if not dry_run and plan.changed:
+        store.apply_repair(plan)
+    return plan

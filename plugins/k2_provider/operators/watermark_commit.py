@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
@@ -15,6 +15,21 @@ if TYPE_CHECKING:
 
 WATERMARKS_CONN_ID = "k2_watermarks"
 INTERVAL_KEYS = ("table", "interval_start", "interval_end", "rows", "checksum", "run_id")
+# Late rows: how many ledgered intervals before the ones just committed are re-counted in ClickHouse.
+LATE_CHECK_INTERVALS = 4
+
+
+def reoffload_command(dag_id: str, interval_start: datetime) -> str:
+    """The one command that offloads an interval again (a cleared task's try_number > 1
+    is never skipped as already offloaded, so its Spark job replaces the interval)."""
+    start = _utc(interval_start).isoformat()
+    return f"airflow tasks clear {dag_id} --start-date {start} --end-date {start} --yes"
+
+
+def late_check_window(first_committed: datetime, step: timedelta, count: int) -> tuple[datetime, datetime]:
+    """[start, end) of the `count` intervals just before the first interval committed now."""
+    first = _utc(first_committed)
+    return first - count * step, first
 
 
 def postgres_dsn_from_connection(conn: Connection) -> str:
@@ -78,6 +93,11 @@ class WatermarkCommitOperator(BaseOperator):
     :param offload_task_id: task whose XCom holds the offload result.
     :param postgres_conn_id: connection of the watermark database.
     :param attempts: commit attempts when the watermark moved concurrently.
+    :param late_check_intervals: after committing, the ledgered intervals just before the
+        committed ones whose ClickHouse row count is compared with the ledger (late rows:
+        metric ``late_rows`` and a warning naming the interval and the command that
+        re-offloads it). 0 turns the check off. It never fails the task.
+    :param clickhouse_conn_id: connection of the hot tier, for the late-row check.
     """
 
     template_fields: Sequence[str] = ("table",)
@@ -91,6 +111,8 @@ class WatermarkCommitOperator(BaseOperator):
         offload_task_id: str = "offload_to_iceberg",
         postgres_conn_id: str = WATERMARKS_CONN_ID,
         attempts: int = 5,
+        late_check_intervals: int = LATE_CHECK_INTERVALS,
+        clickhouse_conn_id: str = "clickhouse_default",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -101,6 +123,8 @@ class WatermarkCommitOperator(BaseOperator):
         self.offload_task_id = offload_task_id
         self.postgres_conn_id = postgres_conn_id
         self.attempts = attempts
+        self.late_check_intervals = late_check_intervals
+        self.clickhouse_conn_id = clickhouse_conn_id
 
     def _store(self) -> WatermarkStore:
         from airflow.sdk import BaseHook
@@ -190,7 +214,43 @@ class WatermarkCommitOperator(BaseOperator):
         # Commits ran in interval order, each reading the watermark under its row lock.
         last = commits[-1]
         self._emit_metrics(context, last)
+        if self.late_check_intervals > 0:
+            try:
+                self._check_late_rows(context, store, commits[0])
+            except Exception as exc:  # a check, not the commit: never fail the task for it
+                self.log.warning("late-row check of %s skipped: %s", self.table, exc)
         return {**last.as_dict(), "intervals_committed": len(commits)}
+
+    def _check_late_rows(self, context: Context, store: WatermarkStore, first: CommitResult) -> None:
+        """Rows that arrived in ClickHouse after their interval was offloaded: count them in the
+        few ledgered intervals before this commit; warn with the command that re-offloads."""
+        from k2 import metrics
+        from k2.config import load_tables
+        from k2.verify import late_rows
+        from k2_provider.hooks.clickhouse import ClickHouseHook
+
+        step = first.interval_end - first.interval_start
+        start, end = late_check_window(first.interval_start, step, self.late_check_intervals)
+        entries = [e for e in store.ledger_range(self.table, start, end) if e.interval_end - e.interval_start == step]
+        if not entries:
+            return
+        spec = load_tables().get(self.table)
+        hook = ClickHouseHook(self.clickhouse_conn_id)
+        try:
+            late = late_rows(hook.get_conn(), spec, {(e.interval_start, e.interval_end): e.rows for e in entries})
+        finally:
+            hook.close()
+        dag = context.get("dag")
+        dag_id = getattr(dag, "dag_id", None) or spec.dag_id
+        for (s, e), extra in sorted(late.items()):
+            self.log.warning(
+                "%s [%s, %s): %s late rows in ClickHouse beyond the %s offloaded; re-offload with: %s",
+                self.table, s.isoformat(), e.isoformat(), extra,
+                next(x.rows for x in entries if x.interval_start == s), reoffload_command(dag_id, s),
+            )
+        total = sum(late.values())
+        if total:
+            metrics.emit_safely(metrics.record_late_rows, self.table, total, log=self.log)
 
     def _emit_metrics(self, context: Context, last: CommitResult) -> None:
         from k2 import metrics

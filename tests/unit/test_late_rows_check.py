@@ -1,0 +1,58 @@
+"""The late-row check of WatermarkCommitOperator: its window, its warning and its command."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+
+from k2.watermarks import CommitResult, LedgerEntry
+from k2_provider.operators import watermark_commit as wc
+
+UTC = timezone.utc
+STEP = timedelta(minutes=15)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def test_reoffload_command_is_a_clear_of_that_interval():
+    assert wc.reoffload_command("k2_offload_silver_trades", T0) == (
+        "airflow tasks clear k2_offload_silver_trades --start-date 2026-03-01T12:00:00+00:00 "
+        "--end-date 2026-03-01T12:00:00+00:00 --yes"
+    )
+
+
+def test_the_window_is_the_intervals_just_before_the_commit():
+    assert wc.late_check_window(T0, STEP, 4) == (T0 - 4 * STEP, T0)
+
+
+def test_late_rows_are_warned_with_the_command_and_counted(monkeypatch, capsys):
+    entries = [LedgerEntry("silver_trades", T0 - k * STEP, T0 - (k - 1) * STEP, 100, 1, 1, "r", T0)
+               for k in (2, 1)]
+    store = SimpleNamespace(ledger_range=lambda table, s, e: entries)
+    seen = {}
+
+    def fake_late_rows(client, spec, offloaded):
+        seen["offloaded"] = offloaded
+        return {(T0 - STEP, T0): 3}
+
+    class FakeHook:
+        def __init__(self, conn_id):
+            pass
+
+        def get_conn(self):
+            return object()
+
+        def close(self):
+            pass
+
+    recorded = []
+    monkeypatch.setattr("k2.verify.late_rows", fake_late_rows)
+    monkeypatch.setattr("k2_provider.hooks.clickhouse.ClickHouseHook", FakeHook)
+    monkeypatch.setattr("k2.metrics.record_late_rows", lambda table, n: recorded.append((table, n)))
+    op = wc.WatermarkCommitOperator(task_id="commit_watermark", table="silver_trades", initial_watermark=T0)
+    first = CommitResult("silver_trades", T0, T0 + STEP, T0 + STEP, 2, T0, True, False)
+    op._check_late_rows({"dag": SimpleNamespace(dag_id="k2_offload_silver_trades")}, store, first)
+    assert seen["offloaded"] == {(e.interval_start, e.interval_end): 100 for e in entries}
+    assert recorded == [("silver_trades", 3)]
+    captured = capsys.readouterr()
+    text = captured.out + captured.err  # the task logger writes through Airflow's structlog
+    assert "3 late rows" in text and "airflow tasks clear k2_offload_silver_trades" in text
