@@ -23,7 +23,11 @@ last lines on stdout are one result per interval, in interval order:
 How it works (step 1 and the Spark session once per job, steps 2-5 per interval):
 
 1. DESCRIBE the source in ClickHouse; derive the Iceberg/Spark schema (k2.iceberg);
-   create namespace and table when missing (partition spec from tables.yaml).
+   create namespace and table when missing (partition spec from tables.yaml). An
+   existing table follows ClickHouse's schema drift (k2.iceberg.schema_evolution): new
+   columns are added as optional, int->long, float->double and decimal widening are
+   promoted in place (ALTER TABLE, metadata only); any other difference stops the job
+   before anything is altered or written, naming the table and the column.
 2. ClickHouse counts and checksums the interval itself (k2.checksum's SQL).
 3. The executors read the interval as Arrow (clickhouse-connect, ArrowStream) in N
    time slices through mapInArrow - one task and one ClickHouse connection per
@@ -365,7 +369,8 @@ def offload(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise
     except Exception as exc:  # described while the JVM is still up
         log.exception("offload failed")
-        raise OffloadError(describe_error(exc)) from None
+        raise OffloadError(describe_storage_error(exc, ice_settings.warehouse)
+                           or describe_error(exc)) from None
     finally:
         spark.stop()
 
@@ -422,6 +427,15 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
     # Namespace and table (schema derived from ClickHouse's DESCRIBE)
     spark.sql(f"CREATE NAMESPACE IF NOT EXISTS `{ib.catalog_name(ice_settings)}`.`{namespace}`")
     spark.sql(ib.create_table_sql(ice_settings, spec, columns))
+    evolution = ib.schema_evolution(columns, spark.table(target).schema)
+    if evolution.refused:  # before any ALTER: a refused schema changes nothing
+        raise OffloadError(
+            f"Iceberg table {spec.iceberg_table} cannot take the schema of ClickHouse {spec.source}: "
+            + "; ".join(evolution.refused) + "; nothing written"
+        )
+    for statement in evolution.statements(target):
+        log.warning("schema evolution of %s: %s", spec.iceberg_table, statement)
+        spark.sql(statement)
     problems = ib.schema_differences(columns, spark.table(target).schema)
     if problems:
         raise OffloadError(
@@ -634,6 +648,22 @@ def _java_messages(exc: BaseException) -> list[str]:
     except Exception:  # the JVM may already be gone
         pass
     return messages
+
+
+# Causes of a failed write that are the warehouse's storage, not the data or the code.
+STORAGE_CAUSES = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                  "Permission denied", "Access Denied", "AccessDenied", "Not a directory")
+
+
+def describe_storage_error(exc: BaseException, warehouse: str) -> str | None:
+    """'cannot write to the Iceberg warehouse <path>: <cause> (...)' when the failure's
+    cause chain names a storage problem, else None. Spark wraps a task's IOException in
+    several layers whose first line hides it, so the whole chain is searched."""
+    text = "\n".join([*_java_messages(exc), str(exc)])
+    for cause in STORAGE_CAUSES:
+        if cause in text:
+            return f"cannot write to the Iceberg warehouse {warehouse}: {cause} ({describe_error(exc)})"
+    return None
 
 
 def describe_error(exc: BaseException) -> str:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -382,6 +382,64 @@ def schema_differences(columns: Sequence[SourceColumn], actual: Any) -> list[str
         if name not in wanted and not field.nullable:
             problems.append(f"required column {name!r} exists only in Iceberg")
     return problems
+
+
+def _safe_promotion(old: Any, new: Any) -> bool:
+    """Whether Iceberg can change a column from Spark type `old` to `new` in place
+    (the spec's promotions: int -> long, float -> double, decimal(P,S) -> decimal(P',S), P' > P)."""
+    from pyspark.sql import types as S
+
+    if isinstance(old, S.IntegerType) and isinstance(new, S.LongType):
+        return True
+    if isinstance(old, S.FloatType) and isinstance(new, S.DoubleType):
+        return True
+    return (isinstance(old, S.DecimalType) and isinstance(new, S.DecimalType)
+            and new.scale == old.scale and new.precision > old.precision)
+
+
+@dataclass
+class SchemaEvolution:
+    """How an existing Iceberg table follows ClickHouse's schema: `changes` are safe
+    (`ALTER TABLE` clauses: new optional columns, type promotions, NOT NULL dropped);
+    `refused` are not, and nothing may be changed or written while there are any."""
+
+    changes: list[tuple[str, str]] = field(default_factory=list)  # (column, ALTER TABLE clause)
+    refused: list[str] = field(default_factory=list)
+
+    def statements(self, table: str) -> list[str]:
+        return [f"ALTER TABLE {table} {clause}" for _, clause in self.changes]
+
+
+def schema_evolution(columns: Sequence[SourceColumn], actual: Any) -> SchemaEvolution:
+    """The evolution that makes an existing table (`spark.table(name).schema`) take the
+    rows of `columns` (DESCRIBE of ClickHouse). A new column is added as optional even when
+    ClickHouse's is not Nullable: the rows already offloaded have no value for it."""
+    expected = spark_struct(columns)
+    have = {f.name: f for f in actual.fields}
+    plan = SchemaEvolution()
+    for f in expected.fields:
+        existing = have.get(f.name)
+        name, new_type = f"`{f.name}`", f.dataType.simpleString()
+        if existing is None:
+            plan.changes.append((f.name, f"ADD COLUMNS ({name} {new_type})"))
+            continue
+        if existing.dataType != f.dataType:
+            if _safe_promotion(existing.dataType, f.dataType):
+                plan.changes.append((f.name, f"ALTER COLUMN {name} TYPE {new_type}"))
+            else:
+                plan.refused.append(
+                    f"column {f.name!r} is {existing.dataType.simpleString()} in Iceberg but "
+                    f"ClickHouse now maps it to {new_type}, which is not a safe Iceberg type "
+                    "promotion (int->long, float->double, decimal precision widening)"
+                )
+                continue
+        if not existing.nullable and f.nullable:
+            plan.changes.append((f.name, f"ALTER COLUMN {name} DROP NOT NULL"))
+    wanted = {f.name for f in expected.fields}
+    for name, existing in have.items():
+        if name not in wanted and not existing.nullable:
+            plan.refused.append(f"required column {name!r} exists only in Iceberg")
+    return plan
 
 
 # --------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from k2 import checksum as ck
 from k2 import iceberg as ib
@@ -381,3 +381,57 @@ def _row_detail(result: IntervalResult, spec: TableSpec, ch_client: Any, columns
                            ("duplicated", duplicated), ("mismatched", mismatched))
         if keys
     }
+
+
+# --------------------------------------------------------------------------------------
+# Late rows: rows that reached ClickHouse after their interval was offloaded
+
+
+def late_rows_sql(spec: TableSpec, event_time_type: str) -> str:
+    """Row count per offloaded interval in one GROUP BY (parameters: see late_rows)."""
+    ms = ck.clickhouse_time_ms_sql(spec.event_time_column, event_time_type)
+    bucket = f"intDiv({ms} - {{k2_start_ms:Int64}}, {{k2_step_ms:Int64}})"
+    return (
+        f"SELECT {bucket} AS bucket, count() AS rows FROM `{spec.source}` "
+        f"WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)} "
+        f"AND {bucket} IN {{k2_buckets:Array(Int64)}} "
+        f"GROUP BY bucket ORDER BY bucket"
+    )
+
+
+def late_rows(ch_client: Any, spec: TableSpec,
+              offloaded: Mapping[tuple[datetime, datetime], int]) -> dict[tuple[datetime, datetime], int]:
+    """Per already-offloaded interval, how many rows ClickHouse now holds beyond the count
+    that was offloaded (`offloaded`: interval -> rows recorded in the ledger).
+
+    Only intervals with extra rows are returned (interval -> extra rows): those are the
+    ones to offload again. Fewer rows than offloaded is not "late" - the hot tier's TTL
+    deletes rows - and is left to `k2 verify`. The intervals must all have one length and
+    lie on one grid (the offload's 15-minute intervals do); ClickHouse counts them all in
+    one GROUP BY query.
+    """
+    if not offloaded:
+        return {}
+    intervals = sorted((s.astimezone(timezone.utc), e.astimezone(timezone.utc)) for s, e in offloaded)
+    counts = {(s.astimezone(timezone.utc), e.astimezone(timezone.utc)): int(n)
+              for (s, e), n in offloaded.items()}
+    step = intervals[0][1] - intervals[0][0]
+    origin = intervals[0][0]
+    if step <= timedelta(0) or any(e - s != step or (s - origin) % step for s, e in intervals):
+        raise ValueError("late_rows needs intervals of one length on one grid, e.g. 15 minutes")
+    types = {c.name: c.clickhouse_type for c in ib.describe_source(ch_client, spec)}
+    if spec.event_time_column not in types:
+        raise ValueError(f"{spec.source} has no event-time column {spec.event_time_column!r}")
+    step_ms = int(step.total_seconds() * 1000)
+    buckets = [int((s - origin) / step) for s, _ in intervals]
+    params = {**ck.interval_parameters(origin, intervals[-1][1]), "k2_step_ms": step_ms,
+              "k2_buckets": buckets}
+    rows = ch_client.query(late_rows_sql(spec, types[spec.event_time_column]),
+                           parameters=params).result_rows
+    out: dict[tuple[datetime, datetime], int] = {}
+    for bucket, now in rows:
+        interval = (origin + int(bucket) * step, origin + (int(bucket) + 1) * step)
+        extra = int(now) - counts[interval]
+        if extra > 0:
+            out[interval] = extra
+    return out
