@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -27,6 +29,22 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def environ_set(env: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block; restore the previous values afterwards,
+    so a session fixture's settings never leak into later test modules."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def free_port_env() -> dict[str, str]:
@@ -46,21 +64,15 @@ def stack_home() -> Path:
 def stack():
     """A LocalStack with PostgreSQL and the ClickHouse endpoint up."""
     home = stack_home()
-    env = {"K2_HOME": str(home), **free_port_env()}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)  # child processes (k2 CLI, spark-submit) see the same stack
-    local = LocalStack.from_env()
-    local_stack.up(local, log=lambda _msg: None)
-    try:
-        yield local
-    finally:
-        local_stack.down(local, log=lambda _msg: None)
-        shutil.rmtree(home, ignore_errors=True)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    # Child processes (k2 CLI, spark-submit) see the same stack through the environment.
+    with environ_set({"K2_HOME": str(home), **free_port_env()}):
+        local = LocalStack.from_env()
+        local_stack.up(local, log=lambda _msg: None)
+        try:
+            yield local
+        finally:
+            local_stack.down(local, log=lambda _msg: None)
+            shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -222,13 +234,16 @@ def airflow_running(stack: LocalStack, hot_data, start_date: datetime):
     starts at start_date."""
     from k2.local import airflow
 
-    os.environ["K2_START_DATE"] = start_date.isoformat()
-    os.environ["K2_DAGS_PAUSED"] = "True"
-    # Short enough for a test to see a run miss it, long enough for a fast run to make it.
-    os.environ["K2_DEADLINE"] = DEADLINE
-    airflow.start(stack, log=lambda _msg: None)
-    handle = AirflowHandle(stack, {**os.environ, **airflow.environment(stack)})
-    try:
-        yield handle
-    finally:
-        airflow.stop(stack, log=lambda _msg: None)
+    settings = {
+        "K2_START_DATE": start_date.isoformat(),
+        "K2_DAGS_PAUSED": "True",
+        # Short enough for a test to see a run miss it, long enough for a fast run to make it.
+        "K2_DEADLINE": DEADLINE,
+    }
+    with environ_set(settings):
+        airflow.start(stack, log=lambda _msg: None)
+        handle = AirflowHandle(stack, {**os.environ, **airflow.environment(stack)})
+        try:
+            yield handle
+        finally:
+            airflow.stop(stack, log=lambda _msg: None)
