@@ -239,6 +239,8 @@ def airflow_running(stack: LocalStack, hot_data, start_date: datetime):
         "K2_DAGS_PAUSED": "True",
         # Short enough for a test to see a run miss it, long enough for a fast run to make it.
         "K2_DEADLINE": DEADLINE,
+        # Fault tests wait for retries: 10 s, 20 s, 40 s instead of 1, 2, 4 min.
+        "K2_RETRY_DELAY": "10",
     }
     with environ_set(settings):
         airflow.start(stack, log=lambda _msg: None)
