@@ -1,4 +1,5 @@
-"""The hot-tier data model: `include/k2/sql/schema.sql` applied through a clickhouse-connect client.
+"""The hot-tier data model applied through a clickhouse-connect client: `sql/schema.sql`
+(bronze, silver) and `sql/gold_ohlcv.sql.tmpl` rendered once per candle width.
 
 The DDL names no database, so everything lands in the client's current database;
 every statement is `IF NOT EXISTS`, so `apply_schema` is idempotent.
@@ -8,9 +9,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from string import Template
 from typing import Any
 
-SCHEMA_FILE = Path(__file__).resolve().parent / "sql" / "schema.sql"
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+SCHEMA_FILE = SQL_DIR / "schema.sql"
+GOLD_TEMPLATE_FILE = SQL_DIR / "gold_ohlcv.sql.tmpl"
 
 BRONZE_TABLES: tuple[str, ...] = ("bronze_trades_binance", "bronze_trades_kraken")
 SILVER_TABLE = "silver_trades"
@@ -91,9 +95,32 @@ def split_statements(sql: str) -> list[str]:
     return statements
 
 
+def _interval_sql(seconds: int) -> str:
+    for unit, size in (("DAY", 86400), ("HOUR", 3600), ("MINUTE", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size} {unit}"
+    raise ValueError(f"candle width of {seconds} s is not whole minutes")
+
+
+def gold_sql(width: str) -> str:
+    """The DDL of one candle width. Widths of an hour or more get yearly partitions,
+    shorter ones monthly, so every table keeps few parts."""
+    seconds = GOLD_WIDTH_SECONDS[width]
+    return Template(GOLD_TEMPLATE_FILE.read_text()).substitute(
+        width=width,
+        bucket_ms=seconds * 1000,
+        interval=_interval_sql(seconds),
+        partition="toYear" if seconds >= 3600 else "toYYYYMM",
+    )
+
+
 def schema_statements(path: Path | str | None = None) -> list[str]:
-    """The DDL statements of schema.sql, in order."""
-    return split_statements(Path(path or SCHEMA_FILE).read_text())
+    """The DDL statements in order: schema.sql (or `path`), then every gold width."""
+    statements = split_statements(Path(path or SCHEMA_FILE).read_text())
+    if path is None:
+        for width in GOLD_WIDTHS:
+            statements += split_statements(gold_sql(width))
+    return statements
 
 
 def object_name(statement: str) -> str:
