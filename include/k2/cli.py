@@ -225,6 +225,7 @@ def verify(
     client = clickhouse_connect.get_client(**ch_settings.client_kwargs())
     catalog = load_catalog(ice_settings)
     store = WatermarkStore(_watermark_dsn()) if start is None or end is None else None
+    ledger_store = store or _optional_store()
     reports, ok = [], True
     for spec in specs:
         table_start, table_end = start, end
@@ -242,14 +243,181 @@ def verify(
                 typer.echo(message)
             continue
         report = verify_table(spec, ch_client=client, catalog=catalog, start=table_start, end=table_end)
+        late = _late_intervals(spec, report, ledger_store)
         ok = ok and report.ok
-        reports.append(report.to_dict())
+        reports.append({**report.to_dict(), "late_rows": late})
         if not as_json:
             typer.echo(report.format())
+            for item in late:
+                typer.echo(
+                    f"  late rows: {item['rows']} in [{item['start']}, {item['end']}) arrived after the "
+                    f"offload ({item['ledger_rows']} offloaded); re-offload with: {item['command']}"
+                )
     if as_json:
         typer.echo(json.dumps(reports, indent=2, default=str))
     if not ok:
         raise typer.Exit(1)
+
+
+def _optional_store():
+    """The watermark store when it is reachable, else None (verify then shows no late rows)."""
+    import psycopg
+
+    from k2.local.processes import StackError
+    from k2.watermarks import WatermarkStore
+
+    try:
+        store = WatermarkStore(_watermark_dsn())
+        store.get("")  # reachable and migrated?
+        return store
+    except (psycopg.Error, StackError, typer.Exit):
+        return None
+
+
+def _late_intervals(spec, report, store) -> list[dict]:
+    """Intervals of a verify report where ClickHouse now holds more rows than the ledger says
+    were offloaded: rows that arrived after the offload, with the command that re-offloads."""
+    from k2.iceberg import iso_utc
+
+    if store is None or report.ok:
+        return []
+    ledger = {(e.interval_start, e.interval_end): e for e in store.ledger_range(spec.name, report.start, report.end)}
+    late = []
+    for result in report.failed:
+        entry = ledger.get((result.start, result.end))
+        if entry is not None and result.clickhouse.rows > entry.rows:
+            late.append({
+                "start": iso_utc(result.start),
+                "end": iso_utc(result.end),
+                "rows": result.clickhouse.rows - entry.rows,
+                "ledger_rows": entry.rows,
+                "command": reoffload_command(spec.name, result.start),
+            })
+    return late
+
+
+def reoffload_command(table: str, interval_start: datetime) -> str:
+    """The one command that offloads an interval again (see `k2 reoffload`)."""
+    start = interval_start.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"k2 reoffload --table {table} --interval-start {start}"
+
+
+@app.command("reoffload")
+def reoffload(
+    table: str = typer.Option(..., "--table", help="The table (clickhouse_table of tables.yaml)."),
+    interval_start: str = typer.Option(..., "--interval-start", help="Start of the 15-minute interval (ISO-8601)."),
+    master: Optional[str] = typer.Option(
+        None, "--master", help="Spark master (default: $K2_SPARK_MASTER, else local[2])."
+    ),
+) -> None:
+    """Offload one interval again, e.g. after late rows: one Spark job replaces the interval in
+    Iceberg (exactly one copy of each row, late rows included) under the table's offload lock,
+    then its ledger row is re-committed with the new count, checksum and snapshot."""
+    import logging
+    import os
+
+    import clickhouse_connect
+    import psycopg
+
+    from k2.dag_factory import INTERVAL, first_interval_start
+    from k2.local.processes import StackError
+    from k2.verify import late_rows
+    from k2.watermarks import WatermarkStore
+    from k2_provider.operators.offload import offload_lock
+
+    (spec,) = _tables(table)
+    start = _timestamp(interval_start)
+    assert start is not None
+    start = start.astimezone(timezone.utc)
+    if (start - datetime(1970, 1, 1, tzinfo=timezone.utc)) % INTERVAL:
+        raise typer.BadParameter(f"{interval_start!r} is not the start of a 15-minute interval")
+    end = start + INTERVAL
+    try:
+        ch_settings, ice_settings = _targets()
+    except StackError as exc:
+        _fail(str(exc))
+    client = clickhouse_connect.get_client(**ch_settings.client_kwargs())
+    try:
+        hot = _hot_watermark(client, spec)
+        if hot is None or hot < end:
+            _fail(f"{spec.name} [{start.isoformat()}, {end.isoformat()}) is not complete in ClickHouse yet "
+                  f"(max {spec.completeness.table}.{spec.completeness.column} - {spec.allowed_lateness} "
+                  f"= {hot.isoformat() if hot else 'no rows'}); its scheduled run will offload it")
+    finally:
+        client.close()
+    dsn = _watermark_dsn()
+    store = WatermarkStore(dsn)
+    try:
+        store.migrate()
+        before = store.ledger_entry(spec.name, start)
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot reach the watermark store: {exc}")
+    run_id = f"reoffload__{start:%Y-%m-%dT%H:%M:%SZ}__{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    log = logging.getLogger("k2.reoffload")
+    with offload_lock(dsn, spec.name, holder=run_id, log=log):
+        result = _run_offload_job(spec.name, start, end, run_id, ch_settings, ice_settings,
+                                  master or os.environ.get("K2_SPARK_MASTER") or "local[2]")
+        store.initialize(spec.name, first_interval_start(spec.start_date))
+        store.commit_with_retry(spec.name, start, end, int(result["rows"]), int(result["checksum"]),
+                                int(result["snapshot_id"]), run_id)
+    client = clickhouse_connect.get_client(**ch_settings.client_kwargs())
+    try:
+        still_late = late_rows(client, spec, {(start, end): int(result["rows"])}).get((start, end), 0)
+    finally:
+        client.close()
+    was = f"{before.rows:,} rows before" if before else "not ledgered before"
+    typer.echo(
+        f"{spec.name} [{start.isoformat()}, {end.isoformat()}) re-offloaded: {int(result['rows']):,} rows "
+        f"({was}), snapshot {result['snapshot_id']}, run {run_id}; late rows now {still_late}.\n"
+        f"check: k2 verify --table {spec.name} --from {start:%Y-%m-%dT%H:%M:%SZ} --to {end:%Y-%m-%dT%H:%M:%SZ}"
+    )
+
+
+def _hot_watermark(client, spec) -> Optional[datetime]:
+    """What the sensor waits for: max event time of the completeness table minus the lateness."""
+    completeness = spec.completeness
+    latest = client.query(
+        f"SELECT maxOrNull(`{completeness.column}`) FROM `{completeness.table}`"
+    ).first_row[0]
+    if latest is None:
+        return None
+    if latest.tzinfo is None:
+        latest = latest.replace(tzinfo=timezone.utc)
+    return latest.astimezone(timezone.utc) - spec.allowed_lateness
+
+
+def _run_offload_job(table: str, start: datetime, end: datetime, run_id: str, ch_settings, ice_settings,
+                     master: str) -> dict:
+    """spark-submit of spark_jobs/offload_to_iceberg.py for [start, end); its result line."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from k2_provider.operators.offload import DEFAULT_APPLICATION, DEFAULT_JARS_DIR, parse_result_line
+
+    jars = sorted(str(p) for p in Path(DEFAULT_JARS_DIR).glob("*.jar"))
+    if not jars:
+        _fail(f"no jars in {DEFAULT_JARS_DIR}: run `make setup`")
+    venv_bin = Path(sys.executable).parent
+    submit = shutil.which("spark-submit", path=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}")
+    if submit is None:
+        _fail("spark-submit not found (pyspark is not installed in this environment)")
+    # Connection settings go through the environment, never the command line (secrets).
+    env = {**os.environ, **ch_settings.to_env(), **ice_settings.to_env()}
+    env.setdefault("PYSPARK_PYTHON", sys.executable)
+    env.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    argv = [submit, "--master", master, "--conf", "spark.ui.enabled=false", "--jars", ",".join(jars),
+            str(DEFAULT_APPLICATION), "--table", table, "--interval-start", start.isoformat(),
+            "--interval-end", end.isoformat(), "--run-id", run_id]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    result = parse_result_line(proc.stdout.splitlines()) if proc.returncode == 0 else None
+    if result is None:
+        sys.stderr.write(proc.stderr[-6000:])
+        _fail(f"the offload job for [{start.isoformat()}, {end.isoformat()}) failed "
+              f"(exit {proc.returncode}); nothing was re-committed")
+    return result
 
 
 watermark_app = typer.Typer(help="Per-table watermarks and the offload ledger.", no_args_is_help=True)

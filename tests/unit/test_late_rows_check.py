@@ -13,11 +13,24 @@ STEP = timedelta(minutes=15)
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
-def test_reoffload_command_is_a_clear_of_that_interval():
-    assert wc.reoffload_command("k2_offload_silver_trades", T0) == (
-        "airflow tasks clear k2_offload_silver_trades --start-date 2026-03-01T12:00:00+00:00 "
-        "--end-date 2026-03-01T12:00:00+00:00 --yes"
+def test_reoffload_command_is_k2_reoffload_of_that_interval():
+    assert wc.reoffload_command("silver_trades", T0) == (
+        "k2 reoffload --table silver_trades --interval-start 2026-03-01T12:00:00Z"
     )
+    later = T0.astimezone(timezone(timedelta(hours=2)))  # the same instant in another zone
+    assert wc.reoffload_command("silver_trades", later) == wc.reoffload_command("silver_trades", T0)
+
+
+def test_reoffload_is_a_cli_command_that_needs_an_interval_start():
+    from typer.testing import CliRunner
+
+    from k2.cli import app
+
+    runner = CliRunner()
+    helped = runner.invoke(app, ["reoffload", "--help"])
+    assert helped.exit_code == 0 and "--interval-start" in helped.output
+    off_grid = runner.invoke(app, ["reoffload", "--table", "silver_trades", "--interval-start", "2026-03-01T12:05:00Z"])
+    assert off_grid.exit_code == 2 and "15-minute" in off_grid.output
 
 
 def test_the_window_is_the_intervals_just_before_the_commit():
@@ -55,4 +68,5 @@ def test_late_rows_are_warned_with_the_command_and_counted(monkeypatch, capsys):
     assert recorded == [("silver_trades", 3)]
     captured = capsys.readouterr()
     text = captured.out + captured.err  # the task logger writes through Airflow's structlog
-    assert "3 late rows" in text and "airflow tasks clear k2_offload_silver_trades" in text
+    assert "3 late rows" in text
+    assert "k2 reoffload --table silver_trades --interval-start 2026-03-01T11:45:00Z" in text

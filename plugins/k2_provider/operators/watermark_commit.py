@@ -19,11 +19,12 @@ INTERVAL_KEYS = ("table", "interval_start", "interval_end", "rows", "checksum", 
 LATE_CHECK_INTERVALS = 4
 
 
-def reoffload_command(dag_id: str, interval_start: datetime) -> str:
-    """The one command that offloads an interval again (a cleared task's try_number > 1
-    is never skipped as already offloaded, so its Spark job replaces the interval)."""
-    start = _utc(interval_start).isoformat()
-    return f"airflow tasks clear {dag_id} --start-date {start} --end-date {start} --yes"
+def reoffload_command(table: str, interval_start: datetime) -> str:
+    """The one command that offloads an interval again: `k2 reoffload` (its Spark job replaces
+    the interval in Iceberg and the ledger row is re-committed)."""
+    from k2.cli import reoffload_command as command
+
+    return command(table, _utc(interval_start))
 
 
 def late_check_window(first_committed: datetime, step: timedelta, count: int) -> tuple[datetime, datetime]:
@@ -240,13 +241,11 @@ class WatermarkCommitOperator(BaseOperator):
             late = late_rows(hook.get_conn(), spec, {(e.interval_start, e.interval_end): e.rows for e in entries})
         finally:
             hook.close()
-        dag = context.get("dag")
-        dag_id = getattr(dag, "dag_id", None) or spec.dag_id
         for (s, e), extra in sorted(late.items()):
             self.log.warning(
                 "%s [%s, %s): %s late rows in ClickHouse beyond the %s offloaded; re-offload with: %s",
                 self.table, s.isoformat(), e.isoformat(), extra,
-                next(x.rows for x in entries if x.interval_start == s), reoffload_command(dag_id, s),
+                next(x.rows for x in entries if x.interval_start == s), reoffload_command(self.table, s),
             )
         total = sum(late.values())
         if total:
