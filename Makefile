@@ -12,8 +12,9 @@ setup:
 run: setup
 	$(K2) run
 
+# The fast tests first: a broken unit fails the run in seconds, not after the stack tests.
 test: setup
-	$(PYTEST) tests
+	$(PYTEST) tests/unit tests/dags tests/integration
 
 test-unit: setup
 	$(PYTEST) tests/unit tests/dags

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from airflow.sdk import DAG
     from airflow.sdk.definitions.deadline import DeadlineAlert
 
+    from k2_provider.notifications.task_failure import TaskFailureNotifier
+
 log = logging.getLogger(__name__)
 
 STRICT_ENV = "K2_STRICT_DAGS"
@@ -55,8 +57,10 @@ RETRY_DELAY_ENV = "K2_RETRY_DELAY"
 TASK_SENSOR = "wait_for_hot_data"
 TASK_OFFLOAD = "offload_to_iceberg"
 TASK_COMMIT = "commit_watermark"
-# Deadline-miss email (the smtp provider's notifier, run by the triggerer).
+# Deadline-miss email (the smtp provider's notifier, run by the triggerer) and task-failure
+# email (on_failure_callback, run after a task's last try): same recipients and connection.
 ALERT_FROM_ENV = "K2_ALERT_EMAIL_FROM"
+DEFAULT_ALERT_FROM = "k2-airflow@localhost"
 SMTP_CONN_ID = "smtp_default"
 
 
@@ -116,6 +120,7 @@ bounded by the pool `{SPARK_POOL}`. Catching up, one Spark job offloads up to
 | Iceberg table | `{spec.iceberg_table}`, partitioned by `{", ".join(spec.partition_by) or "(none)"}` |
 | hot retention | {spec.hot_retention} |
 | deadline | email when a run is not done {spec.deadline} after it was queued |
+| task failure | email when a task fails after its last try (not on retries) |
 
 1. **wait_for_hot_data** – deferrable sensor; fails after {SENSOR_TIMEOUT} with "feed looks stopped".
 2. **offload_to_iceberg** – under the table's offload lock (PostgreSQL advisory lock): skips an interval
@@ -140,6 +145,25 @@ bounded by the pool `{SPARK_POOL}`. Catching up, one Spark job offloads up to
 """
 
 
+def alert_recipients() -> str:
+    """Who gets the deadline-miss and task-failure emails (K2_ALERT_EMAIL_TO, read at parsing)."""
+    return os.environ.get(ALERT_TO_ENV) or DEFAULT_ALERT_TO
+
+
+def alert_sender() -> str:
+    return os.environ.get(ALERT_FROM_ENV) or DEFAULT_ALERT_FROM
+
+
+def failure_notifier() -> TaskFailureNotifier:
+    """The on_failure_callback of every offload task: one email per task that failed for good
+    (Airflow calls on_retry_callback, not this, for a try that will be retried)."""
+    from k2_provider.notifications.task_failure import TaskFailureNotifier
+
+    return TaskFailureNotifier(
+        to=alert_recipients(), from_email=alert_sender(), smtp_conn_id=SMTP_CONN_ID
+    )
+
+
 def _deadline_alert(spec: TableSpec) -> DeadlineAlert:
     from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference
 
@@ -154,8 +178,8 @@ def _deadline_alert(spec: TableSpec) -> DeadlineAlert:
             DeadlineMissNotifier,
             kwargs={
                 "table": spec.name,
-                "to": os.environ.get(ALERT_TO_ENV) or DEFAULT_ALERT_TO,
-                "from_email": os.environ.get(ALERT_FROM_ENV) or "k2-airflow@localhost",
+                "to": alert_recipients(),
+                "from_email": alert_sender(),
                 "smtp_conn_id": SMTP_CONN_ID,
                 "subject": f"[K2 SLA miss] {spec.dag_id} run {{{{ dag_run.dag_run_id }}}}",
                 "html_content": (
@@ -190,7 +214,7 @@ def build_dag(spec: TableSpec) -> DAG:
         start_date=spec.start_date,
         catchup=True,
         max_active_runs=MAX_ACTIVE_RUNS,
-        default_args=default_args_from_env(),
+        default_args={**default_args_from_env(), "on_failure_callback": failure_notifier()},
         tags=["k2", "offload", layer_of(spec)],
         doc_md=_doc_md(spec),
         deadline=_deadline_alert(spec),

@@ -4,7 +4,9 @@ A real statsd_exporter and Prometheus (the project's mapping and rules, 1 s cloc
 a few rounds of every K2 metric and the Airflow metrics the dashboard reads, sent through
 Airflow's own Stats client; then each panel target and the `table` variable are queried
 with Grafana's variables filled in. The `fed_prometheus` fixture is the one place to
-swap for a Prometheus that watched a real pipeline run.
+swap for a Prometheus that watched a real pipeline run; the helpers below (panel
+targets, variable filling, "has data") are what tests/integration/test_failure_email.py
+runs against the session's Prometheus after real runs.
 """
 
 from __future__ import annotations
@@ -45,13 +47,15 @@ def _get_json(url: str):
         return json.loads(response.read())
 
 
-def _query(prometheus_url: str, expr: str) -> list[dict]:
+def query(prometheus_url: str, expr: str) -> list[dict]:
+    """An instant query; the result vector."""
     body = _get_json(f"{prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
     assert body["status"] == "success", body
     return body["data"]["result"]
 
 
-def _fill(expr: str) -> str:
+def fill(expr: str) -> str:
+    """A panel query with Grafana's variables filled in as the dashboard does ("All" tables)."""
     for name, value in GRAFANA_VARIABLES.items():
         expr = expr.replace(name, value)
     assert "$" not in re.sub(r'"\$\d"', "", expr), f"unfilled variable in {expr}"
@@ -82,7 +86,7 @@ def fed_prometheus(tmp_path_factory: pytest.TempPathFactory):
                 started.append(daemon)
             # Prometheus holds its first target update back a few seconds after start;
             # lines sent before the first scrape would all land in one sample.
-            assert wait_until(lambda: _query(mon.prometheus_url, 'up{job="statsd_exporter"} == 1'), 20), (
+            assert wait_until(lambda: query(mon.prometheus_url, 'up{job="statsd_exporter"} == 1'), 20), (
                 "Prometheus did not scrape statsd_exporter"
             )
             now = datetime.now(timezone.utc)
@@ -101,7 +105,8 @@ def fed_prometheus(tmp_path_factory: pytest.TempPathFactory):
     metrics.configure_stats(force=True)
 
 
-def _panel_targets() -> list[tuple[str, str]]:
+def panel_targets() -> list[tuple[str, str]]:
+    """("<panel title> [<refId>]", query) of every target of every dashboard panel."""
     dashboard = json.loads(monitoring.DASHBOARD_FILE.read_text())
     return [
         (f"{panel['title']} [{target['refId']}]", target["expr"])
@@ -111,37 +116,45 @@ def _panel_targets() -> list[tuple[str, str]]:
 
 
 def test_dashboard_has_panels() -> None:
-    assert len({title.rsplit(" [", 1)[0] for title, _ in _panel_targets()}) >= 9
+    assert len({title.rsplit(" [", 1)[0] for title, _ in panel_targets()}) >= 9
 
 
-def _has_data(result: list[dict]) -> bool:
+def has_data(result: list[dict]) -> bool:
     """At least one series with a number a panel can draw (not NaN, e.g. a quantile of no events)."""
     return any(math.isfinite(float(series["value"][1])) for series in result)
 
 
-def test_every_panel_query_returns_data(fed_prometheus: str) -> None:
-    pending = dict(_panel_targets())
-    deadline = time.monotonic() + QUERY_TIMEOUT
-    while pending and time.monotonic() < deadline:
+def panels_without_data(prometheus_url: str, timeout: float, poll: float = 1.0) -> dict[str, str]:
+    """Query every panel target until each has returned data or `timeout` has passed;
+    returns the targets that never did (title -> filled query)."""
+    pending = {title: fill(expr) for title, expr in panel_targets()}
+    deadline = time.monotonic() + timeout
+    while pending:
         for title, expr in list(pending.items()):
-            if _has_data(_query(fed_prometheus, _fill(expr))):
+            if has_data(query(prometheus_url, expr)):
                 del pending[title]
-        if pending:
-            time.sleep(1)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
+    return pending
+
+
+def test_every_panel_query_returns_data(fed_prometheus: str) -> None:
+    pending = panels_without_data(fed_prometheus, QUERY_TIMEOUT)
     assert pending == {}, f"panels without data after {QUERY_TIMEOUT:.0f} s"
 
 
 def test_rates_and_quantiles_see_the_traffic(fed_prometheus: str) -> None:
-    heartbeats = _query(fed_prometheus, "sum(rate(airflow_scheduler_heartbeat_total[5m]))")
+    heartbeats = query(fed_prometheus, "sum(rate(airflow_scheduler_heartbeat_total[5m]))")
     assert float(heartbeats[0]["value"][1]) > 0
-    p95 = _query(fed_prometheus, 'histogram_quantile(0.95, sum by (le, table) '
+    p95 = query(fed_prometheus, 'histogram_quantile(0.95, sum by (le, table) '
                                  '(rate(k2_offload_duration_seconds_bucket[1h])))')
     assert {r["metric"]["table"] for r in p95} == set(TABLES)
     assert all(5.0 <= float(r["value"][1]) <= 10.0 for r in p95)  # 8 s jobs, bucket 5-10 s
 
 
 def test_panels_see_every_table(fed_prometheus: str) -> None:
-    lag = _query(fed_prometheus, _fill('k2:offload_lag_seconds{table=~"$table"}'))
+    lag = query(fed_prometheus, fill('k2:offload_lag_seconds{table=~"$table"}'))
     assert {r["metric"]["table"] for r in lag} == set(TABLES)
     for result in lag:
         assert 300 <= float(result["value"][1]) < 300 + 120  # send_k2_samples: watermark 5 min old

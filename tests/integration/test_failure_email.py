@@ -1,0 +1,264 @@
+"""Task-failure emails on the real scheduler, and the Grafana dashboard against the real runs.
+
+One interval of gold_ohlcv_1m fails for good through a real PostgreSQL fault: a trigger
+refuses the ledger write of that interval, so its commit_watermark fails all its tries.
+The task's on_failure_callback (the SMTP provider's notifier) must send exactly one email
+to the stack's SMTP sink naming the DAG, task and run - none for the retries - and the
+runs that succeed (the next interval's scheduled run, then a re-run of the failed
+interval once the fault is gone) none at all. Afterwards every panel query of the
+dashboard must return data from the session's own Prometheus, which watched these runs
+(and whatever else ran in the session) through statsd_exporter.
+
+Tables used here (and by no other Airflow test): gold_ohlcv_1m.
+"""
+
+from __future__ import annotations
+
+import mailbox
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from email.message import Message
+
+import psycopg
+import pytest
+
+from k2.config import load_tables
+from k2.dag_factory import TASK_COMMIT
+from k2.local.monitoring import MonitoringStack
+from k2.watermarks import WatermarkStore
+from tests.integration.conftest import INTERVAL
+from tests.integration.test_dashboard_queries import (
+    fill,
+    has_data,
+    panel_targets,
+    panels_without_data,
+    query,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SPEC = load_tables().get("gold_ohlcv_1m")
+SUBJECT_PREFIX = "[K2 task failed]"
+REFUSE_FUNCTION = "k2_test_refuse_ledger_interval"
+# statsd_exporter is scraped and the recording rules evaluated every 15 s on the stack.
+SCRAPE_WAIT = 75.0
+MAIL_WAIT = 30.0
+
+
+# --- the fault -------------------------------------------------------------------------
+
+
+def _refuse_ledger_write(stack, table: str, interval_start: datetime) -> None:
+    """A real PostgreSQL fault: every ledger write of that one interval of `table` fails."""
+    with psycopg.connect(stack.postgres_dsn("k2")) as conn:
+        conn.execute(
+            f"""
+            CREATE OR REPLACE FUNCTION {REFUSE_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'fault injection: ledger write of % [%] refused',
+                NEW.table_name, NEW.interval_start; END $$
+            """
+        )
+        conn.execute(f"DROP TRIGGER IF EXISTS {REFUSE_FUNCTION} ON k2_offload_ledger")
+        conn.execute(
+            f"CREATE TRIGGER {REFUSE_FUNCTION} BEFORE INSERT OR UPDATE ON k2_offload_ledger "
+            f"FOR EACH ROW WHEN (NEW.table_name = '{table}' "
+            f"AND NEW.interval_start = '{interval_start.isoformat()}'::timestamptz) "
+            f"EXECUTE FUNCTION {REFUSE_FUNCTION}()"
+        )
+
+
+def _allow_ledger_writes(stack) -> None:
+    with psycopg.connect(stack.postgres_dsn("k2")) as conn:
+        conn.execute(f"DROP TRIGGER IF EXISTS {REFUSE_FUNCTION} ON k2_offload_ledger")
+
+
+# --- Airflow and mail helpers ------------------------------------------------------------
+
+
+def _airflow_sql(stack, sql: str, *args) -> list[tuple]:
+    with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def _scheduled_runs(stack, dag_id: str) -> list[tuple[str, str, datetime, datetime | None]]:
+    """(run_id, state, data_interval_start, start_date) of the DAG's scheduled runs."""
+    return _airflow_sql(
+        stack,
+        "SELECT run_id, state, data_interval_start, start_date FROM dag_run "
+        "WHERE dag_id = %s AND run_type = 'scheduled' ORDER BY data_interval_start",
+        dag_id,
+    )
+
+
+def _scheduled_run_id(stack, dag_id: str, start: datetime, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        for run_id, _, interval_start, _ in _scheduled_runs(stack, dag_id):
+            if interval_start == start:
+                return run_id
+        assert time.monotonic() < deadline, f"no scheduled run of {dag_id} for {start}"
+        time.sleep(1)
+
+
+def _set_paused(airflow_running, dag_id: str, paused: bool) -> None:
+    airflow_running.api("PATCH", f"/dags/{dag_id}", {"is_paused": paused})
+
+
+def _unpause_first_run_alone(airflow_running, prometheus_url: str, dag_id: str) -> bool:
+    """Unpause; as soon as the first catch-up run has started, pause until Prometheus has
+    scraped that run's schedule delay, then unpause for good. The scheduler starts the other
+    catch-up runs a second later otherwise - within one scrape, where the schedule-delay
+    histogram never moves between two samples and its p95 panel has no rate to show.
+    Returns whether the first run did start alone."""
+    stack = airflow_running.stack
+    deadline = time.monotonic() + 300  # the dag-processor registers the DAG first
+    while not _airflow_sql(stack, "SELECT 1 FROM dag WHERE dag_id = %s", dag_id):
+        assert time.monotonic() < deadline, f"{dag_id} never registered"
+        time.sleep(1)
+    _set_paused(airflow_running, dag_id, False)
+    deadline = time.monotonic() + 120
+    checked = time.monotonic()
+    while not any(state == "running" for _, state, _, _ in _scheduled_runs(stack, dag_id)):
+        assert time.monotonic() < deadline, f"no scheduled run of {dag_id} started"
+        if time.monotonic() - checked > 5:  # an unpause racing the DAG's registration may not stick
+            checked = time.monotonic()
+            if _airflow_sql(stack, "SELECT 1 FROM dag WHERE dag_id = %s AND is_paused", dag_id):
+                _set_paused(airflow_running, dag_id, False)
+        time.sleep(0.05)
+    _set_paused(airflow_running, dag_id, True)
+    started = [run for run in _scheduled_runs(stack, dag_id) if run[3] is not None]
+    alone = len(started) == 1
+    if alone:
+        series = f'airflow_dagrun_schedule_delay_seconds_count{{dag_id="{dag_id}"}}'
+        deadline = time.monotonic() + 60
+        while not query(prometheus_url, series) and time.monotonic() < deadline:
+            time.sleep(1)
+    _set_paused(airflow_running, dag_id, False)
+    return alone
+
+
+def _emails(stack) -> list[Message]:
+    if not stack.maildir.exists():
+        return []
+    return list(mailbox.Maildir(stack.maildir, create=False))
+
+
+def _subject(mail: Message) -> str:
+    """The subject unfolded (long headers arrive split over lines)."""
+    return re.sub(r"\r?\n(?=[ \t])", "", mail["Subject"] or "")
+
+
+def _failure_emails(stack, dag_id: str) -> list[Message]:
+    return [
+        m for m in _emails(stack)
+        if _subject(m).startswith(SUBJECT_PREFIX) and dag_id in _subject(m)
+    ]
+
+
+def _about(messages: list[Message], run_id: str) -> list[Message]:
+    return [m for m in messages if _subject(m).endswith(f" run {run_id}")]
+
+
+def _body(mail: Message) -> str:
+    return "".join(
+        part.get_payload(decode=True).decode(errors="replace")
+        for part in mail.walk()
+        if not part.is_multipart()
+    )
+
+
+# --- the runs ----------------------------------------------------------------------------
+
+
+@dataclass
+class RealRuns:
+    failed_run: str
+    succeeded_runs: list[str]
+    first_run_started_alone: bool
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def real_runs(stack, hot_data, airflow_running, start_date: datetime):
+    """Scheduled catch-up of gold_ohlcv_1m with its first interval's ledger write refused
+    (that run fails, the next one succeeds), then a manual re-run of the first interval once
+    the fault is gone. The DAG is paused again afterwards."""
+    began = time.monotonic()
+    dag_id = SPEC.dag_id
+    prometheus_url = MonitoringStack.for_local_stack(stack).prometheus_url
+    WatermarkStore(stack.postgres_dsn("k2")).migrate()  # the ledger table the fault sits on
+    _refuse_ledger_write(stack, SPEC.name, start_date)
+    try:
+        try:
+            alone = _unpause_first_run_alone(airflow_running, prometheus_url, dag_id)
+            failed_run = _scheduled_run_id(stack, dag_id, start_date)
+            next_run = _scheduled_run_id(stack, dag_id, start_date + INTERVAL)
+            assert airflow_running.run_state_by_id(dag_id, failed_run, timeout=600) == "failed"
+            assert airflow_running.run_state_by_id(dag_id, next_run, timeout=300) == "success"
+        finally:
+            _allow_ledger_writes(stack)
+        rerun = airflow_running.trigger(
+            dag_id, f"manual__failure_email_rerun_{int(start_date.timestamp())}",
+            start_date, start_date + INTERVAL,
+        )
+        assert airflow_running.run_state_by_id(dag_id, rerun, timeout=300) == "success"
+    finally:
+        airflow_running.cli("dags", "pause", dag_id)
+    seconds = time.monotonic() - began
+    print(f"\n[failure email] runs took {seconds:.0f} s; first scheduled run started alone: "
+          f"{alone}")
+    return RealRuns(failed_run, [next_run, rerun], alone, seconds)
+
+
+def test_a_task_that_fails_for_good_emails_once_naming_dag_task_and_run(stack, real_runs: RealRuns):
+    deadline = time.monotonic() + MAIL_WAIT  # the worker sends it after reporting the failure
+    while time.monotonic() < deadline:
+        if _about(_failure_emails(stack, SPEC.dag_id), real_runs.failed_run):
+            break
+        time.sleep(1)
+    mails = _failure_emails(stack, SPEC.dag_id)
+    print(f"\n[failure email] failure emails for {SPEC.dag_id}: {len(mails)}: "
+          f"{[_subject(m) for m in mails]}")
+    about_failed = _about(mails, real_runs.failed_run)
+    assert len(about_failed) == 1, f"expected one failure email for {real_runs.failed_run}: {mails}"
+    [mail] = about_failed
+    expected = f"{SUBJECT_PREFIX} {SPEC.dag_id}.{TASK_COMMIT} run {real_runs.failed_run}"
+    assert _subject(mail) == expected
+    body = _body(mail)
+    facts = (SPEC.dag_id, TASK_COMMIT, real_runs.failed_run, "4 of 4",
+             "ledger write of gold_ohlcv_1m", f"/dags/{SPEC.dag_id}/runs/")
+    for fact in facts:
+        assert fact in body, f"{fact!r} not in the email:\n{body}"
+    # commit_watermark failed four times; only the last one is a failure for good.
+    assert len(mails) == 1, [_subject(m) for m in mails]
+
+
+def test_runs_that_succeed_send_no_failure_email(stack, real_runs: RealRuns):
+    mails = _failure_emails(stack, SPEC.dag_id)
+    for run_id in real_runs.succeeded_runs:
+        assert _about(mails, run_id) == [], run_id
+
+
+def test_every_panel_query_returns_data_from_the_real_runs(stack, real_runs: RealRuns):
+    prometheus_url = MonitoringStack.for_local_stack(stack).prometheus_url
+    pending = panels_without_data(prometheus_url, SCRAPE_WAIT, poll=3.0)
+    for title, expr in panel_targets():
+        values = sorted({round(float(r["value"][1]), 1) for r in query(prometheus_url, fill(expr))})
+        status = "no data" if title in pending else "data   "
+        print(f"[dashboard, real runs] {status}  {title}: {values[:4]}")
+    # A p95 of the schedule delay needs two scheduled starts a scrape apart; the scheduler
+    # starts all due catch-up runs within a second unless the first one started alone.
+    expected_empty = (
+        set() if real_runs.first_run_started_alone
+        else {title for title in pending if title.startswith("Run schedule delay p95")}
+    )
+    assert set(pending) <= expected_empty, (
+        f"panels without data after the real runs and {SCRAPE_WAIT:.0f} s: {sorted(pending)}"
+        + (f" (expected empty: {sorted(expected_empty)})" if expected_empty else "")
+    )
+    # The failure itself reached the dashboard: the failed run is counted by state.
+    runs = query(prometheus_url, f'airflow_dagrun_duration_seconds_count{{dag_id="{SPEC.dag_id}"}}')
+    assert {r["metric"].get("state") for r in runs} >= {"failed", "success"}, runs
+    assert has_data(query(prometheus_url, f'k2:offload_lag_seconds{{table="{SPEC.name}"}}'))
