@@ -28,19 +28,33 @@ How it works (step 1 and the Spark session once per job, steps 2-5 per interval)
    columns are added as optional, int->long, float->double and decimal widening are
    promoted in place (ALTER TABLE, metadata only); any other difference stops the job
    before anything is altered or written, naming the table and the column.
-2. ClickHouse counts and checksums the interval itself (k2.checksum's SQL).
+2. ClickHouse counts and checksums the interval itself (k2.checksum's SQL), split by
+   the table's quality checks (k2.quality): the good rows and the bad ones.
 3. The executors read the interval as Arrow (clickhouse-connect, ArrowStream) in N
    time slices through mapInArrow - one task and one ClickHouse connection per
-   slice; no JDBC, no rows on the driver. The result is persisted, counted and
-   checksummed on the executors, and must equal ClickHouse's figures before
-   anything is written. Duplicate unique keys in ClickHouse stop the job at that
+   slice; no JDBC, no rows on the driver. The result is persisted, split by the same
+   checks (rendered in Spark SQL), counted and checksummed on the executors, and both
+   halves must equal ClickHouse's figures before anything is written. Duplicate
+   unique keys in ClickHouse (among rows with their whole key) stop the job at that
    interval before it is read - for the first interval, before the Spark session
-   starts (an interval must hold one row per key to be replaceable).
+   starts (an interval must hold one row per key to be replaceable); they are an
+   upstream fault, not a bad row.
+3b. Quarantine (only for tables with checks that can fail): the bad rows, with the
+   reasons of every check they fail (k2_reason), the interval, the run id and the
+   time, replace the interval's rows of the quarantine table
+   `<iceberg_table>__quarantine` in one MERGE (one snapshot; a 'D' row matching every
+   row of the interval deletes them, the bad rows are inserted), so re-running an
+   interval never duplicates quarantined rows. Its snapshot is read back and must hold
+   ClickHouse's bad-row figures. It commits before the table's MERGE: the table's
+   snapshot is what marks an interval offloaded, so it comes last. Nothing is
+   committed to the quarantine table when the interval has no bad rows and none
+   quarantined before.
 4. One MERGE replaces the interval atomically (one Iceberg snapshot, tagged with
    k2.table / k2.interval-start / k2.interval-end / k2.run-id / k2.rows /
-   k2.checksum / k2.attempt-id through spark.sql.iceberg.snapshot-property.*):
-   every row the table holds in the interval is deleted and every ClickHouse row of
-   the interval inserted (see merge_sql). Re-running an interval therefore replaces
+   k2.checksum / k2.quarantined-rows / k2.attempt-id through
+   spark.sql.iceberg.snapshot-property.*; k2.rows and k2.checksum are the good rows'):
+   every row the table holds in the interval is deleted and every good ClickHouse row
+   of the interval inserted (see merge_sql). Re-running an interval therefore replaces
    it - also after compaction, because MERGE rewrites rows, not whole files by a
    filter - and concurrent runs of one interval conflict (serializable isolation);
    the loser re-plans its MERGE, which is safe because a MERGE never appends twice.
@@ -56,7 +70,8 @@ How it works (step 1 and the Spark session once per job, steps 2-5 per interval)
    changes nothing), so "this interval was offloaded and had 0 rows" is findable
    with k2.iceberg.find_offload_snapshot like any other interval.
 5. The committed snapshot is read back (VERSION AS OF) and its interval's count and
-   checksum must equal ClickHouse's, else the job exits non-zero.
+   checksum must equal ClickHouse's good rows', else the job exits non-zero. Every row
+   read is accounted for: rows_read = rows (written) + quarantined_rows, in the result.
 
 Deployment: the driver imports the `k2` package (installed in the submitting
 virtualenv; in cluster deploy mode ship it with --py-files); the executors only need
@@ -82,6 +97,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 STARTED = time.monotonic()
 RESULT_PREFIX = "K2_OFFLOAD_RESULT"
 SOURCE_VIEW = "k2_offload_rows"
+QUARANTINE_VIEW = "k2_quarantine_rows"
 MERGE_ATTEMPTS = 3  # a MERGE that lost a commit race is re-planned on the new table version
 OP_COLUMN = "__k2_op"
 DEFAULT_STEP = timedelta(minutes=15)
@@ -332,6 +348,7 @@ def _phase(name: str, since: float) -> float:
 def offload(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Offload every interval of args.intervals in order; one result dict per interval."""
     from k2 import iceberg as ib
+    from k2 import quality
     from k2.config import ConfigError, load_tables
     from k2.runtime_env import ClickHouseSettings, IcebergSettings, MissingSetting
 
@@ -357,14 +374,18 @@ def offload(args: argparse.Namespace) -> list[dict[str, Any]]:
     if spec.event_time_column not in types:
         raise OffloadError(f"{spec.source} has no event-time column {spec.event_time_column!r}")
     struct = ib.spark_struct(columns)  # raises UnsupportedType naming the column
-    first = clickhouse_figures(client_kwargs, ch_settings, spec, types, *intervals[0])
+    try:
+        rules = quality.rules(spec, types)
+    except quality.QualityError as exc:
+        raise UsageError(str(exc)) from None
+    first = clickhouse_figures(client_kwargs, ch_settings, spec, types, rules, *intervals[0])
     t = _phase("ClickHouse describe + checksum", t)
 
     spark = build_spark(ice_settings, f"k2-offload-{spec.name}")
     t = _phase("Spark session", t)
     try:
         return _offload_with_spark(spark, args, spec, ice_settings, client_kwargs, ch_settings,
-                                   columns, types, struct, first, t)
+                                   columns, types, struct, rules, first, t)
     except (UsageError, OffloadError):
         raise
     except Exception as exc:  # described while the JVM is still up
@@ -390,15 +411,18 @@ def _clickhouse(client_kwargs: dict[str, Any], ch_settings: Any) -> Iterator[Any
 
 
 def clickhouse_figures(client_kwargs: dict[str, Any], ch_settings: Any, spec: Any,
-                       types: dict[str, str], start: datetime, end: datetime) -> Any:
-    """ClickHouse's count and checksum of the interval; refuses duplicate unique keys."""
+                       types: dict[str, str], rules: Any, start: datetime, end: datetime) -> Any:
+    """ClickHouse's count and checksum of the interval's good and bad rows (k2.quality's
+    SplitChecksum); refuses duplicate unique keys among the rows that have a whole key."""
     from k2 import checksum as ck
+    from k2 import quality
 
     with _clickhouse(client_kwargs, ch_settings) as ch:
-        expected = ck.clickhouse_interval_checksum(ch, spec, types, start, end)
+        expected = quality.clickhouse_split_checksum(ch, spec, rules, types, start, end)
         duplicates = ch.query(
             f"SELECT {', '.join(_quote(k) for k in spec.unique_key)}, count() AS copies "
             f"FROM {_quote(spec.source)} WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)} "
+            f"AND {quality.clickhouse_key_present_sql(rules, types)} "
             f"GROUP BY {', '.join(_quote(k) for k in spec.unique_key)} HAVING copies > 1 LIMIT 5",
             parameters=ck.interval_parameters(start, end),
         ).result_rows
@@ -414,7 +438,7 @@ def clickhouse_figures(client_kwargs: dict[str, Any], ch_settings: Any, spec: An
 
 def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_settings: Any,
                         client_kwargs: dict[str, Any], ch_settings: Any, columns: list[Any],
-                        types: dict[str, str], struct: Any, first: Any, t: float
+                        types: dict[str, str], struct: Any, rules: Any, first: Any, t: float
                         ) -> list[dict[str, Any]]:
     from pyspark.sql.pandas.types import to_arrow_schema
 
@@ -455,6 +479,10 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
         schema_ipc=to_arrow_schema(struct).serialize().to_pybytes(),
         key_cols=ck.spark_key_columns(spec, struct),
         application_id=spark.sparkContext.applicationId,
+        rules=rules,
+        quarantine_target=ib.quarantine_spark_table_name(ice_settings, spec),
+        create_quarantine_sql=ib.create_quarantine_table_sql(ice_settings, spec, columns),
+        quarantine_columns=ib.quarantine_columns(columns),
     )
     results: list[dict[str, Any]] = []
     intervals = args.intervals
@@ -462,7 +490,7 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
         began = time.monotonic()
         try:
             expected = first if index == 0 else clickhouse_figures(
-                client_kwargs, ch_settings, spec, types, start, end)
+                client_kwargs, ch_settings, spec, types, rules, start, end)
             result = _offload_interval(job, start, end, expected)
         except Exception:
             if results:
@@ -479,9 +507,10 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
             seconds=round(time.monotonic() - STARTED, 3),
         )
         results.append(result)
-        log.info("interval %d of %d [%s, %s): %s rows -> snapshot %s in %.1f s", index + 1,
-                 len(intervals), result["interval_start"], result["interval_end"], result["rows"],
-                 result["snapshot_id"], result["interval_seconds"])
+        log.info("interval %d of %d [%s, %s): %s rows read = %s written -> snapshot %s + %s "
+                 "quarantined in %.1f s", index + 1, len(intervals), result["interval_start"],
+                 result["interval_end"], result["rows_read"], result["rows"], result["snapshot_id"],
+                 result["quarantined_rows"], result["interval_seconds"])
     return results
 
 
@@ -499,6 +528,10 @@ class _Job(NamedTuple):
     schema_ipc: bytes
     key_cols: list[Any]
     application_id: str
+    rules: Any  # k2.quality.Rules
+    quarantine_target: str
+    create_quarantine_sql: str
+    quarantine_columns: list[Any]
 
 
 def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) -> dict[str, Any]:
@@ -507,6 +540,7 @@ def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) 
 
     from k2 import checksum as ck
     from k2 import iceberg as ib
+    from k2 import quality
 
     spark, spec, target = job.spark, job.spec, job.target
     attempt_id = uuid.uuid4().hex  # finds this interval's commit among the job's
@@ -521,21 +555,29 @@ def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) 
         make_slice_reader(job.client_kwargs, job.select_sql, job.schema_ipc), job.struct)
     source = source.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        read = ck.spark_checksum(source, job.key_cols)
-        t = _phase(f"read {read.rows} rows in {len(bounds)} slices", t)
+        read = quality.spark_split_checksum(source, job.key_cols, job.rules)
+        t = _phase(f"read {read.rows_read} rows in {len(bounds)} slices", t)
         if read != expected:
             raise OffloadError(
                 f"read from ClickHouse does not match ClickHouse's own figures for the interval "
-                f"[{start.isoformat()}, {end.isoformat()}): read {read}, ClickHouse {expected} "
+                f"[{start.isoformat()}, {end.isoformat()}): read {read}; ClickHouse {expected} "
                 "(rows changed during the read?); nothing written for it"
             )
 
-        # One MERGE: the atomic replace of the interval
-        source.createOrReplaceTempView(SOURCE_VIEW)
+        # The bad rows replace the interval's quarantine, before the table's own commit
+        quarantine_id = None
+        if job.rules:
+            quarantine_id = _quarantine(job, source, start, end, expected.quarantined, attempt_id)
+            t = _phase(f"quarantine {expected.quarantined.rows} rows", t)
+
+        # One MERGE: the atomic replace of the interval by its good rows
+        good = source.where(f"NOT {quality.spark_bad_sql(job.rules)}") if job.rules else source
+        good.createOrReplaceTempView(SOURCE_VIEW)
         statement = merge_sql(target, job.struct, spec.unique_key, spec.event_time_column, start, end)
         properties = ib.snapshot_properties(
-            spec, start, end, run_id=job.run_id, rows=expected.rows, checksum=expected.checksum,
-            attempt_id=attempt_id,
+            spec, start, end, run_id=job.run_id, rows=expected.good.rows,
+            checksum=expected.good.checksum, attempt_id=attempt_id,
+            quarantined_rows=expected.quarantined.rows,
         )
         run_merge(spark, statement, ib.snapshot_property_conf(properties))
         t = _phase("MERGE", t)
@@ -554,18 +596,25 @@ def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) 
         job.key_cols,
     )
     _phase("verify snapshot", t)
-    if stored != expected:
+    if stored != expected.good:
         raise OffloadError(
             f"after the MERGE, Iceberg snapshot {snapshot_id} holds {stored} for the interval "
-            f"[{start.isoformat()}, {end.isoformat()}), ClickHouse {expected}"
+            f"[{start.isoformat()}, {end.isoformat()}), ClickHouse {expected.good} good rows"
         )
+    if stored.rows + expected.quarantined.rows != read.rows_read:  # every row read is accounted for
+        raise OffloadError(f"rows read {read.rows_read} != written {stored.rows} + quarantined "
+                           f"{expected.quarantined.rows}")
     return {
         "table": spec.name,
         "iceberg_table": spec.iceberg_table,
         "interval_start": ib.iso_utc(start),
         "interval_end": ib.iso_utc(end),
-        "rows": expected.rows,
-        "checksum": expected.checksum,
+        "rows": expected.good.rows,
+        "checksum": expected.good.checksum,
+        "rows_read": read.rows_read,
+        "quarantined_rows": expected.quarantined.rows,
+        "quarantine_table": quality.quarantine_table_name(spec) if job.rules else None,
+        "quarantine_snapshot_id": quarantine_id,
         "snapshot_id": snapshot_id,
         "run_id": job.run_id,
         "attempt_id": attempt_id,
@@ -575,6 +624,87 @@ def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) 
         "added_files_size": ib.summary_int(summary, "added-files-size"),
         "total_data_files": ib.summary_int(summary, "total-data-files"),
     }
+
+
+def quarantine_merge_sql(target: str, names: list[str], interval_start: datetime) -> str:
+    """The MERGE that makes `target` (a quarantine table) hold exactly QUARANTINE_VIEW's
+    'I' rows for the interval starting at `interval_start`.
+
+    QUARANTINE_VIEW holds the bad rows ('I') and one 'D' row; the 'D' row matches every
+    row the table holds for the interval and deletes it ('I' rows never match and are
+    inserted), in one commit - a re-run replaces the interval's quarantined rows. Each
+    target row matches at most one source row (the single 'D'), as MERGE requires.
+    """
+    from k2.quality import INTERVAL_START_COLUMN
+
+    cols = ", ".join(_quote(c) for c in names)
+    return (
+        f"MERGE INTO {target} t USING {QUARANTINE_VIEW} s "
+        f"ON s.{OP_COLUMN} = 'D' AND t.{_quote(INTERVAL_START_COLUMN)} = {_ts_literal(interval_start)} "
+        f"WHEN MATCHED THEN DELETE "
+        f"WHEN NOT MATCHED AND s.{OP_COLUMN} = 'I' THEN INSERT ({cols}) "
+        f"VALUES ({', '.join(f's.{_quote(c)}' for c in names)})"
+    )
+
+
+def _quarantine(job: _Job, source: Any, start: datetime, end: datetime, expected: Any,
+                attempt_id: str) -> int | None:
+    """Replace the interval's rows of the quarantine table by the bad rows of `source`;
+    returns the snapshot id, or None when there was nothing to write or delete."""
+    from pyspark.sql import functions as F
+
+    from k2 import checksum as ck
+    from k2 import iceberg as ib
+    from k2 import quality
+
+    spark, target = job.spark, job.quarantine_target
+    at_start = f"t.{_quote(quality.INTERVAL_START_COLUMN)} = {_ts_literal(start)}"
+    exists = spark.catalog.tableExists(target.replace("`", ""))
+    if expected.rows == 0 and (
+        not exists or spark.sql(f"SELECT 1 FROM {target} t WHERE {at_start} LIMIT 1").first() is None
+    ):
+        return None
+    if not exists:
+        spark.sql(job.create_quarantine_sql)
+    evolution = ib.schema_evolution(job.quarantine_columns, spark.table(target).schema)
+    if evolution.refused:
+        raise OffloadError(f"quarantine table {target} cannot take the schema of {job.spec.source}: "
+                           + "; ".join(evolution.refused) + "; nothing written")
+    for statement in evolution.statements(target):
+        log.warning("schema evolution of %s: %s", target, statement)
+        spark.sql(statement)
+
+    bad = source.where(quality.spark_bad_sql(job.rules)).select(
+        *[F.col(_quote(f.name)) for f in job.struct.fields],
+        F.expr(quality.spark_reason_sql(job.rules)).alias(quality.REASON_COLUMN),
+        F.expr(_ts_literal(start)).alias(quality.INTERVAL_START_COLUMN),
+        F.expr(_ts_literal(end)).alias(quality.INTERVAL_END_COLUMN),
+        F.lit(job.run_id).alias(quality.RUN_ID_COLUMN),  # a value, never SQL text
+        F.current_timestamp().alias(quality.QUARANTINED_AT_COLUMN),
+    )
+    delete_row = spark.range(1).select(
+        *[F.lit(None).cast(f.dataType).alias(f.name) for f in bad.schema.fields],
+        F.lit("D").alias(OP_COLUMN),
+    )
+    bad.withColumn(OP_COLUMN, F.lit("I")).unionByName(delete_row).createOrReplaceTempView(QUARANTINE_VIEW)
+    properties = ib.snapshot_properties(
+        job.spec, start, end, run_id=job.run_id, rows=expected.rows, checksum=expected.checksum,
+        attempt_id=attempt_id,
+    )
+    run_merge(spark, quarantine_merge_sql(target, [f.name for f in bad.schema.fields], start),
+              ib.snapshot_property_conf(properties))
+    found = _find_attempt_snapshot(spark, target, attempt_id)
+    if found is None:
+        raise OffloadError(f"the quarantine MERGE into {target} committed no snapshot")
+    snapshot_id = found[0]
+    stored = ck.spark_checksum(
+        spark.sql(f"SELECT * FROM {target} VERSION AS OF {snapshot_id} t WHERE {at_start}"), job.key_cols)
+    if stored != expected:
+        raise OffloadError(
+            f"after the quarantine MERGE, {target} snapshot {snapshot_id} holds {stored} for the "
+            f"interval [{start.isoformat()}, {end.isoformat()}), ClickHouse {expected} bad rows"
+        )
+    return snapshot_id
 
 
 def _is_commit_conflict(exc: BaseException) -> bool:
@@ -700,8 +830,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"offload_to_iceberg: error: {describe_error(exc)}", file=sys.stderr)
         return 1
     last = results[-1]
-    log.info("offloaded %s rows of %s in %d interval(s) [%s, %s) in %.1f s -> snapshot(s) %s",
-             sum(r["rows"] for r in results), last["table"], len(results),
+    log.info("offloaded %s rows (%s quarantined) of %s in %d interval(s) [%s, %s) in %.1f s "
+             "-> snapshot(s) %s", sum(r["rows"] for r in results),
+             sum(r["quarantined_rows"] for r in results), last["table"], len(results),
              results[0]["interval_start"], last["interval_end"], last["seconds"],
              ", ".join(str(r["snapshot_id"]) for r in results))
     # Printed together at the end, so that they are the last lines of the output.

@@ -66,6 +66,94 @@ class Completeness(BaseModel):
     _check = field_validator("table", "column")(_identifier)
 
 
+# Row-quality checks (tables.yaml `quality_checks`; k2.quality renders them per engine).
+CHECK_KEY_NOT_NULL = "key_not_null"
+CHECK_POSITIVE = "positive"
+CHECK_ALLOWED_VALUES = "allowed_values"
+CHECK_NOT_IN_FUTURE = "not_in_future"
+CHECK_NAMES = (CHECK_KEY_NOT_NULL, CHECK_POSITIVE, CHECK_ALLOWED_VALUES, CHECK_NOT_IN_FUTURE)
+# Allowed values become SQL string literals: printable text without quotes or backslashes.
+ALLOWED_VALUE = re.compile(r"^[^'\\\x00-\x1f\x7f]{1,128}$")
+
+
+class QualityCheck(BaseModel):
+    """One row-quality check, normalized from its YAML form (see `_quality_checks`).
+
+    A row fails `positive` when a column is NULL or <= 0, `allowed_values` when the column
+    is NULL or not one of `values`, `not_in_future` when the column is NULL, `reference`
+    is NULL or the column is more than `tolerance` after `reference`, and `key_not_null`
+    when any unique_key column is NULL.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    check: str
+    columns: tuple[str, ...] = ()
+    values: tuple[str, ...] = ()
+    reference: str | None = None
+    tolerance: timedelta = timedelta(0)
+
+
+def _one_check(item: Any, event_time_column: str | None) -> list[QualityCheck]:
+    """A YAML entry -> QualityCheck(s). Raises ValueError saying what is wrong."""
+    if isinstance(item, str):
+        if item == CHECK_KEY_NOT_NULL:
+            return [QualityCheck(check=item)]
+        if item in CHECK_NAMES:
+            raise ValueError(f"{item!r} needs arguments, e.g. {_EXAMPLES[item]}")
+        raise ValueError(f"unknown check {item!r}; known: {', '.join(CHECK_NAMES)}")
+    if not isinstance(item, dict) or len(item) != 1:
+        raise ValueError(f"{item!r} is not a check: write a name or a one-key mapping, e.g. "
+                         f"{_EXAMPLES[CHECK_POSITIVE]}")
+    (name, args), = item.items()
+    if name not in CHECK_NAMES:
+        raise ValueError(f"unknown check {name!r}; known: {', '.join(CHECK_NAMES)}")
+    if name == CHECK_KEY_NOT_NULL:
+        if args not in (None, True):
+            raise ValueError(f"{name!r} takes no arguments")
+        return [QualityCheck(check=name)]
+    if name == CHECK_POSITIVE:
+        columns = [args] if isinstance(args, str) else args
+        if not isinstance(columns, list) or not columns:
+            raise ValueError(f"{name!r} needs a column or a list of columns, e.g. {_EXAMPLES[name]}")
+        return [QualityCheck(check=name, columns=(_identifier(c),)) for c in columns]
+    if name == CHECK_ALLOWED_VALUES:
+        if not isinstance(args, dict) or not args:
+            raise ValueError(f"{name!r} needs a mapping column -> values, e.g. {_EXAMPLES[name]}")
+        checks = []
+        for column, values in args.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{name!r} of {column!r} needs a non-empty list of values")
+            for value in values:
+                if not isinstance(value, str) or not ALLOWED_VALUE.match(value):
+                    raise ValueError(
+                        f"{name!r} of {column!r}: {value!r} is not a string of 1-128 printable "
+                        "characters without quotes or backslashes"
+                    )
+            checks.append(QualityCheck(check=name, columns=(_identifier(column),), values=tuple(values)))
+        return checks
+    # not_in_future
+    if not isinstance(args, dict) or "reference" not in args:
+        raise ValueError(f"{name!r} needs a reference column, e.g. {_EXAMPLES[name]}")
+    unknown = set(args) - {"column", "reference", "tolerance"}
+    if unknown:
+        raise ValueError(f"{name!r} has unknown keys {sorted(unknown)} (column, reference, tolerance)")
+    column = args.get("column") or event_time_column
+    if column is None:
+        raise ValueError(f"{name!r} needs a column")
+    tolerance = parse_duration(args.get("tolerance", "0s"))
+    return [QualityCheck(check=name, columns=(_identifier(column),),
+                         reference=_identifier(args["reference"]), tolerance=tolerance)]
+
+
+_EXAMPLES = {
+    CHECK_KEY_NOT_NULL: "key_not_null",
+    CHECK_POSITIVE: "{positive: [price, quantity]}",
+    CHECK_ALLOWED_VALUES: "{allowed_values: {side: [buy, sell]}}",
+    CHECK_NOT_IN_FUTURE: "{not_in_future: {column: event_time, reference: ingested_at, tolerance: 1m}}",
+}
+
+
 class TableSpec(BaseModel):
     """One offloaded table."""
 
@@ -85,6 +173,9 @@ class TableSpec(BaseModel):
     # Catch-up: the most 15-minute intervals one Spark job offloads (k2.catchup). A bigger
     # batch saves JVM starts but holds the table's offload lock longer.
     max_intervals_per_job: int = Field(default=16, ge=1, le=MAX_INTERVALS_PER_JOB, strict=True)
+    # Rows failing a check go to the quarantine table instead of iceberg_table (k2.quality).
+    # key_not_null is always applied: a row without its whole key cannot be MERGEd.
+    quality_checks: tuple[QualityCheck, ...] = ()
 
     @field_validator("clickhouse_table", "read_from", "event_time_column")
     @classmethod
@@ -130,6 +221,31 @@ class TableSpec(BaseModel):
         if isinstance(value, datetime) and value.tzinfo is None:
             raise ValueError(f"{value!r} needs a timezone (write it with Z for UTC)")
         return value
+
+    @field_validator("quality_checks", mode="before")
+    @classmethod
+    def _quality_checks(cls, value: Any, info: Any) -> Any:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise ValueError("must be a list of checks, e.g. [key_not_null, {positive: [price]}]")
+        checks: list[QualityCheck] = []
+        for index, item in enumerate(value):
+            if isinstance(item, QualityCheck):
+                checks.append(item)
+                continue
+            try:
+                checks.extend(_one_check(item, info.data.get("event_time_column")))
+            except ValueError as exc:
+                raise ValueError(f"check #{index + 1}: {exc}") from None
+        seen = set()
+        for check in checks:
+            key = (check.check, check.columns)
+            if key in seen:
+                what = f"{check.check}({', '.join(check.columns)})" if check.columns else check.check
+                raise ValueError(f"{what} is listed twice")
+            seen.add(key)
+        return tuple(checks)
 
     @model_validator(mode="after")
     def _completeness_default(self) -> TableSpec:

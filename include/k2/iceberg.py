@@ -64,6 +64,7 @@ PROP_RUN_ID = "k2.run-id"
 PROP_ROWS = "k2.rows"
 PROP_CHECKSUM = "k2.checksum"
 PROP_ATTEMPT_ID = "k2.attempt-id"  # unique per job execution: finds *this* commit
+PROP_QUARANTINED_ROWS = "k2.quarantined-rows"  # rows of the interval in the quarantine table
 SNAPSHOT_PROPERTY_CONF_PREFIX = "spark.sql.iceberg.snapshot-property."
 
 # Table properties of tables the offload creates. Copy-on-write keeps the data files
@@ -350,6 +351,47 @@ def spark_table_name(settings: IcebergSettings, spec: TableSpec) -> str:
     return f"`{catalog_name(settings)}`.`{_ident(namespace)}`.`{_ident(table)}`"
 
 
+def quarantine_columns(columns: Sequence[SourceColumn]) -> list[SourceColumn]:
+    """The quarantine table's columns: the source's, all optional (a bad row may lack any
+    value), then why and when each row was set aside (k2.quality.QUARANTINE_COLUMNS)."""
+    from k2 import quality
+
+    extra = {
+        quality.REASON_COLUMN: "String",
+        quality.INTERVAL_START_COLUMN: "DateTime64(3, 'UTC')",
+        quality.INTERVAL_END_COLUMN: "DateTime64(3, 'UTC')",
+        quality.RUN_ID_COLUMN: "String",
+        quality.QUARANTINED_AT_COLUMN: "DateTime64(6, 'UTC')",
+    }
+    clashing = [c.name for c in columns if c.name in extra]
+    if clashing:
+        raise SchemaMismatch(f"source columns {clashing} clash with the quarantine table's own columns")
+    out = [SourceColumn(c.name, c.clickhouse_type if _unwrap(c.clickhouse_type)[1]
+                        else f"Nullable({c.clickhouse_type})") for c in columns]
+    return out + [SourceColumn(name, f"Nullable({t})") for name, t in extra.items()]
+
+
+def quarantine_spark_table_name(settings: IcebergSettings, spec: TableSpec) -> str:
+    from k2.quality import quarantine_table_name
+
+    namespace, table = quarantine_table_name(spec).split(".")
+    return f"`{catalog_name(settings)}`.`{_ident(namespace)}`.`{_ident(table)}`"
+
+
+def create_quarantine_table_sql(settings: IcebergSettings, spec: TableSpec,
+                                columns: Sequence[SourceColumn]) -> str:
+    """CREATE TABLE IF NOT EXISTS of the quarantine table (`columns`: the source's)."""
+    from k2.quality import INTERVAL_START_COLUMN
+
+    props = ", ".join(f"'{k}'='{v}'" for k, v in TABLE_PROPERTIES.items())
+    return (
+        f"CREATE TABLE IF NOT EXISTS {quarantine_spark_table_name(settings, spec)} "
+        f"({spark_columns_ddl(quarantine_columns(columns))}) USING iceberg "
+        f"PARTITIONED BY (months(`{INTERVAL_START_COLUMN}`)) "
+        f"TBLPROPERTIES ({props}, 'k2.source'='{_ident(spec.source)}', 'k2.quarantine-of'='{spec.iceberg_table}')"
+    )
+
+
 def create_table_sql(settings: IcebergSettings, spec: TableSpec, columns: Sequence[SourceColumn]) -> str:
     partition = spark_partition_sql(spec, [c.name for c in columns])
     props = ", ".join(f"'{k}'='{v}'" for k, v in TABLE_PROPERTIES.items())
@@ -463,7 +505,10 @@ def _parse_iso(text: str | None) -> datetime | None:
 
 
 def snapshot_properties(spec: TableSpec, start: datetime, end: datetime, *, run_id: str,
-                        rows: int, checksum: int, attempt_id: str) -> dict[str, str]:
+                        rows: int, checksum: int, attempt_id: str,
+                        quarantined_rows: int = 0) -> dict[str, str]:
+    """k2.rows / k2.checksum are the rows written to the table (those passing the quality
+    checks); k2.quarantined-rows the interval's rows written to the quarantine table."""
     return {
         PROP_TABLE: spec.name,
         PROP_INTERVAL_START: iso_utc(start),
@@ -472,6 +517,7 @@ def snapshot_properties(spec: TableSpec, start: datetime, end: datetime, *, run_
         PROP_ROWS: str(rows),
         PROP_CHECKSUM: str(checksum),
         PROP_ATTEMPT_ID: attempt_id,
+        PROP_QUARANTINED_ROWS: str(quarantined_rows),
     }
 
 
@@ -495,6 +541,7 @@ class OffloadSnapshot:
     # Iceberg's own summary figures of the commit (None when the summary lacks them).
     added_files_size: int | None = None  # bytes of the data files the commit added
     total_data_files: int | None = None  # data files of the table after the commit
+    quarantined_rows: int = 0  # rows of the interval set aside in the quarantine table
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -510,6 +557,7 @@ class OffloadSnapshot:
             "committed_at": iso_utc(self.committed_at),
             "added_files_size": self.added_files_size,
             "total_data_files": self.total_data_files,
+            "quarantined_rows": self.quarantined_rows,
         }
 
 
@@ -539,6 +587,7 @@ def offload_snapshot_from_summary(spec: TableSpec, snapshot_id: int, timestamp_m
         committed_at=datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc),
         added_files_size=summary_int(summary, "added-files-size"),
         total_data_files=summary_int(summary, "total-data-files"),
+        quarantined_rows=summary_int(summary, PROP_QUARANTINED_ROWS) or 0,
     )
 
 

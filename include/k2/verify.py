@@ -14,6 +14,12 @@ intervals that differ, the rows are compared key by key:
 The checksum covers the unique key only (it is what "exactly one copy of each row"
 needs, and it is cheap); value differences are looked for in the row-level detail.
 Iceberg is read at one snapshot for the whole report.
+
+Bad rows (k2.quality): the ClickHouse side is split by the table's quality checks,
+rendered in ClickHouse SQL. The rows that pass are compared with the table as above;
+the rows that fail are compared (count and key checksum per interval) with the
+table's quarantine table, which must hold exactly them. The row-level detail splits
+the ClickHouse rows with the same checks rendered in pyarrow.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from k2 import checksum as ck
 from k2 import iceberg as ib
+from k2 import quality
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -40,8 +47,11 @@ DEFAULT_INTERVAL = timedelta(minutes=15)
 class IntervalResult:
     start: datetime
     end: datetime
-    clickhouse: ck.IntervalChecksum
+    clickhouse: ck.IntervalChecksum  # the rows that pass the quality checks
     iceberg: ck.IntervalChecksum
+    # the rows that fail them, and what the quarantine table holds for the interval
+    clickhouse_quarantined: ck.IntervalChecksum = ck.IntervalChecksum(0, 0)
+    iceberg_quarantined: ck.IntervalChecksum = ck.IntervalChecksum(0, 0)
     snapshot_id: int | None = None  # the offload commit recorded for exactly this interval
     run_id: str | None = None
     detail: bool = False  # whether the row-level comparison below was done
@@ -53,7 +63,7 @@ class IntervalResult:
 
     @property
     def ok(self) -> bool:
-        if self.clickhouse != self.iceberg:
+        if self.clickhouse != self.iceberg or self.clickhouse_quarantined != self.iceberg_quarantined:
             return False
         return not (self.missing or self.unexpected or self.duplicated or self.mismatched)
 
@@ -64,6 +74,8 @@ class IntervalResult:
             "ok": self.ok,
             "clickhouse": self.clickhouse.to_dict(),
             "iceberg": self.iceberg.to_dict(),
+            "clickhouse_quarantined": self.clickhouse_quarantined.to_dict(),
+            "iceberg_quarantined": self.iceberg_quarantined.to_dict(),
             "snapshot_id": self.snapshot_id,
             "run_id": self.run_id,
         }
@@ -97,6 +109,8 @@ class VerifyReport:
         return {
             "clickhouse_rows": sum(i.clickhouse.rows for i in self.intervals),
             "iceberg_rows": sum(i.iceberg.rows for i in self.intervals),
+            "clickhouse_quarantined_rows": sum(i.clickhouse_quarantined.rows for i in self.intervals),
+            "iceberg_quarantined_rows": sum(i.iceberg_quarantined.rows for i in self.intervals),
             "missing": sum(i.missing for i in self.intervals),
             "unexpected": sum(i.unexpected for i in self.intervals),
             "duplicated": sum(i.duplicated for i in self.intervals),
@@ -125,6 +139,9 @@ class VerifyReport:
             f"[{ib.iso_utc(self.start)}, {ib.iso_utc(self.end)}), "
             f"ClickHouse {totals['clickhouse_rows']:,} rows, Iceberg {totals['iceberg_rows']:,} rows"
         )
+        if totals["clickhouse_quarantined_rows"] or totals["iceberg_quarantined_rows"]:
+            head += (f"; bad rows: ClickHouse {totals['clickhouse_quarantined_rows']:,}, "
+                     f"quarantine table {totals['iceberg_quarantined_rows']:,}")
         lines = [head]
         lines += [f"  note: {n}" for n in self.notes]
         failed = self.failed
@@ -139,6 +156,9 @@ class VerifyReport:
                     detail = "same count, different checksum (no row detail computed)"
                 else:
                     detail = "(no row detail computed)"
+                if r.clickhouse_quarantined != r.iceberg_quarantined:
+                    detail += (f"; quarantine: ClickHouse has {r.clickhouse_quarantined}, "
+                               f"the quarantine table {r.iceberg_quarantined}")
                 lines.append(
                     f"    {ib.iso_utc(r.start):<26} {r.clickhouse.rows:>12,} {r.iceberg.rows:>12,}  {detail}"
                 )
@@ -190,7 +210,8 @@ def verify_table(
     if spec.event_time_column not in types:
         raise ValueError(f"{spec.source} has no event-time column {spec.event_time_column!r}")
 
-    ch_sums = _clickhouse_buckets(ch_client, spec, types, start, end, interval, len(buckets))
+    rules = quality.rules(spec, types)
+    ch_sums, ch_bad = _clickhouse_buckets(ch_client, spec, types, rules, start, end, interval, len(buckets))
     notes: list[str] = []
     try:
         table = catalog.load_table(spec.iceberg_table)
@@ -207,23 +228,25 @@ def verify_table(
         else [ck.IntervalChecksum(0, 0)] * len(buckets)
     )
     commits = _offload_commits(table, spec) if snapshot_id is not None else {}
+    ice_bad = _quarantine_buckets(catalog, spec, rules, start, end, interval, len(buckets), notes)
 
     results = []
-    for (b_start, b_end), ch_sum, ice_sum in zip(buckets, ch_sums, ice_sums):
+    for (b_start, b_end), ch_sum, ice_sum, ch_q, ice_q in zip(buckets, ch_sums, ice_sums, ch_bad, ice_bad):
         commit = commits.get((b_start, b_end))
         results.append(IntervalResult(
             start=b_start, end=b_end, clickhouse=ch_sum, iceberg=ice_sum,
+            clickhouse_quarantined=ch_q, iceberg_quarantined=ice_q,
             snapshot_id=commit.snapshot_id if commit else None,
             run_id=commit.run_id if commit else None,
         ))
 
     if compare_values:
         for r in results:
-            _row_detail(r, spec, ch_client, columns, table, snapshot_id, samples)
+            _row_detail(r, spec, ch_client, columns, table, snapshot_id, samples, rules)
     elif detail:
         differing = [r for r in results if not r.ok]
         for r in differing[:max_detail_intervals]:
-            _row_detail(r, spec, ch_client, columns, table, snapshot_id, samples)
+            _row_detail(r, spec, ch_client, columns, table, snapshot_id, samples, rules)
         if len(differing) > max_detail_intervals:
             notes.append(
                 f"row-level detail computed for the first {max_detail_intervals} of "
@@ -239,22 +262,48 @@ def verify_table(
 # Counts and checksums per interval
 
 
-def _clickhouse_buckets(client: Any, spec: TableSpec, types: dict[str, str], start: datetime,
-                        end: datetime, interval: timedelta, n: int) -> list[ck.IntervalChecksum]:
+def _clickhouse_buckets(client: Any, spec: TableSpec, types: dict[str, str], rules: quality.Rules,
+                        start: datetime, end: datetime, interval: timedelta, n: int
+                        ) -> tuple[list[ck.IntervalChecksum], list[ck.IntervalChecksum]]:
+    """Per bucket: (rows passing the quality checks, rows failing them)."""
     keys = [(c, types[c]) for c, _ in ck.key_columns(
         spec, {c: ck.kind_from_clickhouse(c, types[c]) for c in spec.unique_key if c in types})]
     ms = ck.clickhouse_time_ms_sql(spec.event_time_column, types[spec.event_time_column])
+    row_hash = ck.clickhouse_row_hash_sql(keys)
+    bad = quality.clickhouse_bad_sql(rules, types)
     sql = (
         f"SELECT intDiv({ms} - {{k2_start_ms:Int64}}, {{k2_step_ms:Int64}}) AS bucket, "
-        f"count() AS rows, sumWithOverflow({ck.clickhouse_row_hash_sql(keys)}) AS checksum "
+        f"countIf(NOT {bad}) AS rows, sumWithOverflowIf({row_hash}, NOT {bad}) AS checksum, "
+        f"countIf({bad}) AS bad_rows, sumWithOverflowIf({row_hash}, {bad}) AS bad_checksum "
         f"FROM `{spec.source}` WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)} "
         f"GROUP BY bucket ORDER BY bucket"
     )
     params = {**ck.interval_parameters(start, end), "k2_step_ms": int(interval.total_seconds() * 1000)}
-    out = [ck.IntervalChecksum(0, 0)] * n
-    for bucket, rows, checksum in client.query(sql, parameters=params).result_rows:
-        out[int(bucket)] = ck.IntervalChecksum(int(rows), int(checksum))
-    return out
+    good = [ck.IntervalChecksum(0, 0)] * n
+    failed = [ck.IntervalChecksum(0, 0)] * n
+    for bucket, rows, checksum, bad_rows, bad_checksum in client.query(sql, parameters=params).result_rows:
+        good[int(bucket)] = ck.IntervalChecksum(int(rows), int(checksum or 0))
+        failed[int(bucket)] = ck.IntervalChecksum(int(bad_rows), int(bad_checksum or 0))
+    return good, failed
+
+
+def _quarantine_buckets(catalog: Catalog, spec: TableSpec, rules: quality.Rules, start: datetime,
+                        end: datetime, interval: timedelta, n: int, notes: list[str]
+                        ) -> list[ck.IntervalChecksum]:
+    """Per bucket (of the rows' event time), what the quarantine table holds."""
+    from pyiceberg.exceptions import NoSuchTableError
+
+    zeros = [ck.IntervalChecksum(0, 0)] * n
+    if not rules:
+        return zeros
+    try:
+        table = catalog.load_table(quality.quarantine_table_name(spec))
+    except NoSuchTableError:
+        return zeros  # nothing quarantined yet; ClickHouse's bad rows, if any, show as a difference
+    snapshot = table.current_snapshot()
+    if snapshot is None:
+        return zeros
+    return _iceberg_buckets(table, snapshot.snapshot_id, spec, start, end, interval, n)
 
 
 def _iceberg_filter(spec: TableSpec, start: datetime, end: datetime) -> Any:
@@ -344,13 +393,17 @@ def _show(key: str) -> str:
 
 
 def _row_detail(result: IntervalResult, spec: TableSpec, ch_client: Any, columns: list[ib.SourceColumn],
-                table: Any, snapshot_id: int | None, samples: int) -> None:
+                table: Any, snapshot_id: int | None, samples: int, rules: quality.Rules) -> None:
+    import pyarrow.compute as pc
+
     ch_rows = ch_client.query_arrow(
         f"SELECT {', '.join(f'`{c.name}`' for c in columns)} FROM `{spec.source}` "
         f"WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)}",
         parameters=ck.interval_parameters(result.start, result.end),
         use_strings=True,
     )
+    if rules and ch_rows.num_rows:  # the table holds the rows that pass the checks
+        ch_rows = ch_rows.filter(pc.invert(quality.arrow_bad_mask(ch_rows, rules)))
     ch_keys = ck.arrow_key_columns(spec, ch_rows.schema)
     ice_batches = list(_batches(table, snapshot_id, spec, result.start, result.end)) if snapshot_id else []
     ice_names = set(ice_batches[0].schema.names) if ice_batches else set()
@@ -387,14 +440,16 @@ def _row_detail(result: IntervalResult, spec: TableSpec, ch_client: Any, columns
 # Late rows: rows that reached ClickHouse after their interval was offloaded
 
 
-def late_rows_sql(spec: TableSpec, event_time_type: str) -> str:
-    """Row count per offloaded interval in one GROUP BY (parameters: see late_rows)."""
-    ms = ck.clickhouse_time_ms_sql(spec.event_time_column, event_time_type)
+def late_rows_sql(spec: TableSpec, column_types: Mapping[str, str]) -> str:
+    """Count of the rows that pass the quality checks (what the ledger records) per
+    offloaded interval in one GROUP BY (parameters: see late_rows)."""
+    ms = ck.clickhouse_time_ms_sql(spec.event_time_column, column_types[spec.event_time_column])
     bucket = f"intDiv({ms} - {{k2_start_ms:Int64}}, {{k2_step_ms:Int64}})"
+    good = quality.clickhouse_good_sql(quality.rules(spec, column_types), column_types)
     return (
         f"SELECT {bucket} AS bucket, count() AS rows FROM `{spec.source}` "
         f"WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)} "
-        f"AND {bucket} IN {{k2_buckets:Array(Int64)}} "
+        f"AND {good} AND {bucket} IN {{k2_buckets:Array(Int64)}} "
         f"GROUP BY bucket ORDER BY bucket"
     )
 
@@ -408,7 +463,8 @@ def late_rows(ch_client: Any, spec: TableSpec,
     ones to offload again. Fewer rows than offloaded is not "late" - the hot tier's TTL
     deletes rows - and is left to `k2 verify`. The intervals must all have one length and
     lie on one grid (the offload's 15-minute intervals do); ClickHouse counts them all in
-    one GROUP BY query.
+    one GROUP BY query. Only rows passing the table's quality checks are counted, as the ledger's rows
+    are; a late bad row shows in `k2 verify` as a quarantine difference.
     """
     if not offloaded:
         return {}
@@ -426,8 +482,7 @@ def late_rows(ch_client: Any, spec: TableSpec,
     buckets = [int((s - origin) / step) for s, _ in intervals]
     params = {**ck.interval_parameters(origin, intervals[-1][1]), "k2_step_ms": step_ms,
               "k2_buckets": buckets}
-    rows = ch_client.query(late_rows_sql(spec, types[spec.event_time_column]),
-                           parameters=params).result_rows
+    rows = ch_client.query(late_rows_sql(spec, types), parameters=params).result_rows
     out: dict[tuple[datetime, datetime], int] = {}
     for bucket, now in rows:
         interval = (origin + int(bucket) * step, origin + (int(bucket) + 1) * step)

@@ -28,7 +28,10 @@ class FakeClickHouse:
         if sql.startswith("DESCRIBE"):
             return SimpleNamespace(column_names=["name", "type", "default_type"],
                                    result_rows=[("event_time", "DateTime64(3, 'UTC')", ""),
-                                                ("symbol", "String", ""), ("trade_id", "UInt64", "")])
+                                                ("symbol", "String", ""), ("trade_id", "UInt64", ""),
+                                                *[(c, "Decimal(38, 18)", "") for c in
+                                                  ("price", "quantity", "quote_quantity")],
+                                                ("ingested_at", "DateTime64(3, 'UTC')", "")])
         wanted = parameters["k2_buckets"]
         return SimpleNamespace(result_rows=[(b, n) for b, n in sorted(self.counts.items()) if b in wanted])
 

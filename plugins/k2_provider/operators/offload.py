@@ -93,6 +93,8 @@ def normalize_result(raw: Mapping[str, Any]) -> dict[str, Any]:
         "rows": int(raw["rows"]),
         "checksum": int(raw["checksum"]),
         "snapshot_id": int(raw["snapshot_id"]),
+        # rows of the interval set aside in the quarantine table (None: not known here)
+        "quarantined_rows": None if raw.get("quarantined_rows") is None else int(raw["quarantined_rows"]),
     }
 
 
@@ -232,14 +234,17 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
     - a retry, a clear, a manual run or a backfill re-offloads just its own interval.
 
     Returns (to XCom) the run's own interval - table, interval_start, interval_end, run_id
-    (of the run that wrote it), rows, checksum, snapshot_id - plus ``intervals``: that
+    (of the run that wrote it), rows (written to the table), checksum, snapshot_id,
+    quarantined_rows (failed the table's quality checks; written to its quarantine
+    table) - plus ``intervals``: that
     shape for every interval the job offloaded, own interval first, and ``skipped``. They
     are read from the Iceberg snapshots (their summaries carry ``k2.*`` properties), which
     works in every deploy mode; the job's ``K2_OFFLOAD_RESULT`` lines are the fallback in
     client mode.
 
     Metrics (:mod:`k2.metrics`, never failing the task): rows, bytes and duration per
-    interval, the table's data-file count, the catch-up backlog, and errors by type.
+    interval, quarantined rows, the table's data-file count, the catch-up backlog, and
+    errors by type.
 
     :param table: table name from tables.yaml (templated).
     :param interval_start: interval start, ISO-8601 UTC (templated); default data_interval_start.
@@ -500,6 +505,9 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
                 "rows": entry.rows,
                 "checksum": entry.checksum,
                 "snapshot_id": entry.snapshot_id,
+                "quarantined_rows": (
+                    facts.snapshots[own].quarantined_rows if own in facts.snapshots else None
+                ),
             }
             where = "the ledger"
         else:
@@ -546,6 +554,7 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
     ) -> dict[str, Any]:
         from k2 import metrics
         from k2.iceberg import spark_conf
+        from k2.quality import quarantine_table_name
 
         # Set only now: rendered template fields were recorded before execute() (and are
         # not re-recorded), so the values never reach the UI; the hook hands them to
@@ -576,6 +585,18 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
                 wall / len(results),
                 log=self.log,
             )
+            if result.get("quarantined_rows"):
+                metrics.emit_safely(
+                    metrics.record_quarantined_rows, self.table, result["quarantined_rows"], log=self.log
+                )
+                self.log.warning(
+                    "%s [%s, %s): %s row(s) failed the quality checks and were written to %s",
+                    self.table,
+                    result["interval_start"],
+                    result["interval_end"],
+                    result["quarantined_rows"],
+                    quarantine_table_name(spec),
+                )
         if data_files is not None:
             metrics.emit_safely(metrics.set_iceberg_data_files, self.table, data_files, log=self.log)
         self.log.info(
@@ -587,7 +608,7 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
             wall,
             "; ".join(
                 f"[{r['interval_start']}, {r['interval_end']}) {r['rows']} rows, checksum "
-                f"{r['checksum']}, snapshot {r['snapshot_id']}"
+                f"{r['checksum']}, snapshot {r['snapshot_id']}, {r['quarantined_rows'] or 0} quarantined"
                 for r in results
             ),
         )
