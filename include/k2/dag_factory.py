@@ -141,7 +141,7 @@ bounded by the pool `{SPARK_POOL}`. Catching up, one Spark job offloads up to
   application_name is `k2 offload <run id>`); a killed task's lock goes with its connection.
 - *Watermark stuck*: `k2 watermark show` lists the watermark, its lag and pending intervals; a pending
   interval means an earlier one is not committed yet – find and clear that run.
-- *Verify*: `k2 verify {spec.name}` compares ClickHouse and Iceberg interval by interval.
+- *Verify*: `k2 verify --table {spec.name}` compares ClickHouse and Iceberg interval by interval.
 """
 
 
