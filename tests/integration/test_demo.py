@@ -32,6 +32,7 @@ def test_demo_catches_up_and_verifies_clean():
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-6000:]
         assert "caught up" in output
+        assert "no fault alert firing" in output, output[-3000:]
         # Everything it started is stopped again.
         status = subprocess.run([K2, "local", "status", "--json"], env=env, capture_output=True, text=True)
         assert all(row["state"] == "stopped" for row in json.loads(status.stdout)), status.stdout
