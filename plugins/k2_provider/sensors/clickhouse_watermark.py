@@ -10,7 +10,7 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout
 
 from k2_provider.hooks.clickhouse import ClickHouseHook
-from k2_provider.triggers.clickhouse_watermark import ClickHouseWatermarkTrigger
+from k2_provider.triggers.clickhouse_watermark import ClickHouseWatermarkTrigger, is_unreachable
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -34,8 +34,10 @@ class ClickHouseWatermarkSensor(BaseSensorOperator):
     holding no worker slot. Otherwise it pokes in ``reschedule`` mode. Either way,
     after ``timeout`` it fails (no retry) with a message naming the table, the last
     watermark and the target, because a watermark that does not move means the feed
-    has stopped. Returns the watermark that passed (ISO string, to XCom). Every check
-    sends the table's newest event time as ``k2_hot_max_event_timestamp_seconds``
+    has stopped. A ClickHouse that cannot be reached (refused, reset, timed out) is waited
+    for the same way: each failed check logs a warning and the sensor keeps checking until
+    ``timeout``, whose message then names the last error. Returns the watermark that passed
+    (ISO string, to XCom). Every check sends the table's newest event time as ``k2_hot_max_event_timestamp_seconds``
     (:mod:`k2.metrics`; a failed send is logged, never fails the task).
 
     :param table: table whose max event time is the watermark (templated; a plain identifier).
@@ -75,13 +77,28 @@ class ClickHouseWatermarkSensor(BaseSensorOperator):
         self.clickhouse_conn_id = clickhouse_conn_id
         self.deferrable = deferrable
         self._last_watermark: datetime | None = None
+        self._last_error: str | None = None
 
     def _hook(self) -> ClickHouseHook:
         return ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id)
 
-    def _stopped_message(self, target: datetime, watermark: datetime | str | None) -> str:
+    def _stopped_message(
+        self,
+        target: datetime,
+        watermark: datetime | str | None,
+        error: str | None = None,
+        failing_since: str | None = None,
+    ) -> str:
         if isinstance(watermark, datetime):
             watermark = watermark.isoformat()
+        if error:
+            return (
+                f"ClickHouse could not be queried for {self.table!r} "
+                f"{f'since {failing_since} ' if failing_since else ''}until the sensor's timeout "
+                f"of {timedelta(seconds=self.timeout)}: {error}. The last watermark seen was "
+                f"{watermark or 'none'}, target {target.isoformat()}. Check that ClickHouse is up "
+                "and reachable from the triggerer and workers (the clickhouse_default connection)."
+            )
         return (
             f"ClickHouse feed for {self.table!r} looks stopped: its watermark "
             f"(max({self.column}) - {self.lateness}) is {watermark or 'empty (no rows)'}, "
@@ -106,9 +123,22 @@ class ClickHouseWatermarkSensor(BaseSensorOperator):
         hook = self._hook()
         try:
             watermark = hook.watermark(self.table, self.column, self.lateness)
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            # An outage that may pass: keep checking until the timeout, as for a stalled feed.
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            self.log.warning(
+                "ClickHouse unreachable, watermark check on %s failed: %s; checking again "
+                "until the sensor's timeout",
+                self.table,
+                self._last_error,
+            )
+            return False
         finally:
             hook.close()
         self._last_watermark = watermark
+        self._last_error = None
         self._emit_hot_max_event_time(watermark)
         self.log.info(
             "%s watermark %s, target %s",
@@ -126,14 +156,14 @@ class ClickHouseWatermarkSensor(BaseSensorOperator):
             try:
                 return super().execute(context)
             except AirflowSensorTimeout as exc:
-                message = self._stopped_message(target, self._last_watermark)
+                message = self._stopped_message(target, self._last_watermark, self._last_error)
                 self.log.error(message)
                 raise AirflowSensorTimeout(message) from exc
 
         # One check on the worker first: a catching-up run whose data is there needs no trigger.
         try:
             done = self.poke(context)
-        except Exception as exc:  # the trigger retries failed queries; let it wait
+        except Exception as exc:  # the trigger retries failed queries and reports the lasting ones
             self.log.warning("watermark check on %s failed, deferring: %s", self.table, exc)
             done = False
         if done:
@@ -168,7 +198,12 @@ class ClickHouseWatermarkSensor(BaseSensorOperator):
             )
             return event.get("watermark")
         if status == "timeout":
-            message = self._stopped_message(_parse_target(event["target"]), event.get("watermark"))
+            message = self._stopped_message(
+                _parse_target(event["target"]),
+                event.get("watermark"),
+                event.get("error"),
+                event.get("failing_since"),
+            )
             self.log.error(message)
             raise AirflowSensorTimeout(message)
         if status == "error":

@@ -24,6 +24,20 @@ def _aware(value: datetime | str, name: str) -> datetime:
     return value.astimezone(timezone.utc)
 
 
+def is_unreachable(exc: BaseException) -> bool:
+    """True when ClickHouse could not be reached (refused, reset, timed out): an outage that
+    may pass. False for an error the server reported (unknown table, bad credentials)."""
+    if isinstance(exc, OSError):  # ConnectionError, TimeoutError, socket errors
+        return True
+    try:
+        from clickhouse_connect.driver.exceptions import OperationalError
+    except ImportError:
+        return False
+    # clickhouse-connect raises OperationalError for network failures; server errors are
+    # DatabaseError.
+    return isinstance(exc, OperationalError)
+
+
 class ClickHouseWatermarkTrigger(BaseTrigger):
     """
     Poll ``max(column) - lateness`` of a ClickHouse table until it reaches ``target``.
@@ -37,9 +51,18 @@ class ClickHouseWatermarkTrigger(BaseTrigger):
     Events (one, then the trigger ends):
 
     - ``{"status": "complete", "watermark": iso, "target": iso}``
-    - ``{"status": "timeout", "watermark": iso | None, "target": iso, "table": ...}`` at ``timeout_at``
+    - ``{"status": "timeout", "watermark": iso | None, "target": iso, "table": ...}`` at
+      ``timeout_at``; while queries are failing it also holds ``error`` (the last one) and
+      ``failing_since`` (iso)
     - ``{"status": "error", "message": ..., "target": iso, "table": ...}`` after
       ``max_consecutive_errors`` failed queries in a row
+
+    A ClickHouse that cannot be reached (connection refused or reset, timeout) is an outage
+    that may pass, like a stalled feed: with a ``timeout_at`` the trigger logs a warning per
+    failed query and keeps polling until then, so a restart of ClickHouse does not fail the
+    runs waiting on it. Errors the server reports (unknown table, bad credentials), and every
+    error when there is no ``timeout_at``, end with an ``error`` event after
+    ``max_consecutive_errors`` in a row.
 
     :param table: ClickHouse table whose max event time is the watermark (a plain identifier).
     :param column: its event-time column (a plain identifier).
@@ -48,7 +71,8 @@ class ClickHouseWatermarkTrigger(BaseTrigger):
     :param clickhouse_conn_id: the ClickHouse connection id.
     :param poke_interval: seconds between queries.
     :param timeout_at: when to give up with a ``timeout`` event (None: never).
-    :param max_consecutive_errors: failed queries in a row before an ``error`` event.
+    :param max_consecutive_errors: failed queries in a row before an ``error`` event (see
+        above for an unreachable ClickHouse).
     """
 
     def __init__(
@@ -114,6 +138,8 @@ class ClickHouseWatermarkTrigger(BaseTrigger):
         lateness = timedelta(seconds=self.lateness_seconds)
         watermark: datetime | None = None
         errors = 0
+        failing_since: datetime | None = None
+        last_error: str | None = None
         try:
             while True:
                 try:
@@ -122,18 +148,41 @@ class ClickHouseWatermarkTrigger(BaseTrigger):
                     )
                 except Exception as exc:
                     errors += 1
-                    self.log.warning(
-                        "watermark query on %s failed (%s/%s): %s",
-                        self.table,
-                        errors,
-                        self.max_consecutive_errors,
-                        exc,
-                    )
-                    if errors >= self.max_consecutive_errors:
-                        yield self._event("error", message=f"{type(exc).__name__}: {exc}")
-                        return
+                    failing_since = failing_since or datetime.now(timezone.utc)
+                    last_error = f"{type(exc).__name__}: {exc}"
+                    # The next query builds a fresh client: a restarted server knows no old session.
+                    await asyncio.to_thread(hook.close)
+                    if self.timeout_at is not None and is_unreachable(exc):
+                        self.log.warning(
+                            "ClickHouse unreachable: watermark query on %s failed (%s in a row, "
+                            "since %s): %s; polling again in %ss until %s",
+                            self.table,
+                            errors,
+                            failing_since.isoformat(),
+                            last_error,
+                            self.poke_interval,
+                            self.timeout_at.isoformat(),
+                        )
+                    else:
+                        self.log.warning(
+                            "watermark query on %s failed (%s/%s): %s",
+                            self.table,
+                            errors,
+                            self.max_consecutive_errors,
+                            last_error,
+                        )
+                        if errors >= self.max_consecutive_errors:
+                            yield self._event("error", message=last_error)
+                            return
                 else:
-                    errors = 0
+                    if errors:
+                        self.log.info(
+                            "watermark query on %s works again after %s failed (since %s)",
+                            self.table,
+                            errors,
+                            failing_since.isoformat() if failing_since else None,
+                        )
+                    errors, failing_since, last_error = 0, None, None
                     self._emit_hot_max_event_time(watermark, lateness)
                     if watermark is not None and watermark >= self.target:
                         self.log.info(
@@ -152,8 +201,13 @@ class ClickHouseWatermarkTrigger(BaseTrigger):
                         self.poke_interval,
                     )
                 if self.timeout_at is not None and datetime.now(timezone.utc) >= self.timeout_at:
+                    failing = (
+                        {"error": last_error, "failing_since": failing_since.isoformat()}
+                        if last_error and failing_since
+                        else {}
+                    )
                     yield self._event(
-                        "timeout", watermark=watermark.isoformat() if watermark else None
+                        "timeout", watermark=watermark.isoformat() if watermark else None, **failing
                     )
                     return
                 await asyncio.sleep(self.poke_interval)
