@@ -13,7 +13,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout, TaskDeferred
 
 from k2_provider.sensors.clickhouse_watermark import ClickHouseWatermarkSensor
-from k2_provider.triggers.clickhouse_watermark import ClickHouseWatermarkTrigger
+from k2_provider.triggers.clickhouse_watermark import ClickHouseWatermarkTrigger, is_unreachable
 
 TARGET = datetime(2026, 1, 1, 0, 15, tzinfo=timezone.utc)
 # The path the trigger and the sensor use (they import the hook into their modules).
@@ -145,6 +145,39 @@ def test_transient_error_then_success() -> None:
     with mock.patch(TRIGGER_QUERY, side_effect=[ConnectionError("blip"), TARGET]):
         [event] = asyncio.run(_events(_trigger()))
     assert event["status"] == "complete"
+
+
+def test_unreachable_is_waited_out_until_the_timeout_server_errors_are_not() -> None:
+    from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+
+    assert is_unreachable(ConnectionRefusedError("refused"))
+    assert is_unreachable(OperationalError("connection reset"))
+    assert not is_unreachable(DatabaseError("Code: 60. Unknown table"))
+    # With a timeout, an outage longer than max_consecutive_errors does not end the wait.
+    outage = [ConnectionRefusedError("refused")] * 5
+    future = datetime.now(timezone.utc) + timedelta(hours=1)
+    with mock.patch(TRIGGER_QUERY, side_effect=[*outage, TARGET]) as query:
+        [event] = asyncio.run(_events(_trigger(max_consecutive_errors=2, timeout_at=future)))
+    assert query.call_count == 6
+    assert event["status"] == "complete"
+
+
+def test_outage_until_the_timeout_names_the_error() -> None:
+    past = datetime.now(timezone.utc) - timedelta(seconds=1)
+    with mock.patch(TRIGGER_QUERY, side_effect=ConnectionRefusedError("refused")):
+        [event] = asyncio.run(_events(_trigger(timeout_at=past)))
+    assert event["status"] == "timeout"
+    assert "refused" in (event.get("error") or ""), event
+
+
+def test_sensor_poke_treats_an_unreachable_clickhouse_as_not_yet() -> None:
+    with mock.patch(SENSOR_QUERY, side_effect=ConnectionRefusedError("refused")):
+        sensor = _sensor()
+        assert sensor.poke({}) is False
+    assert "refused" in (sensor._last_error or "")
+    with mock.patch(SENSOR_QUERY, side_effect=ValueError("bad column")):
+        with pytest.raises(ValueError):
+            _sensor().poke({})
 
 
 # The sensor: deferral and the events it handles
