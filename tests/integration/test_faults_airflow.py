@@ -445,7 +445,10 @@ def test_clear_while_the_offload_runs_leaves_one_copy(stack, hot_data, airflow_r
             airflow_running.cli("tasks", "clear", dag_id, "-s", logical, "-e", logical, "-t", OFFLOAD, "-d", "-y")
         except AssertionError as exc:
             if DEADLINE_CLEAR_BUG in str(exc):
-                pytest.xfail(f"Airflow 3.3.2 cannot clear a run with a pending queued_at deadline: {DEADLINE_CLEAR_BUG}")
+                pytest.xfail(
+                    "Airflow 3.3.2 cannot clear a run with a pending queued_at deadline "
+                    f"(apache/airflow#70368): {DEADLINE_CLEAR_BUG}"
+                )
             raise
         assert airflow_running.run_state_by_id(dag_id, cleared, timeout=600) == "success"
         tis = _run_tis(stack, dag_id, cleared)
