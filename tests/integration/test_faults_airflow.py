@@ -35,6 +35,42 @@ INTERVAL = timedelta(minutes=15)
 TABLES = load_tables()
 
 
+def _top_up(hot_data) -> datetime:
+    """Trades from the newest in ClickHouse up to now (ids continue above what ClickHouse
+    holds, so no key repeats). Returns the new end of the data."""
+    from k2.feed import run_feed
+
+    newest = hot_data.query("SELECT max(event_time) FROM silver_trades").result_rows[0][0]
+    now = datetime.now(timezone.utc)
+    if newest is not None:
+        newest = newest.replace(tzinfo=timezone.utc) if newest.tzinfo is None else newest
+        if now - newest > timedelta(seconds=10):
+            run_feed(hot_data, history=now - newest, rate=None, seed=int(now.timestamp()) % 10_000,
+                     end=now, progress=None)
+    return now
+
+
+@pytest.fixture(autouse=True)
+def _hot_tier_up_to_now(hot_data) -> datetime:
+    """The session's trades end when `hot_data` was written; a DAG unpaused half an hour later
+    creates runs for intervals after that, whose sensors wait (up to an hour) and hold the
+    DAG's active-run slots. Trades up to now make every closed interval complete."""
+    return _top_up(hot_data)
+
+
+def _caught_up(stack, dag_id: str, data_end: datetime, timeout: float = 900) -> None:
+    """Every run of an interval that ends by `data_end` has finished (the runs after it may wait)."""
+    def pending() -> list[tuple]:
+        with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
+            return conn.execute(
+                "SELECT run_id, state FROM dag_run WHERE dag_id = %s AND state IN ('queued', 'running') "
+                "AND data_interval_end <= %s",
+                (dag_id, data_end),
+            ).fetchall()
+
+    assert _poll(lambda: not pending(), timeout, 3), f"{dag_id} not caught up to {data_end}: {pending()}"
+
+
 def _is_paused(stack, dag_id: str) -> bool | None:
     with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
         row = conn.execute("SELECT is_paused FROM dag WHERE dag_id = %s", (dag_id,)).fetchone()
@@ -367,54 +403,59 @@ def _offload_lock_held(stack, table: str) -> Iterator[Callable[[], None]]:
 
 
 def test_two_runs_of_one_interval_at_once_leave_one_copy(
-    stack, hot_data, airflow_running, start_date
+    stack, hot_data, airflow_running, start_date, _hot_tier_up_to_now
 ):
-    """A manual run with the same data interval as the scheduled run (another run_id), both
-    in flight at once. While the test holds the table's offload lock (as a writer outside
-    Airflow would), the offload that starts waits for it and nothing is written; then the
-    offloads run one after the other (max_active_tis_per_dag=1 and the lock) and every row
-    of the intervals is in Iceberg once."""
+    """Two runs with the same data interval in flight at once (two operators trigger the
+    same interval; a manual run beside the scheduled one is the same case). Once the DAG has
+    caught up (so no scheduled run holds its active-run slots), the test holds the table's
+    offload lock as a writer outside Airflow would and triggers both: the offload that starts
+    waits for the lock and nothing is written; after release the offloads run one after the
+    other (max_active_tis_per_dag=1 and the lock) and every row is in Iceberg once."""
     spec = TABLES.get("bronze_trades_kraken")
     dag_id = spec.dag_id
-    intervals = [(start_date, start_date + INTERVAL), (start_date + INTERVAL, start_date + 2 * INTERVAL)]
-    (first, first_end), (second, second_end) = intervals
-    twin = f"manual__k2_fault_twin_{int(time.time())}"
+    first, first_end = start_date, start_date + INTERVAL
+    twins = [f"manual__k2_fault_twin_{int(time.time())}_{n}" for n in (1, 2)]
     began = time.monotonic()
     _wait_registered(stack, dag_id)
     try:
+        _set_paused(airflow_running, dag_id, False)
+        _caught_up(stack, dag_id, _hot_tier_up_to_now)
         with _offload_lock_held(stack, spec.name) as release:
-            _set_paused(airflow_running, dag_id, False)
-            airflow_running.trigger(dag_id, twin, first, first_end)
+            before = _snapshot_counts(stack, spec, [(first, first_end)])
+            for n, run_id in enumerate(twins):
+                # Logical dates are unique per DAG: the second run takes the next second.
+                airflow_running.api("POST", f"/dags/{dag_id}/dagRuns", {
+                    "dag_run_id": run_id,
+                    "logical_date": (first + timedelta(seconds=1 + n)).isoformat(),
+                    "data_interval_start": first.isoformat(),
+                    "data_interval_end": first_end.isoformat(),
+                })
 
             def offload_waiting() -> list[str]:
-                runs = _runs(stack, dag_id, first) + _runs(stack, dag_id, second)
-                return [r["run_id"] for r in runs if _run_tis(stack, dag_id, r["run_id"]).get(OFFLOAD, {}).get("state") == "running"]
+                return [r for r in twins if _run_tis(stack, dag_id, r).get(OFFLOAD, {}).get("state") == "running"]
 
             waiting = _poll(offload_waiting, 300, 2)
             assert waiting, "no offload started"
-            both = _runs(stack, dag_id, first)
-            assert {r["run_type"] for r in both} == {"scheduled", "manual"}, both
-            assert all(r["state"] == "running" for r in both), f"the two runs of {first} are not in flight together: {both}"
+            both = [r for r in _runs(stack, dag_id, first) if r["run_id"] in twins]
+            assert all(r["state"] == "running" for r in both) and len(both) == 2, (
+                f"the two runs of {first} are not in flight together: {both}")
             time.sleep(8)  # the waiting offload polls the lock every 5 s
-            held = _snapshot_counts(stack, spec, intervals)
-            assert set(held.values()) == {0}, f"an offload wrote while another writer held the lock: {held}"
+            held = _snapshot_counts(stack, spec, [(first, first_end)])
+            assert held == before, f"an offload wrote while another writer held the lock: {before} -> {held}"
             release()
         assert "waiting for the offload lock" in _task_log(airflow_running, dag_id, waiting[0], OFFLOAD)
-        scheduled = next(r["run_id"] for r in _runs(stack, dag_id, first) if r["run_type"] == "scheduled")
-        for run_id in (scheduled, twin):
+        for run_id in twins:
             assert airflow_running.run_state_by_id(dag_id, run_id, timeout=600) == "success"
-        assert airflow_running.wait_for_run(dag_id, second, timeout=600) == "success"
         offloads = sorted(
             (ti["start"], ti["end"], run_id)
-            for r in _runs(stack, dag_id, first) + _runs(stack, dag_id, second)
-            for run_id in [r["run_id"]]
+            for run_id in twins
             for ti in [_run_tis(stack, dag_id, run_id)[OFFLOAD]]
         )
-        for (_s1, end1, run1), (start2, _e2, run2) in zip(offloads, offloads[1:]):
-            assert end1 <= start2, f"offloads of {run1} and {run2} overlapped: {offloads}"
-        counts = _snapshot_counts(stack, spec, intervals)
-        print(f"\n[two runs at once] offload snapshots per interval: {counts} (runs: {[o[2] for o in offloads]})")
-        _verify_clean(stack, hot_data, spec, first, second_end, "two runs at once")
+        (_s1, end1, run1), (start2, _e2, run2) = offloads
+        assert end1 <= start2, f"offloads of {run1} and {run2} overlapped: {offloads}"
+        counts = _snapshot_counts(stack, spec, [(first, first_end)])
+        print(f"\n[two runs at once] offload snapshots of the interval: {before} -> {counts}")
+        _verify_clean(stack, hot_data, spec, first, first_end, "two runs at once")
     finally:
         _pause_quietly(airflow_running, dag_id)
     print(f"[two runs at once] took {time.monotonic() - began:.0f} s")
@@ -477,7 +518,14 @@ def test_clear_of_a_past_run_after_compaction_re_offloads_without_duplicates(
 
     spec = TABLES.get("bronze_trades_kraken")
     dag_id = spec.dag_id
-    intervals = [(start_date, start_date + INTERVAL), (start_date + INTERVAL, start_date + 2 * INTERVAL)]
+    boundary = start_date + INTERVAL
+    if (boundary.hour, boundary.minute) == (0, 0):
+        # The table is partitioned by day: no data file can straddle midnight.
+        boundary += INTERVAL
+        closed = boundary + INTERVAL + spec.allowed_lateness + timedelta(seconds=30)
+        time.sleep(max(0.0, (closed - datetime.now(timezone.utc)).total_seconds()))
+        _top_up(hot_data)
+    intervals = [(boundary - INTERVAL, boundary), (boundary, boundary + INTERVAL)]
     (first, first_end), (_second, second_end) = intervals
     began = time.monotonic()
     try:
