@@ -6,8 +6,9 @@ trade arrives: for the pipeline the feed has stopped. Every watermark check of a
 sends the newest event time it saw (`k2_hot_max_event_timestamp_seconds`), so 20 minutes
 after the last trade `k2:hot_data_age_seconds` crosses the K2FeedStopped threshold,
 Prometheus fires it after its `for:` minute and Alertmanager mails the session's SMTP sink.
-Run late in the session (module name), by then the 20 minutes have usually passed; alone it
-waits for them."""
+The module name sorts it after the deadline and failure-email tests (whose sensors report
+the old data) and before test_faults_airflow.py, which tops the hot tier up to now: by then
+the 20 minutes have usually passed; alone, or in a fast session, it waits for them."""
 
 from __future__ import annotations
 
