@@ -58,17 +58,32 @@ def _hot_tier_up_to_now(hot_data) -> datetime:
     return _top_up(hot_data)
 
 
-def _caught_up(stack, dag_id: str, data_end: datetime, timeout: float = 900) -> None:
-    """Every run of an interval that ends by `data_end` has finished (the runs after it may wait)."""
-    def pending() -> list[tuple]:
-        with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
-            return conn.execute(
-                "SELECT run_id, state FROM dag_run WHERE dag_id = %s AND state IN ('queued', 'running') "
-                "AND data_interval_end <= %s",
-                (dag_id, data_end),
-            ).fetchall()
+def _caught_up(stack, spec, data_end: datetime, timeout: float = 900) -> datetime:
+    """Every interval the hot tier can complete - those ending by `data_end` minus the allowed
+    lateness - has a finished run, the newest one included. Right after an unpause the
+    scheduler has not created the catch-up runs yet, so "nothing queued or running" alone
+    would hold too early. Returns the end of that newest interval."""
+    step = INTERVAL.total_seconds()
+    complete_end = datetime.fromtimestamp(
+        (data_end - spec.allowed_lateness).timestamp() // step * step, timezone.utc)
 
-    assert _poll(lambda: not pending(), timeout, 3), f"{dag_id} not caught up to {data_end}: {pending()}"
+    def waiting() -> list[tuple]:
+        with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
+            pending = conn.execute(
+                "SELECT run_id, state, data_interval_end FROM dag_run WHERE dag_id = %s "
+                "AND state IN ('queued', 'running') AND data_interval_end <= %s",
+                (spec.dag_id, complete_end),
+            ).fetchall()
+            newest = conn.execute(
+                "SELECT 1 FROM dag_run WHERE dag_id = %s AND data_interval_end = %s "
+                "AND state = 'success'",
+                (spec.dag_id, complete_end),
+            ).fetchone()
+        return pending + ([] if newest else [("(no finished run yet)", None, complete_end)])
+
+    assert _poll(lambda: not waiting(), timeout, 3), (
+        f"{spec.dag_id} not caught up to {complete_end}: {waiting()}")
+    return complete_end
 
 
 def _is_paused(stack, dag_id: str) -> bool | None:
@@ -248,6 +263,30 @@ def _runs(stack, dag_id: str, interval_start: datetime) -> list[dict[str, Any]]:
     return [dict(zip(("run_id", "run_type", "state", "backfill_id"), r)) for r in rows]
 
 
+def _activity(stack, dag_id: str) -> str:
+    """The DAG's unfinished runs with their task states, and who holds the Spark pool: what a
+    failed wait should show."""
+    from k2.dag_factory import SPARK_POOL
+
+    with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
+        runs = conn.execute(
+            "SELECT r.run_id, r.state, r.data_interval_start, "
+            "string_agg(ti.task_id || '=' || coalesce(ti.state, 'none'), ', ' ORDER BY ti.task_id) "
+            "FROM dag_run r LEFT JOIN task_instance ti ON ti.dag_id = r.dag_id AND ti.run_id = r.run_id "
+            "WHERE r.dag_id = %s AND r.state IN ('queued', 'running') "
+            "GROUP BY r.run_id, r.state, r.data_interval_start ORDER BY r.data_interval_start",
+            (dag_id,),
+        ).fetchall()
+        pool = conn.execute(
+            "SELECT dag_id, run_id, state FROM task_instance WHERE pool = %s "
+            "AND state IN ('queued', 'running', 'scheduled')",
+            (SPARK_POOL,),
+        ).fetchall()
+    lines = [f"  run {r[0]} {r[1]} interval {r[2]}: {r[3]}" for r in runs]
+    lines += [f"  pool {SPARK_POOL}: {p[0]} {p[1]} {p[2]}" for p in pool]
+    return "\n".join(lines) or "  nothing in flight"
+
+
 def _run_tis(stack, dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
     """task_id -> try_number, state, start_date, end_date of one run."""
     with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
@@ -419,7 +458,7 @@ def test_two_runs_of_one_interval_at_once_leave_one_copy(
     _wait_registered(stack, dag_id)
     try:
         _set_paused(airflow_running, dag_id, False)
-        _caught_up(stack, dag_id, _hot_tier_up_to_now)
+        _caught_up(stack, spec, _hot_tier_up_to_now)
         with _offload_lock_held(stack, spec.name) as release:
             before = _snapshot_counts(stack, spec, [(first, first_end)])
             for n, run_id in enumerate(twins):
@@ -435,7 +474,7 @@ def test_two_runs_of_one_interval_at_once_leave_one_copy(
                 return [r for r in twins if _run_tis(stack, dag_id, r).get(OFFLOAD, {}).get("state") == "running"]
 
             waiting = _poll(offload_waiting, 300, 2)
-            assert waiting, "no offload started"
+            assert waiting, f"no offload started:\n{_activity(stack, dag_id)}"
             both = [r for r in _runs(stack, dag_id, first) if r["run_id"] in twins]
             assert all(r["state"] == "running" for r in both) and len(both) == 2, (
                 f"the two runs of {first} are not in flight together: {both}")
