@@ -70,3 +70,25 @@ def test_late_rows_are_warned_with_the_command_and_counted(monkeypatch, capsys):
     text = captured.out + captured.err  # the task logger writes through Airflow's structlog
     assert "3 late rows" in text
     assert "k2 reoffload --table silver_trades --interval-start 2026-03-01T11:45:00Z" in text
+
+
+def test_a_failed_commit_is_counted_as_an_offload_error_and_still_fails(monkeypatch):
+    import psycopg
+    import pytest
+
+    recorded = []
+    monkeypatch.setattr("k2.metrics.record_error", lambda table, kind: recorded.append((table, kind)))
+    op = wc.WatermarkCommitOperator(task_id="commit_watermark", table="silver_trades", initial_watermark=T0)
+
+    def refused(context):
+        raise psycopg.OperationalError("connection refused")
+
+    monkeypatch.setattr(op, "_execute", refused)
+    with pytest.raises(psycopg.OperationalError):
+        op.execute({})
+    assert recorded == [("silver_trades", "watermark")]
+
+
+def test_commit_error_types_keep_what_the_exception_names():
+    assert wc.commit_error_type(TimeoutError("took too long")) == "timeout"
+    assert wc.commit_error_type(ValueError("no such interval")) == "watermark"

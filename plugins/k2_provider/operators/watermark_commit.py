@@ -33,6 +33,15 @@ def late_check_window(first_committed: datetime, step: timedelta, count: int) ->
     return first - count * step, first
 
 
+def commit_error_type(exc: BaseException) -> str:
+    """The k2_offload_errors_total type of a failed commit: what the exception names, else
+    "watermark" - this task's work is the ledger and the watermark."""
+    from k2.metrics import classify_error
+
+    kind = classify_error(exc)
+    return "watermark" if kind == "other" else kind
+
+
 def postgres_dsn_from_connection(conn: Connection) -> str:
     """libpq DSN from a postgres-style Airflow connection (schema = database; extra = libpq options)."""
     from psycopg.conninfo import make_conninfo
@@ -180,6 +189,15 @@ class WatermarkCommitOperator(BaseOperator):
         return own, intervals
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from k2 import metrics
+
+        try:
+            return self._execute(context)
+        except Exception as exc:
+            metrics.emit_safely(metrics.record_error, self.table, commit_error_type(exc), log=self.log)
+            raise
+
+    def _execute(self, context: Context) -> dict[str, Any]:
         _, intervals = self._offload_result(context)
         store = self._store()
         store.migrate()
