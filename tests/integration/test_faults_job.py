@@ -24,15 +24,13 @@ from k2 import checksum as ck
 from k2 import iceberg as ib
 from k2.config import load_tables
 from k2.feed import run_feed
-from k2.runtime_env import ClickHouseSettings, IcebergSettings
 from k2.schema import apply_schema
 from k2.verify import late_rows, verify_table
+from tests.integration.spark_job import JOB, clickhouse_settings, iceberg_settings, spark_jars
+from tests.integration.spark_job import job_env as spark_job_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-JOB = REPO / "spark_jobs" / "offload_to_iceberg.py"
-JARS_DIR = REPO / "spark_jobs" / "jars"
 UTC = timezone.utc
 FEED_END = datetime(2026, 11, 26, 11, 0, tzinfo=UTC)
 I0 = (datetime(2026, 11, 26, 10, 0, tzinfo=UTC), datetime(2026, 11, 26, 10, 15, tzinfo=UTC))
@@ -43,46 +41,19 @@ BRONZE = load_tables().get("bronze_trades_binance")
 BEFORE_MERGE = re.compile(r"k2\.offload: read \d+ rows in \d+ slices done")
 
 
-def _jars() -> str:
-    jars = sorted(str(p) for p in JARS_DIR.glob("*.jar"))
-    if not any("iceberg-spark-runtime" in j for j in jars):
-        pytest.fail(f"no iceberg-spark-runtime jar in {JARS_DIR}: run `make setup`")
-    return ",".join(jars)
-
-
-def _ice_settings(stack, catalog_name: str, warehouse: Path) -> IcebergSettings:
-    c = stack.credentials
-    return IcebergSettings(
-        catalog_name=catalog_name, uri=f"postgresql://{stack.host}:{stack.postgres_port}/k2",
-        user=c["postgres_user"], password=c["postgres_password"], warehouse=warehouse.as_uri(),
-    )
-
-
-def _job_env(ch: ClickHouseSettings, ice: IcebergSettings) -> dict[str, str]:
-    venv_bin = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("K2_")}
-    env.update(ch.to_env())
-    env.update(ice.to_env())
-    env.update({"PATH": venv_bin + os.pathsep + env.get("PATH", ""),
-                "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable})
-    return env
-
-
 @pytest.fixture(scope="module")
 def ch_settings(stack, ch_client):
-    c = stack.credentials
-    return ClickHouseSettings(host=stack.host, port=stack.clickhouse_port, user=c["clickhouse_user"],
-                              password=c["clickhouse_password"], database=ch_client.database)
+    return clickhouse_settings(stack, ch_client.database)
 
 
 @pytest.fixture(scope="module")
 def ice_settings(stack, tmp_path_factory):
-    return _ice_settings(stack, CATALOG, tmp_path_factory.mktemp("warehouse"))
+    return iceberg_settings(stack, CATALOG, tmp_path_factory.mktemp("warehouse"))
 
 
 @pytest.fixture(scope="module")
 def job_env(ch_settings, ice_settings):
-    return _job_env(ch_settings, ice_settings)
+    return spark_job_env(ch_settings, ice_settings)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +72,7 @@ def filled(ch_client):
 def _argv(table, interval, run_id):
     return [
         str(Path(sys.executable).with_name("spark-submit")), "--master", "local[2]",
-        "--conf", "spark.ui.enabled=false", "--jars", _jars(), str(JOB),
+        "--conf", "spark.ui.enabled=false", "--jars", spark_jars(), str(JOB),
         "--table", table, "--interval-start", interval[0].isoformat(),
         "--interval-end", interval[1].isoformat(), "--run-id", run_id,
     ]
@@ -237,8 +208,8 @@ def _fill(directory: Path) -> int:
 
 def test_full_or_read_only_warehouse_fails_clearly_and_commits_nothing(
         filled, ch_client, ch_settings, stack, small_warehouse):
-    ice = _ice_settings(stack, "k2_test_faults_small", small_warehouse / "warehouse")
-    env = _job_env(ch_settings, ice)
+    ice = iceberg_settings(stack, "k2_test_faults_small", small_warehouse / "warehouse")
+    env = spark_job_env(ch_settings, ice)
     small_catalog = ib.load_catalog(ice)
     run_job(env, BRONZE.name, I0, "scheduled__i0")
     snapshots = snapshot_ids(small_catalog, BRONZE)

@@ -35,10 +35,11 @@ from k2 import checksum as ck
 from k2 import iceberg as ib
 from k2.config import load_tables
 from k2.feed import run_feed
-from k2.runtime_env import ClickHouseSettings, IcebergSettings
 from k2.schema import apply_schema
 from k2.verify import late_rows
 from k2.watermarks import WatermarkStore
+from tests.integration.spark_job import clickhouse_settings, iceberg_settings
+from tests.integration.spark_job import job_env as spark_job_env
 from tests.integration.test_offload_job import run_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -59,19 +60,8 @@ K2 = str(Path(sys.executable).with_name("k2"))
 
 @pytest.fixture(scope="module")
 def settings(stack, ch_client, tmp_path_factory):
-    c = stack.credentials
-    ch = ClickHouseSettings(
-        host=stack.host, port=stack.clickhouse_port, user=c["clickhouse_user"],
-        password=c["clickhouse_password"], database=ch_client.database,
-    )
-    ice = IcebergSettings(
-        catalog_name=CATALOG,
-        uri=f"postgresql://{stack.host}:{stack.postgres_port}/k2",
-        user=c["postgres_user"],
-        password=c["postgres_password"],
-        warehouse=tmp_path_factory.mktemp("warehouse-late").as_uri(),
-    )
-    return ch, ice
+    return (clickhouse_settings(stack, ch_client.database),
+            iceberg_settings(stack, CATALOG, tmp_path_factory.mktemp("warehouse-late")))
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +74,7 @@ def watermark_dsn(stack):
 
 @pytest.fixture(scope="module")
 def job_env(settings):
-    ch, ice = settings
-    env = {k: v for k, v in os.environ.items() if not k.startswith("K2_")}
-    env.update(ch.to_env())
-    env.update(ice.to_env())
-    env.update({
-        "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
-        "PYSPARK_PYTHON": sys.executable,
-        "PYSPARK_DRIVER_PYTHON": sys.executable,
-    })
-    return env
+    return spark_job_env(*settings)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ The scenarios run in file order and build on each other (one Spark job per step)
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -23,15 +22,13 @@ from k2 import checksum as ck
 from k2 import iceberg as ib
 from k2.config import load_tables
 from k2.feed import run_feed
-from k2.runtime_env import ClickHouseSettings, IcebergSettings
 from k2.schema import apply_schema
 from k2.verify import verify_table
+from tests.integration.spark_job import JOB, clickhouse_settings, iceberg_settings, spark_jars
+from tests.integration.spark_job import job_env as spark_job_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-JOB = REPO / "spark_jobs" / "offload_to_iceberg.py"
-JARS_DIR = REPO / "spark_jobs" / "jars"
 UTC = timezone.utc
 FEED_END = datetime(2026, 11, 26, 11, 0, tzinfo=UTC)
 I0 = (datetime(2026, 11, 26, 10, 0, tzinfo=UTC), datetime(2026, 11, 26, 10, 15, tzinfo=UTC))
@@ -44,43 +41,15 @@ BRONZE = TABLES.get("bronze_trades_binance")
 GOLD = TABLES.get("gold_ohlcv_1m")
 
 
-def _jars() -> str:
-    jars = sorted(str(p) for p in JARS_DIR.glob("*.jar"))
-    if not any("iceberg-spark-runtime" in j for j in jars):
-        pytest.fail(f"no iceberg-spark-runtime jar in {JARS_DIR}: run `make setup`")
-    return ",".join(jars)
-
-
 @pytest.fixture(scope="module")
 def settings(stack, ch_client, tmp_path_factory):
-    c = stack.credentials
-    ch = ClickHouseSettings(
-        host=stack.host, port=stack.clickhouse_port, user=c["clickhouse_user"],
-        password=c["clickhouse_password"], database=ch_client.database,
-    )
-    ice = IcebergSettings(
-        catalog_name=CATALOG,
-        uri=f"postgresql://{stack.host}:{stack.postgres_port}/k2",
-        user=c["postgres_user"],
-        password=c["postgres_password"],
-        warehouse=tmp_path_factory.mktemp("warehouse").as_uri(),
-    )
-    return ch, ice
+    return (clickhouse_settings(stack, ch_client.database),
+            iceberg_settings(stack, CATALOG, tmp_path_factory.mktemp("warehouse")))
 
 
 @pytest.fixture(scope="module")
 def job_env(settings):
-    ch, ice = settings
-    venv_bin = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("K2_")}
-    env.update(ch.to_env())
-    env.update(ice.to_env())
-    env.update({
-        "PATH": venv_bin + os.pathsep + env.get("PATH", ""),
-        "PYSPARK_PYTHON": sys.executable,
-        "PYSPARK_DRIVER_PYTHON": sys.executable,
-    })
-    return env
+    return spark_job_env(*settings)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +70,7 @@ def run_job(env, table, interval, run_id, *extra, expect=0):
         str(Path(sys.executable).with_name("spark-submit")),
         "--master", "local[2]",
         "--conf", "spark.ui.enabled=false",
-        "--jars", _jars(),
+        "--jars", spark_jars(),
         str(JOB),
         "--table", table,
         "--interval-start", interval[0].isoformat(),
@@ -228,7 +197,7 @@ def _spark_sql(env, statements, tmp_path):
     """))
     proc = subprocess.run(
         [str(Path(sys.executable).with_name("spark-submit")), "--master", "local[2]",
-         "--conf", "spark.ui.enabled=false", "--jars", _jars(), str(script)],
+         "--conf", "spark.ui.enabled=false", "--jars", spark_jars(), str(script)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]

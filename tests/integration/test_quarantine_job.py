@@ -21,9 +21,9 @@ from k2 import checksum as ck
 from k2 import iceberg as ib
 from k2 import quality
 from k2.config import load_tables
-from k2.runtime_env import ClickHouseSettings
 from k2.verify import verify_table
-from tests.integration.test_faults_job import _ice_settings, _job_env
+from tests.integration.spark_job import clickhouse_settings, iceberg_settings
+from tests.integration.spark_job import job_env as spark_job_env
 from tests.integration.test_offload_job import run_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -86,11 +86,8 @@ def spec(tables_file):
 
 @pytest.fixture(scope="module")
 def job_env(stack, ch_client, tmp_path_factory):
-    c = stack.credentials
-    ch = ClickHouseSettings(host=stack.host, port=stack.clickhouse_port, user=c["clickhouse_user"],
-                            password=c["clickhouse_password"], database=ch_client.database)
-    ice = _ice_settings(stack, CATALOG, tmp_path_factory.mktemp("warehouse"))
-    return _job_env(ch, ice), ib.load_catalog(ice)
+    ice = iceberg_settings(stack, CATALOG, tmp_path_factory.mktemp("warehouse"))
+    return spark_job_env(clickhouse_settings(stack, ch_client.database), ice), ib.load_catalog(ice)
 
 
 def _ts(moment: datetime) -> str:
