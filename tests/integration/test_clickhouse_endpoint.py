@@ -173,8 +173,7 @@ def test_a_million_rows_through_native_arrow_and_arrow_stream(client) -> None:
     assert (rows, total) == (1_000_000, expected)
 
 
-def test_query_df_when_pandas_is_present(client) -> None:
-    pytest.importorskip("pandas")
+def test_query_df(client) -> None:
     frame = client.query_df("SELECT number AS n FROM numbers(10)")
     assert frame["n"].sum() == 45
 

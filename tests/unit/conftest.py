@@ -1,7 +1,11 @@
 """Unit tests see tables.yaml as written: the integration fixtures set the override
-variables (start date, deadline) for the whole session, which must not leak in here."""
+variables (start date, deadline) for the whole session, which must not leak in here.
+The checks that must agree between engines share one local SparkSession."""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
 
 import pytest
 
@@ -12,3 +16,22 @@ from k2.config import OVERRIDE_ENV
 def _no_config_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     for variable in OVERRIDE_ENV.values():
         monkeypatch.delenv(variable, raising=False)
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[object]:
+    """A one-core local SparkSession in UTC (its JVM starts once for every unit module)."""
+    from pyspark.sql import SparkSession
+
+    # py4j logs at INFO from __del__ at interpreter exit, after pytest closed its streams
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+    session = (
+        SparkSession.builder.master("local[1]")
+        .appName("k2-unit-tests")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .getOrCreate()
+    )
+    yield session
+    session.stop()

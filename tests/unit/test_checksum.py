@@ -67,8 +67,9 @@ def _sql_literal(value: object) -> str:
 
 @pytest.fixture(scope="module")
 def chdb_session():
-    chdb_session_mod = pytest.importorskip("chdb.session")
-    session = chdb_session_mod.Session()
+    from chdb.session import Session
+
+    session = Session()
     session.query(
         "CREATE TABLE bronze_trades_binance (symbol LowCardinality(String), trade_id UInt64, "
         "event_time DateTime64(3, 'UTC'), note Nullable(String)) ENGINE = MergeTree ORDER BY trade_id"
@@ -181,28 +182,6 @@ def test_identifiers_are_checked():
 def test_missing_key_column_names_table_and_column(binance):
     with pytest.raises(ck.ChecksumError, match="trade_id"):
         ck.clickhouse_interval_checksum_sql(binance, {"symbol": "String", "event_time": "DateTime64(3)"})
-
-
-@pytest.fixture(scope="module")
-def spark():
-    pytest.importorskip("pyspark")
-    import logging
-
-    from pyspark.sql import SparkSession
-
-    # py4j logs at INFO from __del__ at interpreter exit, after pytest closed its streams
-    logging.getLogger("py4j").setLevel(logging.WARNING)
-
-    session = (
-        SparkSession.builder.master("local[1]")
-        .appName("k2-test-checksum")
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.shuffle.partitions", "2")
-        .getOrCreate()
-    )
-    yield session
-    session.stop()
 
 
 @pytest.mark.slow

@@ -6,8 +6,6 @@ import pytest
 
 from k2 import iceberg as ib
 
-pytest.importorskip("pyspark")
-
 
 def _iceberg(*columns: tuple[str, str]):
     return ib.spark_struct([ib.SourceColumn(n, t) for n, t in columns])

@@ -103,7 +103,6 @@ def test_schema_and_spark_ddl_for_bronze():
 
 
 def test_spark_struct_matches_ddl():
-    pytest.importorskip("pyspark")
     from pyspark.sql import types as S
 
     struct = ib.spark_struct([ib.SourceColumn("a", "UInt64"), ib.SourceColumn("b", "Nullable(DateTime64(3))")])
@@ -114,7 +113,6 @@ def test_spark_struct_matches_ddl():
 
 
 def test_schema_differences():
-    pytest.importorskip("pyspark")
     from pyspark.sql import types as S
 
     columns = [ib.SourceColumn("a", "UInt64"), ib.SourceColumn("b", "String")]

@@ -184,8 +184,9 @@ def _literal(value: Any) -> str:
 
 @pytest.fixture(scope="module")
 def chdb_session():
-    chdb_session_mod = pytest.importorskip("chdb.session")
-    session = chdb_session_mod.Session()
+    from chdb.session import Session
+
+    session = Session()
     columns = ", ".join(f"{name} {t}" for name, t in CH_TYPES.items())
     session.query(f"CREATE TABLE t_quality ({columns}) ENGINE = MergeTree ORDER BY n")
     values = ", ".join("(" + ", ".join(_literal(v) for v in row) + ")" for row, _ in ROWS)
@@ -247,26 +248,6 @@ def test_pyarrow_matches_clickhouse(chdb_session) -> None:
     assert quality.arrow_reasons(table.slice(0, 0), rules).to_pylist() == []
 
 
-@pytest.fixture(scope="module")
-def spark():
-    pytest.importorskip("pyspark")
-    import logging
-
-    from pyspark.sql import SparkSession
-
-    logging.getLogger("py4j").setLevel(logging.WARNING)
-    session = (
-        SparkSession.builder.master("local[1]")
-        .appName("k2-test-quality")
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.shuffle.partitions", "2")
-        .getOrCreate()
-    )
-    yield session
-    session.stop()
-
-
 @pytest.mark.slow
 def test_spark_matches_clickhouse(spark, chdb_session) -> None:
     from pyspark.sql import types as S
@@ -308,7 +289,6 @@ def test_project_checks_fit_the_project_schema(chdb_session) -> None:
     """Every table's checks resolve against its real ClickHouse columns, and the SQL runs."""
     from k2.schema import schema_statements
 
-    pytest.importorskip("chdb.session")
     import chdb.session
 
     session = chdb.session.Session()
