@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -99,7 +99,23 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             """,
         ),
     ),
+    (
+        2,
+        "late rows already reported per ledgered interval",
+        (
+            f"""
+            ALTER TABLE {LEDGER_TABLE} ADD COLUMN late_rows_reported bigint NOT NULL DEFAULT 0
+                CHECK (late_rows_reported >= 0)
+            """,
+        ),
+    ),
 )
+
+# A re-commit that changes an interval's content (a re-offload took its late rows in) starts
+# its late-row count again; an identical re-commit keeps what was already reported.
+_LATE_ROWS_ON_RECOMMIT = f"""late_rows_reported = CASE
+                        WHEN {LEDGER_TABLE}.rows = EXCLUDED.rows AND {LEDGER_TABLE}.checksum = EXCLUDED.checksum
+                        THEN {LEDGER_TABLE}.late_rows_reported ELSE 0 END"""
 
 
 @dataclass(frozen=True)
@@ -329,7 +345,8 @@ class WatermarkStore:
                     checksum = EXCLUDED.checksum,
                     snapshot_id = EXCLUDED.snapshot_id,
                     run_id = EXCLUDED.run_id,
-                    committed_at = now()
+                    committed_at = now(),
+                    {_LATE_ROWS_ON_RECOMMIT}
                 """,
                 (table, start, end, rows, Decimal(checksum), snapshot_id, run_id),
             )
@@ -447,7 +464,8 @@ class WatermarkStore:
                     ON CONFLICT (table_name, interval_start) DO UPDATE SET
                         interval_end = EXCLUDED.interval_end, rows = EXCLUDED.rows,
                         checksum = EXCLUDED.checksum, snapshot_id = EXCLUDED.snapshot_id,
-                        run_id = EXCLUDED.run_id, committed_at = now()
+                        run_id = EXCLUDED.run_id, committed_at = now(),
+                        {_LATE_ROWS_ON_RECOMMIT}
                     """,
                     (table, o.interval_start, o.interval_end, o.rows, Decimal(o.checksum), o.snapshot_id, o.run_id),
                 )
@@ -524,6 +542,36 @@ class WatermarkStore:
             LedgerEntry(r[0], _utc(r[1]), _utc(r[2]), int(r[3]), int(r[4]), r[5], r[6], _utc(r[7]))
             for r in rows
         ]
+
+    def note_late_rows(
+        self, table: str, late: Mapping[tuple[datetime, datetime], int]
+    ) -> dict[tuple[datetime, datetime], int]:
+        """Record how many late rows each ledgered interval has now; return, per interval, how
+        many of them were not reported before (0 for rows already counted by an earlier check,
+        so a metric fed from this counts each late row once). Intervals not in the ledger are
+        left out."""
+        fresh: dict[tuple[datetime, datetime], int] = {}
+        with self._connect() as conn, conn.transaction():
+            for (start, end), count in sorted(late.items()):
+                if count < 0:
+                    raise ValueError(f"late rows of {table} [{start}, {end}) must be >= 0, got {count}")
+                key = (table, _utc(start, "interval start"))
+                row = conn.execute(
+                    f"SELECT late_rows_reported FROM {LEDGER_TABLE} "
+                    "WHERE table_name = %s AND interval_start = %s FOR UPDATE",
+                    key,
+                ).fetchone()
+                if row is None:
+                    continue
+                reported = int(row[0])
+                if count > reported:
+                    conn.execute(
+                        f"UPDATE {LEDGER_TABLE} SET late_rows_reported = %s "
+                        "WHERE table_name = %s AND interval_start = %s",
+                        (count, *key),
+                    )
+                fresh[(start, end)] = max(0, count - reported)
+        return fresh
 
     def status(self, tables: Sequence[str] | None = None) -> list[TableStatus]:
         """Watermark and ledger summary per table (all known tables when none are named)."""

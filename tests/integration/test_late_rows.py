@@ -250,6 +250,11 @@ def test_late_rows_are_included_detected_counted_and_reoffloaded(
         time.sleep(0.5)
     assert counted == 3, f"k2_late_rows_total rose by {counted}, expected 3"
     assert committed1["watermark_ts"] == I1[1].isoformat()
+    # A retry of that commit finds the same rows: it warns again but does not count them twice.
+    _, log1_retry = _commit(result1, I1, capsys)
+    assert warning in log1_retry, log1_retry
+    time.sleep(3)  # UDP: a second count would have arrived by now
+    assert stats_to_exporter() - counter_before == 3, "the retry counted the late rows again"
 
     verify_late = _k2(cli_env, "verify", "--table", SPEC.name, "--json")
     assert verify_late.returncode == 1, verify_late.stderr[-3000:]

@@ -176,6 +176,26 @@ def test_recommit_is_idempotent(store: WatermarkStore, table: str) -> None:
     assert count == (2,)
 
 
+def test_late_rows_are_reported_once_until_a_recommit_changes_the_interval(
+    store: WatermarkStore, table: str
+) -> None:
+    store.initialize(table, T0)
+    for i in range(2):
+        _commit(store, table, i)
+    first, second, unknown = _interval(0), _interval(1), _interval(7)
+    assert store.note_late_rows(table, {first: 3, second: 1, unknown: 5}) == {first: 3, second: 1}
+    # The next commits re-check the same intervals: only rows beyond those reported are new.
+    assert store.note_late_rows(table, {first: 3, second: 1}) == {first: 0, second: 0}
+    assert store.note_late_rows(table, {first: 5}) == {first: 2}
+    # An identical re-commit keeps the count; a re-offload that took the rows in resets it.
+    _commit(store, table, 0, rows=10)
+    assert store.note_late_rows(table, {first: 5}) == {first: 0}
+    _commit(store, table, 0, run_id="reoffload", rows=15)
+    assert store.note_late_rows(table, {first: 1}) == {first: 1}
+    with pytest.raises(ValueError, match=r"must be >= 0"):
+        store.note_late_rows(table, {second: -1})
+
+
 def test_concurrent_commits_serialize(store: WatermarkStore, table: str) -> None:
     """Many threads commit intervals of one table in random order; the watermark ends at the last."""
     store.initialize(table, T0)

@@ -37,10 +37,16 @@ def test_the_window_is_the_intervals_just_before_the_commit():
     assert wc.late_check_window(T0, STEP, 4) == (T0 - 4 * STEP, T0)
 
 
-def test_late_rows_are_warned_with_the_command_and_counted(monkeypatch, capsys):
+def test_late_rows_are_warned_with_the_command_and_counted_once(monkeypatch, capsys):
     entries = [LedgerEntry("silver_trades", T0 - k * STEP, T0 - (k - 1) * STEP, 100, 1, 1, "r", T0)
                for k in (2, 1)]
-    store = SimpleNamespace(ledger_range=lambda table, s, e: entries)
+    noted = []
+
+    def note_late_rows(table, late):
+        noted.append(dict(late))
+        return {key: n - 1 for key, n in late.items()}  # one of them reported by an earlier commit
+
+    store = SimpleNamespace(ledger_range=lambda table, s, e: entries, note_late_rows=note_late_rows)
     seen = {}
 
     def fake_late_rows(client, spec, offloaded):
@@ -65,7 +71,8 @@ def test_late_rows_are_warned_with_the_command_and_counted(monkeypatch, capsys):
     first = CommitResult("silver_trades", T0, T0 + STEP, T0 + STEP, 2, T0, True, False)
     op._check_late_rows({"dag": SimpleNamespace(dag_id="k2_offload_silver_trades")}, store, first)
     assert seen["offloaded"] == {(e.interval_start, e.interval_end): 100 for e in entries}
-    assert recorded == [("silver_trades", 3)]
+    assert noted == [{(T0 - STEP, T0): 3}]
+    assert recorded == [("silver_trades", 2)]  # only the rows not reported before
     captured = capsys.readouterr()
     text = captured.out + captured.err  # the task logger writes through Airflow's structlog
     assert "3 late rows" in text

@@ -242,7 +242,8 @@ class WatermarkCommitOperator(BaseOperator):
 
     def _check_late_rows(self, context: Context, store: WatermarkStore, first: CommitResult) -> None:
         """Rows that arrived in ClickHouse after their interval was offloaded: count them in the
-        few ledgered intervals before this commit; warn with the command that re-offloads."""
+        few ledgered intervals before this commit; warn with the command that re-offloads;
+        add the ones no earlier check reported to k2_late_rows_total."""
         from k2 import metrics
         from k2.config import load_tables
         from k2.verify import late_rows
@@ -265,9 +266,11 @@ class WatermarkCommitOperator(BaseOperator):
                 self.table, s.isoformat(), e.isoformat(), extra,
                 next(x.rows for x in entries if x.interval_start == s), reoffload_command(self.table, s),
             )
-        total = sum(late.values())
-        if total:
-            metrics.emit_safely(metrics.record_late_rows, self.table, total, log=self.log)
+        # The ledger remembers what was reported: later commits that find the same late rows
+        # (each re-checks the intervals before it) do not count them again.
+        fresh = sum(store.note_late_rows(self.table, late).values()) if late else 0
+        if fresh:
+            metrics.emit_safely(metrics.record_late_rows, self.table, fresh, log=self.log)
 
     def _emit_metrics(self, context: Context, last: CommitResult) -> None:
         from k2 import metrics
