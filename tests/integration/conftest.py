@@ -167,13 +167,13 @@ class AirflowHandle:
         token = call(f"{base}/auth/token", {"username": "admin", "password": password})["access_token"]
         return call(f"{base}/api/v2{path}", body, token)
 
-    def trigger(self, dag_id: str, run_id: str, start: datetime, end: datetime) -> str:
+    def trigger(self, dag_id: str, run_id: str, start: datetime, end: datetime, *, nth: int = 1) -> str:
         """A manual run for an explicit data interval, as the UI's "Trigger" with a date does."""
         # Logical dates are unique per DAG and the scheduled run of this interval holds
-        # `start`; a manual run of the same interval takes the next second.
+        # `start`; the nth manual run of the same interval takes the nth second after it.
         self.api("POST", f"/dags/{dag_id}/dagRuns", {
             "dag_run_id": run_id,
-            "logical_date": (start + timedelta(seconds=1)).isoformat(),
+            "logical_date": (start + timedelta(seconds=nth)).isoformat(),
             "data_interval_start": start.isoformat(),
             "data_interval_end": end.isoformat(),
         })

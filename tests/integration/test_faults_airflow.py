@@ -58,11 +58,11 @@ def _hot_tier_up_to_now(hot_data) -> datetime:
     return _top_up(hot_data)
 
 
-def _caught_up(stack, spec, data_end: datetime, timeout: float = 900) -> datetime:
+def _caught_up(stack, spec, data_end: datetime, timeout: float = 900) -> None:
     """Every interval the hot tier can complete - those ending by `data_end` minus the allowed
     lateness - has a finished run, the newest one included. Right after an unpause the
     scheduler has not created the catch-up runs yet, so "nothing queued or running" alone
-    would hold too early. Returns the end of that newest interval."""
+    would hold too early."""
     step = INTERVAL.total_seconds()
     complete_end = datetime.fromtimestamp(
         (data_end - spec.allowed_lateness).timestamp() // step * step, timezone.utc)
@@ -83,7 +83,6 @@ def _caught_up(stack, spec, data_end: datetime, timeout: float = 900) -> datetim
 
     assert _poll(lambda: not waiting(), timeout, 3), (
         f"{spec.dag_id} not caught up to {complete_end}: {waiting()}")
-    return complete_end
 
 
 def _is_paused(stack, dag_id: str) -> bool | None:
@@ -461,14 +460,8 @@ def test_two_runs_of_one_interval_at_once_leave_one_copy(
         _caught_up(stack, spec, _hot_tier_up_to_now)
         with _offload_lock_held(stack, spec.name) as release:
             before = _snapshot_counts(stack, spec, [(first, first_end)])
-            for n, run_id in enumerate(twins):
-                # Logical dates are unique per DAG: the second run takes the next second.
-                airflow_running.api("POST", f"/dags/{dag_id}/dagRuns", {
-                    "dag_run_id": run_id,
-                    "logical_date": (first + timedelta(seconds=1 + n)).isoformat(),
-                    "data_interval_start": first.isoformat(),
-                    "data_interval_end": first_end.isoformat(),
-                })
+            for nth, run_id in enumerate(twins, start=1):
+                airflow_running.trigger(dag_id, run_id, first, first_end, nth=nth)
 
             def offload_waiting() -> list[str]:
                 return [r for r in twins if _run_tis(stack, dag_id, r).get(OFFLOAD, {}).get("state") == "running"]
