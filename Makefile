@@ -12,9 +12,9 @@ setup:
 run: setup
 	$(K2) run
 
-# The fast tests first: a broken unit fails the run in seconds, not after the stack tests.
-test: setup
-	$(PYTEST) tests/unit tests/dags tests/integration
+# Two lanes on two workers (tests/conftest.py); prints the wall time at the end.
+test:
+	@bash scripts/test.sh
 
 test-unit: setup
 	$(PYTEST) tests/unit tests/dags
