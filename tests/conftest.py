@@ -9,7 +9,8 @@
 - the *other lane*: unit, DAG-integrity and job-level tests, each module a group of its
   own, so a module's expensive module-scoped fixture (a Spark job) runs once.
 
-The Airflow lane is the longest; it is put first so that it starts at once.
+The Airflow lane is the longest; it is put first so that it starts at once. Within it,
+tests marked `late` run last: their clock is the session's age (test_fault_stopped_feed).
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ def _on_session_airflow(item: pytest.Item) -> bool:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist turns the groups into node-id suffixes
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        group = AIRFLOW_LANE if _on_session_airflow(item) else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: not _on_session_airflow(item))  # stable: keeps module order
+    if config.pluginmanager.hasplugin("xdist"):  # the marker is xdist's
+        for item in items:
+            group = AIRFLOW_LANE if _on_session_airflow(item) else item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(group))
+    # Stable: modules keep their order otherwise.
+    items.sort(key=lambda item: (not _on_session_airflow(item), item.get_closest_marker("late") is not None))
 
 
 @pytest.fixture(scope="session")

@@ -140,9 +140,12 @@ def feed(
     duration: Optional[str] = typer.Option(None, help="Stop the live feed after this long (default: Ctrl-C)."),
     seed: int = typer.Option(1, help="Random seed; the same seed and end time give the same trades."),
     end: Optional[str] = typer.Option(None, help="End of the history (ISO-8601, default now)."),
+    exchange: Optional[list[str]] = typer.Option(
+        None, help="Feed only this exchange (binance, kraken; repeatable): the others' feed is down."
+    ),
 ) -> None:
     """The market feed simulator: history as fast as possible, then live trades."""
-    from k2.feed import run_feed
+    from k2.feed import feed_tables, run_feed
     from k2.local.processes import StackError
 
     history_span = _duration(history)
@@ -152,12 +155,17 @@ def feed(
     if history_span is None and rate is None:
         raise typer.BadParameter("give --history, --rate or both")
     try:
+        feed_tables(exchange or None)
+    except ValueError as exc:
+        raise typer.BadParameter(f"--exchange: {exc}") from None
+    try:
         client = clickhouse_client()
     except StackError as exc:
         _fail(str(exc))
     try:
         stats = run_feed(
-            client, history=history_span, rate=rate, seed=seed, end=_timestamp(end), duration=live_duration
+            client, history=history_span, rate=rate, seed=seed, end=_timestamp(end), duration=live_duration,
+            exchanges=exchange or None,
         )
     except ValueError as exc:
         _fail(str(exc), 2)

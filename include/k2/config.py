@@ -21,8 +21,9 @@ DEFAULT_TABLES_FILE = Path(__file__).resolve().parents[1] / "config" / "tables.y
 # Overrides the config's start_date (e.g. the local stack starts at its feed history).
 START_DATE_ENV = "K2_START_DATE"
 DEADLINE_ENV = "K2_DEADLINE"
-# Environment overrides of a key for every table (a local stack starting at its feed
-# history; a staging or test deployment with a tighter deadline).
+# Environment overrides of a key for every table, or for some (a local stack starting at
+# its feed history; a staging or test deployment with a tighter deadline): see
+# environment_overrides().
 OVERRIDE_ENV = {"start_date": START_DATE_ENV, "deadline": DEADLINE_ENV}
 # Who gets deadline-miss and alert emails (Airflow's notifier and Alertmanager alike).
 ALERT_TO_ENV = "K2_ALERT_EMAIL_TO"
@@ -318,9 +319,8 @@ def load_tables(path: Path | str | None = None) -> TablesConfig:
     defaults = dict(document.get("defaults") or {})
     raw_tables = document["tables"]
     merged = [{**defaults, **entry} if isinstance(entry, dict) else entry for entry in raw_tables]
-    override = {key: os.environ[env] for key, env in OVERRIDE_ENV.items() if os.environ.get(env)}
-    if override:
-        merged = [{**e, **override} if isinstance(e, dict) else e for e in merged]
+    merged = [{**e, **environment_overrides(e.get("clickhouse_table"))} if isinstance(e, dict) else e
+              for e in merged]
     try:
         config = TablesConfig(tables=merged)
     except ValidationError as err:
@@ -329,7 +329,45 @@ def load_tables(path: Path | str | None = None) -> TablesConfig:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"{path}: tables listed twice: {duplicates}")
+    for env in OVERRIDE_ENV.values():
+        unknown = sorted(set(_per_table_values(env)) - set(names) - {None})
+        if unknown:
+            raise ConfigError(f"{env} names tables that {path} does not list: {unknown}")
     return config
+
+
+def _per_table_values(env: str) -> dict[str | None, str]:
+    """table -> value of one override variable; the key None holds the value for every table."""
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return {}
+    if "=" not in raw and "," not in raw:
+        return {None: raw}
+    values: dict[str | None, str] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        table, sep, value = item.partition("=")
+        key = table.strip() if sep else None
+        if not item or (sep and not (key and value.strip())) or key in values:
+            raise ConfigError(
+                f"{env}={raw!r}: expected a value for every table, or comma-separated table=value "
+                f"items with at most one bare value for the others (item {item!r})"
+            )
+        values[key] = (value if sep else table).strip()
+    return values
+
+
+def environment_overrides(table: str | None) -> dict[str, str]:
+    """The keys the environment overrides for one table (OVERRIDE_ENV). A variable holds a
+    value for every table, or comma-separated ``table=value`` items with at most one bare
+    value for the rest, e.g. ``K2_START_DATE=2026-12-01T00:00:00Z,gold_ohlcv_1d=2026-11-30T18:00:00Z``
+    (a local stack that starts one table at an older feed history than the others)."""
+    overrides: dict[str, str] = {}
+    for key, env in OVERRIDE_ENV.items():
+        values = _per_table_values(env)
+        value = values.get(table, values.get(None))
+        if value is not None:
+            overrides[key] = value
+    return overrides
 
 
 @lru_cache(maxsize=4)

@@ -18,9 +18,9 @@ from k2.config import (
     ALERT_TO_ENV,
     DEFAULT_ALERT_TO,
     DEFAULT_TABLES_FILE,
-    START_DATE_ENV,
     ConfigError,
     TableSpec,
+    environment_overrides,
     load_tables,
 )
 
@@ -260,7 +260,6 @@ def _specs_one_by_one(path: Path) -> list[TableSpec]:
     except Exception as exc:  # the file as a whole is unusable: nothing to salvage
         log.error("k2: %s is unreadable, no offload DAGs: %s", path, exc)
         return []
-    override = {"start_date": os.environ[START_DATE_ENV]} if os.environ.get(START_DATE_ENV) else {}
     specs: list[TableSpec] = []
     seen: set[str] = set()
     for index, entry in enumerate(entries):
@@ -272,8 +271,8 @@ def _specs_one_by_one(path: Path) -> list[TableSpec]:
         try:
             if not isinstance(entry, dict):
                 raise ValueError("entry is not a mapping")
-            spec = TableSpec.model_validate({**defaults, **entry, **override})
-        except (ValidationError, ValueError) as exc:
+            spec = TableSpec.model_validate({**defaults, **entry, **environment_overrides(name)})
+        except (ValidationError, ValueError, ConfigError) as exc:
             log.error("k2: skipping table %r of %s: %s", name, path, exc)
             continue
         if spec.name in seen:

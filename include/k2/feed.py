@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -40,6 +40,8 @@ from k2.config import parse_duration
 BINANCE_TABLE = "bronze_trades_binance"
 KRAKEN_TABLE = "bronze_trades_kraken"
 FEED_TABLES: tuple[str, ...] = (BINANCE_TABLE, KRAKEN_TABLE)
+# The exchanges whose feed handlers the simulator plays, and the bronze table each fills.
+EXCHANGE_TABLES: dict[str, str] = {"binance": BINANCE_TABLE, "kraken": KRAKEN_TABLE}
 
 DEFAULT_RATE = 50.0  # trades/s over all symbols and both exchanges (history mode default)
 DEFAULT_SYMBOLS: tuple[str, ...] = ("BTC", "ETH", "SOL", "DOGE", "XRP")
@@ -589,10 +591,13 @@ def history_batches(
 
 
 # --------------------------------------------------------------------------- database side
-def insert_batch(client: Any, batch: FeedBatch) -> dict[str, int]:
-    """Insert a batch into the bronze tables (columnar Arrow inserts). Returns rows per table."""
+def insert_batch(client: Any, batch: FeedBatch, tables: Collection[str] = FEED_TABLES) -> dict[str, int]:
+    """Insert a batch into the bronze tables (columnar Arrow inserts), those of `tables` only
+    (the others' feed handlers are down). Returns rows per table inserted into."""
     inserted: dict[str, int] = {}
     for table, arrow_table in batch.arrow_tables().items():
+        if table not in tables:
+            continue
         if arrow_table.num_rows:
             client.insert_arrow(table, arrow_table)
         inserted[table] = arrow_table.num_rows
@@ -637,6 +642,18 @@ def _epoch_ms(dt: datetime) -> int:
 
 def _fmt_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def feed_tables(exchanges: Iterable[str] | None) -> tuple[str, ...]:
+    """The bronze tables of those exchanges (all of them for None), or ValueError naming the
+    unknown ones."""
+    if exchanges is None:
+        return FEED_TABLES
+    names = [exchanges] if isinstance(exchanges, str) else list(exchanges)
+    unknown = [name for name in names if name not in EXCHANGE_TABLES]
+    if unknown or not names:
+        raise ValueError(f"exchanges must be some of {sorted(EXCHANGE_TABLES)}, got {names!r}")
+    return tuple(EXCHANGE_TABLES[name] for name in EXCHANGE_TABLES if name in names)
 
 
 def validate_feed_args(
@@ -710,6 +727,7 @@ def run_feed(
     duration: timedelta | str | None = None,
     progress: Callable[[str], None] | None = print,
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    exchanges: Sequence[str] | None = None,
 ) -> FeedStats:
     """Insert simulated trades into the bronze tables (the views fill silver and gold).
 
@@ -723,8 +741,11 @@ def run_feed(
               same starting data (ids continue above what ClickHouse holds)
     symbols   base assets ('BTC', 'ETH', ...), Binance symbols or Kraken pairs
     end       history's end (aware datetime; default now, UTC)
+    exchanges the exchanges whose trades are inserted (default both): the others' feed
+              handlers are down, their bronze tables get nothing (K2FeedStopped's case)
     """
     history_td, rate_f, duration_td = validate_feed_args(history, rate, seed, end, duration, batch_rows)
+    tables = feed_tables(exchanges)
     assets = resolve_assets(symbols)
     started = time.monotonic()
     stats = FeedStats()
@@ -743,13 +764,13 @@ def run_feed(
                 )
             meter = _Progress("history", progress, stats)
             for batch in history_batches(generator, start_ms, end_ms, batch_rows):
-                _record(stats, batch, insert_batch(client, batch))
+                _record(stats, batch, insert_batch(client, batch, tables))
                 meter.tick()
             meter.tick(force=True)
             live_from_ms = end_ms
 
         if rate_f is not None:
-            _run_live(client, generator, stats, live_from_ms, duration_td, progress)
+            _run_live(client, generator, stats, live_from_ms, duration_td, progress, tables)
     except KeyboardInterrupt:
         stats.interrupted = True
         if progress:
@@ -771,6 +792,7 @@ def _run_live(
     from_ms: int | None,
     duration: timedelta | None,
     progress: Callable[[str], None] | None,
+    tables: Collection[str] = FEED_TABLES,
 ) -> None:
     now_ms = int(time.time() * 1000)
     # Continue right after the history if it ended recently (or in the future); after an
@@ -800,6 +822,6 @@ def _run_live(
         batch = generator.generate(cursor, now_ms)
         cursor = now_ms
         if batch.total_rows:
-            _record(stats, batch, insert_batch(client, batch))
+            _record(stats, batch, insert_batch(client, batch, tables))
         meter.tick()
     meter.tick(force=True)

@@ -281,3 +281,19 @@ def test_non_strict_mode_skips_a_dag_that_fails_to_build(
     assert "platinum_table" in caplog.text
     with pytest.raises(ConfigError, match="platinum_table"):
         build_dags(path, strict=True)
+
+
+def test_non_strict_mode_keeps_the_environment_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lenient path applies K2_START_DATE and K2_DEADLINE, per table too, as the strict one."""
+    path = _write_tables(tmp_path, _entry("bronze_good"), _entry("bronze_bad", partition_by=["days(x)"]),
+                         _entry("silver_also_good"))
+    monkeypatch.setenv("K2_START_DATE", "2026-11-30T18:00:00Z,silver_also_good=2026-11-30T12:00:00Z")
+    monkeypatch.setenv("K2_DEADLINE", "7m")
+    with caplog.at_level(logging.ERROR, logger="k2.dag_factory"):
+        dags = build_dags(path, strict=False)
+    assert sorted(dags) == ["k2_offload_bronze_good", "k2_offload_silver_also_good"]
+    assert dags["k2_offload_bronze_good"].start_date.isoformat() == "2026-11-30T18:00:00+00:00"
+    assert dags["k2_offload_silver_also_good"].start_date.isoformat() == "2026-11-30T12:00:00+00:00"
+    assert all(d.deadline[0].interval.total_seconds() == 420 for d in dags.values())

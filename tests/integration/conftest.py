@@ -104,10 +104,31 @@ def start_date() -> datetime:
     return floor_interval(now - timedelta(minutes=2)) - 2 * INTERVAL
 
 
+# The outage scenario (test_outage_catchup.py): one table whose history and start date
+# lie 6 hours back, as if the scheduler had been off that long. Its DAG stays paused until
+# that test; before it, test_offload_dag's health check finds its watermark hours behind.
+OUTAGE_TABLE = "gold_ohlcv_1d"
+OUTAGE = timedelta(hours=6)
+
+
 @pytest.fixture(scope="session")
-def hot_data(stack: LocalStack, start_date: datetime):
+def outage_start() -> datetime:
+    return floor_interval(datetime.now(timezone.utc) - timedelta(minutes=5)) - OUTAGE
+
+
+# The session's feed: both exchanges until `hot_data` runs; after that tests top the hot
+# tier up with Kraken's trades only. Binance's feed handler is down for the rest of the
+# session, so bronze_trades_binance's newest event ages with the session and
+# test_fault_stopped_feed finds K2FeedStopped firing for it once 20 minutes have passed.
+STOPPED_FEED_TABLE = "bronze_trades_binance"
+LIVE_EXCHANGES = ("kraken",)
+
+
+@pytest.fixture(scope="session")
+def hot_data(stack: LocalStack, start_date: datetime, outage_start: datetime):
     """Trades from a little before start_date until now in the `k2` database (the one the
-    Airflow connection clickhouse_default names); returns a client on it."""
+    Airflow connection clickhouse_default names); returns a client on it. Later trades come
+    from LIVE_EXCHANGES only (see STOPPED_FEED_TABLE)."""
     from k2.feed import run_feed
     from k2.schema import apply_schema
 
@@ -116,7 +137,8 @@ def hot_data(stack: LocalStack, start_date: datetime):
     client = stack.clickhouse_client(database="k2")
     apply_schema(client)
     now = datetime.now(timezone.utc)
-    run_feed(client, history=now - start_date + timedelta(minutes=5), rate=None, seed=7, end=now, progress=None)
+    history_start = min(start_date, outage_start) - timedelta(minutes=5)
+    run_feed(client, history=now - history_start, rate=None, seed=7, end=now, progress=None)
     return client
 
 
@@ -227,15 +249,15 @@ class AirflowHandle:
 
 
 @pytest.fixture(scope="session")
-def airflow_running(stack: LocalStack, hot_data, start_date: datetime):
+def airflow_running(stack: LocalStack, hot_data, start_date: datetime, outage_start: datetime):
     """Airflow (api-server, scheduler, dag-processor, triggerer) on the test stack.
 
     DAGs are created paused; a test unpauses the ones it needs, whose catch-up then
-    starts at start_date."""
+    starts at start_date (OUTAGE_TABLE's at outage_start)."""
     from k2.local import airflow
 
     settings = {
-        "K2_START_DATE": start_date.isoformat(),
+        "K2_START_DATE": f"{start_date.isoformat()},{OUTAGE_TABLE}={outage_start.isoformat()}",
         "K2_DAGS_PAUSED": "True",
         # Short enough for a test to see a run miss it, long enough for a fast run to make it.
         "K2_DEADLINE": DEADLINE,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from k2.local.settings import spark_environment
 from k2.runtime_env import ClickHouseSettings, IcebergSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,10 +41,12 @@ def iceberg_settings(stack, catalog_name: str, warehouse: Path) -> IcebergSettin
 
 def job_env(ch: ClickHouseSettings, ice: IcebergSettings) -> dict[str, str]:
     """The job's environment: where ClickHouse and the catalog are, this venv's Python and
-    spark-submit, and no K2_* overrides of the session's Airflow fixtures."""
+    spark-submit, the local stack's Spark settings, and no K2_* overrides of the session's
+    Airflow fixtures."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("K2_")}
     env.update(ch.to_env())
     env.update(ice.to_env())
     env.update({"PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
                 "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable})
+    env.update(spark_environment(ch.host))  # as the local stack's Airflow runs it
     return env

@@ -1,14 +1,17 @@
 """The feed stops, the feed-stopped alert fires and an email arrives — on the session's real
 pipeline, not on made-up gauges.
 
-The session's hot data is written once, when the `hot_data` fixture runs; after that no
-trade arrives: for the pipeline the feed has stopped. Every watermark check of a sensor
-sends the newest event time it saw (`k2_hot_max_event_timestamp_seconds`), so 20 minutes
-after the last trade `k2:hot_data_age_seconds` crosses the K2FeedStopped threshold,
-Prometheus fires it after its `for:` minute and Alertmanager mails the session's SMTP sink.
-The module name sorts it after the deadline and failure-email tests (whose sensors report
-the old data) and before test_faults_airflow.py, which tops the hot tier up to now: by then
-the 20 minutes have usually passed; alone, or in a fast session, it waits for them."""
+The clock is arranged, not waited for: Binance's feed stops when the session's hot data is
+written (`hot_data`; later top-ups feed Kraken only, conftest.LIVE_EXCHANGES). The runs of
+bronze_trades_binance after that wait in wait_for_hot_data, and every check of their sensor
+sends the table's newest event time (`k2_hot_max_event_timestamp_seconds`), which no longer
+moves. Twenty minutes after the last Binance trade `k2:hot_data_age_seconds` crosses the
+K2FeedStopped threshold (the rule exactly as shipped), Prometheus fires it after its `for:`
+minute and Alertmanager mails the session's SMTP sink.
+
+This test runs last in the Airflow lane (`late` marker), by when the session is usually
+older than the threshold and the alert has long fired; on a fast machine, or alone, it
+waits for the state with a deadline."""
 
 from __future__ import annotations
 
@@ -27,16 +30,16 @@ from k2 import metrics
 from k2.config import load_tables
 from k2.health import ALERT_RULES
 from k2.local.monitoring import MonitoringStack
+from tests.integration.conftest import STOPPED_FEED_TABLE
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.late]
 
 ALERT = "K2FeedStopped"
-# Run alone, this module unpauses one DAG until a sensor has reported (its catch-up from
-# the session's start date is short); in the whole suite other modules' runs have.
-PROBE = load_tables().get("gold_ohlcv_15m")
+SPEC = load_tables().get(STOPPED_FEED_TABLE)
 # After the threshold: the `for:` minute, a rule evaluation, Alertmanager's group wait.
 FIRE_MARGIN = 180.0
 MAIL_TIMEOUT = 180.0
+REPORT_TIMEOUT = 600.0
 
 
 def _threshold_seconds() -> float:
@@ -58,12 +61,10 @@ def _query(prometheus_url: str, expr: str) -> list[dict]:
     return body["data"]["result"]
 
 
-def _newest_event_seen(prometheus_url: str) -> dict[str, float]:
-    """table -> the newest event time (unix s) a sensor reported, as Prometheus scraped it."""
-    return {
-        row["metric"]["table"]: float(row["value"][1])
-        for row in _query(prometheus_url, metrics.HOT_MAX_EVENT_TIME.prometheus)
-    }
+def _newest_event_seen(prometheus_url: str) -> float | None:
+    """The newest event time (unix s) a sensor reported for the stopped table, as scraped."""
+    rows = _query(prometheus_url, f'{metrics.HOT_MAX_EVENT_TIME.prometheus}{{table="{SPEC.name}"}}')
+    return max((float(row["value"][1]) for row in rows), default=None)
 
 
 def _feed_stopped_mails(stack) -> list[str]:
@@ -73,42 +74,45 @@ def _feed_stopped_mails(stack) -> list[str]:
     return [s for s in subjects if ALERT in s]
 
 
+def _wait(check, timeout: float, what: str, interval: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what} within {timeout:.0f} s"
+        time.sleep(interval)
+    return value
+
+
 def test_stopped_feed_fires_the_alert_and_mails_the_sink(stack, hot_data, airflow_running):
     prometheus = MonitoringStack.for_local_stack(stack).prometheus_url
     threshold = _threshold_seconds()
-    seen = _newest_event_seen(prometheus)
-    if not seen:  # this module alone: its DAG's sensor checks make the gauge exist
-        airflow_running.unpause(PROBE.dag_id, timeout=600)
-        try:
-            deadline = time.monotonic() + 600
-            while not seen:
-                assert time.monotonic() < deadline, "no sensor reported the newest event time within 600 s"
-                time.sleep(10)
-                seen = _newest_event_seen(prometheus)
-        finally:
-            airflow_running.cli("dags", "pause", PROBE.dag_id)
+    # In the whole suite the Airflow tests have run this DAG and its newest runs wait for
+    # Binance data; alone, unpausing it makes a sensor report.
+    airflow_running.unpause(SPEC.dag_id, timeout=600)
+    seen = _wait(lambda: _newest_event_seen(prometheus), REPORT_TIMEOUT,
+                 f"no sensor of {SPEC.dag_id} reported its newest event time")
+    # What the alert watches is the table's real newest trade, which stopped moving.
+    newest = hot_data.query(f"SELECT max({SPEC.completeness.column}) FROM {SPEC.completeness.table}").first_row[0]
+    newest = newest if newest.tzinfo else newest.replace(tzinfo=timezone.utc)
+    assert abs(seen - newest.timestamp()) < 1.0, (seen, newest)
 
-    last_trade = max(seen.values())
-    fire_by = last_trade + threshold + FIRE_MARGIN
-    print(f"\n[feed stopped] last trade {datetime.fromtimestamp(last_trade, timezone.utc).isoformat()}, "
-          f"{time.time() - last_trade:.0f} s ago; threshold {threshold:.0f} s; tables seen: {sorted(seen)}")
-    firing: list[dict] = []
-    while not firing:
-        firing = _query(prometheus, f'ALERTS{{alertname="{ALERT}", alertstate="firing"}}')
-        if not firing:
-            assert time.time() < fire_by, (
-                f"{ALERT} not firing {time.time() - last_trade:.0f} s after the last trade; "
-                f"hot data age: {_query(prometheus, 'k2:hot_data_age_seconds')}"
-            )
-            time.sleep(10)
-    fired_tables = {row["metric"]["table"] for row in firing}
-    assert fired_tables <= set(seen), (fired_tables, seen)
-    print(f"[feed stopped] {ALERT} firing for {sorted(fired_tables)}, {time.time() - last_trade:.0f} s after the last trade")
+    fire_by = seen + threshold + FIRE_MARGIN
+    age = time.time() - seen
+    print(f"\n[feed stopped] last {SPEC.name} trade {datetime.fromtimestamp(seen, timezone.utc).isoformat()}, "
+          f"{age:.0f} s ago; threshold {threshold:.0f} s; "
+          f"{'already past' if age > threshold else f'{threshold - age:.0f} s to go'}")
 
-    deadline = time.monotonic() + MAIL_TIMEOUT
-    while not (mails := _feed_stopped_mails(stack)):
-        assert time.monotonic() < deadline, f"no {ALERT} email in {stack.maildir} within {MAIL_TIMEOUT:.0f} s"
-        time.sleep(5)
+    def firing() -> list[dict]:
+        rows = _query(prometheus, f'ALERTS{{alertname="{ALERT}", alertstate="firing", table="{SPEC.name}"}}')
+        assert rows or time.time() < fire_by, (
+            f"{ALERT} not firing for {SPEC.name} {time.time() - seen:.0f} s after its last trade; "
+            f"hot data age: {_query(prometheus, 'k2:hot_data_age_seconds')}"
+        )
+        return rows
+
+    _wait(firing, fire_by - time.time() + 60, f"{ALERT} firing for {SPEC.name}")
+    print(f"[feed stopped] {ALERT} firing for {SPEC.name}, {time.time() - seen:.0f} s after its last trade")
+
+    mails = _wait(lambda: [m for m in _feed_stopped_mails(stack) if f"table={SPEC.name}" in m], MAIL_TIMEOUT,
+                  f"no {ALERT} email naming {SPEC.name} in {stack.maildir}")
     print(f"[feed stopped] emails: {mails}")
-    assert any(f"table={table}" in subject for subject in mails for table in fired_tables), mails
-    assert all(subject.startswith("[K2 CRITICAL]") for subject in mails), mails
+    assert all(subject.startswith("[K2 CRITICAL]") for subject in _feed_stopped_mails(stack)), mails

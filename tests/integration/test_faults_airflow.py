@@ -28,6 +28,7 @@ from k2.local import airflow
 from k2.local.stack import CLICKHOUSE
 from k2.verify import verify_table
 from k2.watermarks import WatermarkStore
+from tests.integration.conftest import LIVE_EXCHANGES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,7 +38,8 @@ TABLES = load_tables()
 
 def _top_up(hot_data) -> datetime:
     """Trades from the newest in ClickHouse up to now (ids continue above what ClickHouse
-    holds, so no key repeats). Returns the new end of the data."""
+    holds, so no key repeats), of the session's live exchanges (conftest.LIVE_EXCHANGES).
+    Returns the new end of the data."""
     from k2.feed import run_feed
 
     newest = hot_data.query("SELECT max(event_time) FROM silver_trades").result_rows[0][0]
@@ -46,7 +48,7 @@ def _top_up(hot_data) -> datetime:
         newest = newest.replace(tzinfo=timezone.utc) if newest.tzinfo is None else newest
         if now - newest > timedelta(seconds=10):
             run_feed(hot_data, history=now - newest, rate=None, seed=int(now.timestamp()) % 10_000,
-                     end=now, progress=None)
+                     end=now, progress=None, exchanges=LIVE_EXCHANGES)
     return now
 
 
@@ -471,7 +473,10 @@ def test_two_runs_of_one_interval_at_once_leave_one_copy(
             both = [r for r in _runs(stack, dag_id, first) if r["run_id"] in twins]
             assert all(r["state"] == "running" for r in both) and len(both) == 2, (
                 f"the two runs of {first} are not in flight together: {both}")
-            time.sleep(8)  # the waiting offload polls the lock every 5 s
+            # The running offload has met the lock and says so in its log: it is blocked.
+            blocked = _poll(lambda: "waiting for the offload lock" in _task_log(airflow_running, dag_id, waiting[0], OFFLOAD),
+                            120, 1)
+            assert blocked, f"{waiting[0]}: the offload never reported waiting for the lock"
             held = _snapshot_counts(stack, spec, [(first, first_end)])
             assert held == before, f"an offload wrote while another writer held the lock: {before} -> {held}"
             release()

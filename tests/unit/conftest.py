@@ -5,6 +5,7 @@ The checks that must agree between engines share one local SparkSession."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -25,6 +26,10 @@ def spark() -> Iterator[object]:
 
     # py4j logs at INFO from __del__ at interpreter exit, after pytest closed its streams
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    from k2.local.settings import SPARK_CONF_DIR
+
+    # The local stack's Spark defaults (loopback, a JVM for short jobs), as the jobs get them.
+    os.environ.setdefault("SPARK_CONF_DIR", str(SPARK_CONF_DIR))
     session = (
         SparkSession.builder.master("local[1]")
         .appName("k2-unit-tests")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,34 @@ def test_unsafe_yaml_is_not_loaded(tmp_path: Path) -> None:
     path = tmp_path / "tables.yaml"
     path.write_text("tables: !!python/object/apply:os.system ['true']\n")
     assert "cannot read" in _error(path)
+
+
+def test_environment_overrides_every_table_or_some(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, _table("bronze_a"), _table("bronze_b"), _table("bronze_c"))
+    monkeypatch.setenv("K2_START_DATE", "2026-12-01T00:00:00Z")
+    assert {s.start_date.isoformat() for s in load_tables(path).tables} == {"2026-12-01T00:00:00+00:00"}
+
+    monkeypatch.setenv("K2_START_DATE", "2026-12-01T00:00:00Z, bronze_b=2026-11-30T18:00:00+00:00")
+    monkeypatch.setenv("K2_DEADLINE", "bronze_c=3m")
+    specs = {s.name: s for s in load_tables(path).tables}
+    assert specs["bronze_a"].start_date.isoformat() == "2026-12-01T00:00:00+00:00"
+    assert specs["bronze_b"].start_date.isoformat() == "2026-11-30T18:00:00+00:00"
+    assert specs["bronze_c"].deadline == timedelta(minutes=3)
+    assert specs["bronze_a"].deadline == timedelta(minutes=30)  # the file's
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("bronze_z=2026-12-01T00:00:00Z", r"K2_START_DATE names tables that .* does not list: \['bronze_z'\]"),
+        ("2026-12-01T00:00:00Z,2026-11-01T00:00:00Z", "at most one bare value"),
+        ("bronze_a=", "item 'bronze_a='"),
+        ("bronze_a=2026-12-01T00:00:00Z,bronze_a=2026-11-01T00:00:00Z", "item 'bronze_a=2026-11-01T00:00:00Z'"),
+        ("bronze_a=yesterday", r"table 'bronze_a', key 'start_date'"),
+    ],
+)
+def test_bad_environment_override_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, message: str
+) -> None:
+    monkeypatch.setenv("K2_START_DATE", value)
+    assert re.search(message, _error(_write(tmp_path, _table("bronze_a")))), value

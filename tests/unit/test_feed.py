@@ -23,7 +23,9 @@ from k2.feed import (
     FeedBatch,
     FeedState,
     TradeGenerator,
+    feed_tables,
     history_batches,
+    insert_batch,
     resolve_assets,
     run_feed,
     units_to_decimal,
@@ -263,6 +265,8 @@ def test_symbol_catalogue() -> None:
         ({"history": "1h", "rate": None, "seed": 1.5}, "seed must be a non-negative integer"),
         ({"history": "1h", "rate": None, "symbols": ["NOPE"]}, "unknown symbol"),
         ({"history": "1h", "rate": None, "batch_rows": 0}, "batch_rows must be a positive integer"),
+        ({"history": "1h", "rate": None, "exchanges": ["coinbase"]}, r"exchanges must be some of .*coinbase"),
+        ({"history": "1h", "rate": None, "exchanges": []}, "exchanges must be some of"),
     ],
 )
 def test_run_feed_rejects_bad_arguments(kwargs: dict, message: str) -> None:
@@ -270,6 +274,24 @@ def test_run_feed_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     # validation happens before the client is touched
     with pytest.raises(ValueError, match=message):
         run_feed(None, progress=None, **kwargs)
+
+
+class _RecordingClient:
+    def __init__(self) -> None:
+        self.inserted: dict[str, int] = {}
+
+    def insert_arrow(self, table: str, arrow_table: pa.Table) -> None:
+        self.inserted[table] = arrow_table.num_rows
+
+
+def test_one_exchange_down_its_table_gets_nothing(hour: FeedBatch) -> None:
+    client = _RecordingClient()
+    inserted = insert_batch(client, hour, feed_tables(["kraken"]))
+    assert client.inserted == inserted == {KRAKEN_TABLE: len(hour.kraken["trade_id"])} and inserted[KRAKEN_TABLE] > 0
+    both = _RecordingClient()
+    insert_batch(both, hour)
+    assert set(both.inserted) == {BINANCE_TABLE, KRAKEN_TABLE}
+    assert feed_tables("binance") == (BINANCE_TABLE,) and feed_tables(None) == (BINANCE_TABLE, KRAKEN_TABLE)
 
 
 def test_generator_rejects_bad_arguments() -> None:

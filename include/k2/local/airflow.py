@@ -20,7 +20,7 @@ from k2.config import ALERT_TO_ENV, DEFAULT_ALERT_TO
 from k2.local import monitoring
 from k2.local.daemons import Daemon, http_ok
 from k2.local.processes import StackError
-from k2.local.settings import REPO_ROOT, LocalStack
+from k2.local.settings import REPO_ROOT, LocalStack, spark_environment
 from k2.runtime_env import ClickHouseSettings, IcebergSettings
 
 ADMIN_USER = "admin"
@@ -127,8 +127,7 @@ def environment(stack: LocalStack) -> dict[str, str]:
         # spark-submit and the k2 CLI come from the project's virtualenv.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         # Spark on the local stack: loopback only, no UI, quiet logs (spark_jobs/conf).
-        "SPARK_LOCAL_IP": stack.host,
-        "SPARK_CONF_DIR": str(REPO_ROOT / "spark_jobs" / "conf"),
+        **spark_environment(stack.host),
         "K2_HOME": str(stack.home),
         ALERT_TO_ENV: os.environ.get(ALERT_TO_ENV, DEFAULT_ALERT_TO),
         "K2_ALERT_EMAIL_FROM": os.environ.get("K2_ALERT_EMAIL_FROM", ALERT_FROM),

