@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 started=$(date +%s)
 finish() { printf '\nmake test: %s after %d s wall (setup included)\n' "$1" "$(( $(date +%s) - started ))"; }
 bash scripts/setup.sh || { finish "setup FAILED"; exit 1; }
-.venv/bin/pytest -n 2 --dist loadgroup --no-loadscope-reorder "$@" tests/unit tests/dags tests/integration
+.venv/bin/pytest -n 2 --dist loadscope --no-loadscope-reorder "$@" tests/unit tests/dags tests/integration
 status=$?
 if [ "$status" -eq 0 ]; then finish "passed"; else finish "FAILED (pytest exit $status)"; fi
 exit "$status"
