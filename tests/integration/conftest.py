@@ -25,6 +25,18 @@ from k2.local import stack as local_stack
 from k2.local.settings import LocalStack
 
 
+@pytest.fixture(autouse=True)
+def _overrides_only_on_the_session_airflow(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """The session's table overrides (K2_START_DATE per table, K2_DEADLINE) are set for its
+    Airflow while it runs (`airflow_running`); a test that does not use it sees tables.yaml
+    as written, also when it runs in the same worker after the Airflow tests."""
+    if "airflow_running" not in request.fixturenames:
+        from k2.config import OVERRIDE_ENV
+
+        for variable in OVERRIDE_ENV.values():
+            monkeypatch.delenv(variable, raising=False)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -10,6 +10,9 @@ dashboard must return data from the session's own Prometheus, which watched thes
 (and whatever else ran in the session) through statsd_exporter.
 
 Tables used here (and by no other Airflow test): gold_ohlcv_1m.
+
+Over 4 minutes (about 4.5 in the suite): a commit fails all four tries (10, 20, 40 s
+backoff), then two more runs succeed, then Prometheus must scrape them.
 """
 
 from __future__ import annotations

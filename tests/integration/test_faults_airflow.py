@@ -7,7 +7,11 @@ Tables used here (by no other test module): gold_ohlcv_15m (commit fails), gold_
 (ClickHouse outage), bronze_trades_kraken (two runs at once, clear while running, clear
 after compaction: every interval holds rows, unlike a 30-minute candle table's),
 gold_ohlcv_1h (backfill). Each test pauses the DAGs it
-unpaused, so their catch-up does not load later tests."""
+unpaused, so their catch-up does not load later tests.
+
+Over 4 minutes (about 22 in the suite): six fault scenarios, each driving real DAG runs
+through retries (10 s, 20 s, 40 s backoff), Spark jobs and a backfill on the scheduler.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ Each scenario ends with `verify_table` clean (no missing, duplicated or mismatch
 rows) and prints the rows lost and duplicated it measured (FAULT lines). ClickHouse and
 PostgreSQL come from the session `stack`; the Iceberg tables live in catalog names and
 warehouses of this module's own.
+
+Over 4 minutes (about 10 in the suite): each fault needs Spark jobs of its own (a killed
+job and its re-run, a full then read-only warehouse and the retry, two schema changes).
 """
 
 from __future__ import annotations

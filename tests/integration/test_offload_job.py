@@ -4,6 +4,8 @@ ClickHouse (chDB endpoint) and PostgreSQL come from the session `stack` fixture;
 ClickHouse tables live in this module's own database (`ch_client`), the Iceberg tables
 in a catalog name and warehouse of their own, so other modules are not affected.
 The scenarios run in file order and build on each other (one Spark job per step).
+
+Over 4 minutes (about 6 in the suite): seven distinct offload scenarios, one Spark job each.
 """
 
 from __future__ import annotations
