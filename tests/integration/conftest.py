@@ -25,16 +25,22 @@ from k2.local import stack as local_stack
 from k2.local.settings import LocalStack
 
 
-@pytest.fixture(autouse=True)
-def _overrides_only_on_the_session_airflow(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+@pytest.fixture(scope="module", autouse=True)
+def _overrides_only_on_the_session_airflow(request: pytest.FixtureRequest):
     """The session's table overrides (K2_START_DATE per table, K2_DEADLINE) are set for its
-    Airflow while it runs (`airflow_running`); a test that does not use it sees tables.yaml
-    as written, also when it runs in the same worker after the Airflow tests."""
-    if "airflow_running" not in request.fixturenames:
-        from k2.config import OVERRIDE_ENV
+    Airflow while it runs (`airflow_running`); a module outside the Airflow lane sees
+    tables.yaml as written, also when it runs in the same worker after the Airflow tests.
+    Module-scoped and autouse, so it comes before the module's own module-scoped fixtures."""
+    from k2.config import OVERRIDE_ENV
+    from tests.conftest import AIRFLOW_LANE_MODULES
 
+    if request.node.nodeid in AIRFLOW_LANE_MODULES:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
         for variable in OVERRIDE_ENV.values():
-            monkeypatch.delenv(variable, raising=False)
+            patch.delenv(variable, raising=False)
+        yield
 
 
 def _free_port() -> int:
