@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from k2.feed import EXCHANGE_TABLES
 from k2.local import stack as local_stack
 from k2.local.settings import LocalStack
 
@@ -139,7 +140,7 @@ def outage_start() -> datetime:
 # session, so bronze_trades_binance's newest event ages with the session and
 # test_fault_stopped_feed finds K2FeedStopped firing for it once 20 minutes have passed.
 STOPPED_FEED_TABLE = "bronze_trades_binance"
-LIVE_EXCHANGES = ("kraken",)
+LIVE_EXCHANGES = tuple(exchange for exchange, table in EXCHANGE_TABLES.items() if table != STOPPED_FEED_TABLE)
 
 
 @pytest.fixture(scope="session")
