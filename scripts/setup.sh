@@ -46,6 +46,19 @@ else
   ls spark_jobs/jars/*.jar
 fi
 
+step "Benchmark jars (spark_jobs/bench-jars) through Maven"
+# The predecessor's JDBC driver for benchmarks/offload.py: never in jars/, which every job gets.
+want=$(inputs_hash spark_jobs/pom.xml)
+if stamp_ok spark_jobs/bench-jars/.k2-installed "$want"; then
+  echo "up to date"
+else
+  rm -rf spark_jobs/bench-jars
+  mvn --batch-mode --quiet -f spark_jobs/pom.xml -P predecessor-bench \
+    dependency:copy-dependencies@bench-jars
+  echo "$want" > spark_jobs/bench-jars/.k2-installed
+  ls spark_jobs/bench-jars/*.jar
+fi
+
 step "statsd_exporter $STATSD_EXPORTER_VERSION (.tools/bin) through go install"
 # A `go install` build carries its module version in the binary (its --version is empty).
 if [ -x "$TOOLS/bin/statsd_exporter" ] && go version -m "$TOOLS/bin/statsd_exporter" | grep -Eq "statsd_exporter[[:space:]]+$STATSD_EXPORTER_VERSION"; then
