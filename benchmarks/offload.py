@@ -1,0 +1,528 @@
+"""Offload benchmark: the offload job against the predecessor's path and a single-process
+peer, on one 15-minute interval of bronze_trades_binance per size, in the same script and stack.
+
+    .venv/bin/python benchmarks/offload.py [--rows 1000,1000000,2700000] [--json PATH]
+
+Starts a throwaway local stack (own K2_HOME, free ports: PostgreSQL and the ClickHouse
+endpoint), creates the schema and, for each size N, inserts N synthetic trades into a fresh
+15-minute interval with one INSERT ... SELECT ... FROM numbers(N), then times on it:
+
+  job, first run     spark_jobs/offload_to_iceberg.py through spark-submit, as
+                     benchmarks/catchup.py submits it (master local[2], the stack's Spark
+                     environment, ClickHouse and Iceberg settings as the operator passes them)
+  job, replace       the same interval again
+  predecessor        benchmarks/predecessor_jdbc.py through spark-submit: Spark's JDBC source
+                     with the official ClickHouse JDBC driver (spark_jobs/bench-jars, `make
+                     setup`), appended to cold.bench_predecessor_<N>; no checks
+  single process     benchmarks/single_process.py peer: clickhouse-connect Arrow stream ->
+                     pyiceberg overwrite of the interval in cold.bench_peer_<N>, with the job's
+                     checks (ClickHouse's count and checksum = the read = the new snapshot's)
+  export alone       ClickHouse -> Arrow, drained
+  Parquet alone      pyarrow.parquet, zstd, of the same Arrow data
+
+The bench tables copy the schema and partition spec of the job's table (made by its first
+run), with the project's table properties. Printed per path: wall seconds (the whole process,
+JVM or interpreter start included; for the two "alone" figures the operation alone), rows/s
+and the peak RSS of the process tree (the summed RSS of the process and its descendants,
+sampled every 0.2 s), then the ratios. Nothing is asserted: figures, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+INTERVAL = timedelta(minutes=15)
+TABLE = "bronze_trades_binance"
+MASTER = "local[2]"
+DEFAULT_ROWS = "1000,1000000,2700000"
+SAMPLE_SECONDS = 0.2
+PATHS = {  # key: label, in the order they run for each size
+    "job_first": "job, first run",
+    "job_replace": "job, replace",
+    "predecessor": "predecessor (Spark JDBC)",
+    "peer": "single process (peer)",
+    "export": "export alone",
+    "parquet": "Parquet write alone",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def progress(message: str) -> None:
+    print(message, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic trades
+
+
+def insert_sql() -> str:
+    """One INSERT ... SELECT ... FROM numbers({rows}) of Binance trades spread evenly over
+    [{start_ms}, {start_ms} + {span_ms}).
+
+    Realistic as the feed simulator's (k2.feed: its assets, weights, tick and lot sizes,
+    half-spread and log-normal notionals), deterministic per row, without its random walk:
+    the mid moves +-0.3 % in three smooth waves per interval. Trade ids increase per symbol
+    and continue across sizes ({first_sequence}); every row passes the quality checks
+    (ingested 20-200 ms after its trade), so no path has rows to quarantine.
+    """
+    from k2.feed import ASSETS, MAX_NOTIONAL_USD, NOTIONAL_SIGMA, _HALF_SPREAD
+
+    assets = list(ASSETS.values())
+    total = sum(a.weight for a in assets)
+    bounds, acc = [], 0.0
+    for asset in assets:
+        acc += asset.weight / total
+        bounds.append(acc)
+    bounds[-1] = 1.0
+
+    def array(values: Any) -> str:
+        return "[" + ", ".join(str(v) for v in values) + "]"
+
+    def pick(values: Any) -> str:
+        return f"arrayElement({array(values)}, asset)"
+
+    def uniform(salt: int) -> str:  # in [0, 1), from the row number
+        return f"(cityHash64(number, {salt}) % 1000000) / 1e6"
+
+    return f"""
+INSERT INTO {TABLE}
+    (sequence_number, trade_id, symbol, price, quantity, quote_quantity, trade_time_ms,
+     is_buyer_maker, ingested_at)
+SELECT
+    {{first_sequence:UInt64}} + number,
+    {{first_sequence:UInt64}} + number + {pick(a.binance_first_id for a in assets)},
+    {pick(repr(a.binance_symbol) for a in assets)},
+    toDecimal128(ticks, 18) / intExp10(price_decimals),
+    toDecimal128(lots, 18) / intExp10(qty_decimals),
+    toDecimal128(ticks * lots, 18) / intExp10(price_decimals + qty_decimals),
+    trade_time_ms,
+    NOT buy,
+    fromUnixTimestamp64Milli(toInt64(trade_time_ms + 20 + cityHash64(number, 5) % 180), 'UTC')
+FROM
+(
+    SELECT
+        number,
+        arrayFirstIndex(bound -> bound > {uniform(1)}, {array(bounds)}) AS asset,
+        {{start_ms:UInt64}} + intDiv(number * {{span_ms:UInt64}}, {{rows:UInt64}}) AS trade_time_ms,
+        cityHash64(number, 2) % 2 = 0 AS buy,
+        {pick(a.start_price for a in assets)}
+            * (1 + 0.003 * sin(2 * pi() * (3 * number / {{rows:UInt64}} + asset / 7))) AS mid,
+        {pick(a.binance_price_decimals for a in assets)} AS price_decimals,
+        {pick(a.binance_qty_decimals for a in assets)} AS qty_decimals,
+        greatest(toInt64(round(mid * (1 + if(buy, {_HALF_SPREAD}, -{_HALF_SPREAD}))
+                               * intExp10(price_decimals))), 1) AS ticks,
+        least({pick(a.median_notional for a in assets)}
+              * exp({NOTIONAL_SIGMA} * sqrt(-2 * log({uniform(3)} + 0.5e-6))
+                    * cos(2 * pi() * {uniform(4)})), {MAX_NOTIONAL_USD}) AS notional,
+        greatest(toInt64(floor(notional / mid * intExp10(qty_decimals))), 1) AS lots
+    FROM numbers({{rows:UInt64}})
+)"""
+
+
+def wait_for_merges(client: Any, timeout: float = 300.0) -> None:
+    """Until ClickHouse merges no parts, so that no background merge runs during a timing."""
+    deadline = time.monotonic() + timeout
+    while client.query("SELECT count() FROM system.merges").result_rows[0][0]:
+        if time.monotonic() > deadline:
+            progress("  (ClickHouse still merging; timing anyway)")
+            return
+        time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------------------
+# Running one path: wall time and the peak RSS of its process tree
+
+
+class PeakRss(threading.Thread):
+    """Samples the summed RSS of a process and all its descendants until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak = pid, 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while True:
+            total = 0
+            try:
+                processes = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                processes = []
+            for process in processes:
+                try:
+                    total += process.memory_info().rss
+                except psutil.Error:  # ended between the listing and the reading
+                    pass
+            self.peak = max(self.peak, total)
+            if self._stop_event.wait(SAMPLE_SECONDS):
+                return
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return self.peak
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_rss: int
+    stdout: str
+
+
+def run_process(name: str, argv: list[str], env: dict[str, str], logs: Path) -> Run:
+    """Run argv to its end; its own session, so that an interrupt stops its whole tree."""
+    out, err = logs / f"{name}.out", logs / f"{name}.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, env=env, stdout=stdout, stderr=stderr,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        sampler = PeakRss(proc.pid)
+        sampler.start()
+        try:
+            returncode = proc.wait(timeout=3600)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            peak = sampler.stop()
+        seconds = time.monotonic() - started
+    if returncode != 0:
+        tail = "\n".join((out.read_text() + err.read_text()).splitlines()[-40:])
+        sys.exit(f"{name} failed (exit {returncode}); the end of its output:\n{tail}")
+    return Run(seconds, peak, out.read_text())
+
+
+def result_lines(stdout: str, prefix: str) -> list[dict[str, Any]]:
+    return [json.loads(line[len(prefix):]) for line in stdout.splitlines()
+            if line.startswith(prefix + " ")]
+
+
+# --------------------------------------------------------------------------------------
+# Figures
+
+
+@dataclass
+class Figure:
+    seconds: float
+    peak_rss: int
+    rows: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seconds": round(self.seconds, 3), "rows_per_second": round(self.rows_per_second),
+                "peak_rss_bytes": self.peak_rss, **self.extra}
+
+
+@dataclass
+class SizeRun:
+    rows: int
+    start: datetime
+    end: datetime
+    insert_seconds: float = 0.0
+    figures: dict[str, Figure] = field(default_factory=dict)
+
+    def ratio(self, over: str, under: str) -> float | None:
+        a, b = self.figures.get(over), self.figures.get(under)
+        return a.seconds / b.seconds if a and b and b.seconds > 0 else None
+
+
+RATIOS = {  # key: (label, numerator path, denominator path)
+    "job_first_over_predecessor": ("job first run / predecessor", "job_first", "predecessor"),
+    "job_replace_over_job_first": ("job replace / job first run", "job_replace", "job_first"),
+    "job_first_over_peer": ("job first run / single-process peer", "job_first", "peer"),
+}
+
+
+def mib(value: int) -> str:
+    return f"{value / 2**20:,.0f}"
+
+
+def secs(value: float) -> str:
+    return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
+
+
+def report(runs: list[SizeRun]) -> dict[str, Any]:
+    """Print the table and the ratios; return everything as a JSON-ready dict."""
+    print()
+    print(f"offload of one 15-minute interval of {TABLE}, spark-submit --master {MASTER}, "
+          f"{os.cpu_count()} cores")
+    header = f"{'rows':>11}  {'path':<26}{'wall s':>9}{'rows/s':>13}{'peak RSS MiB':>14}"
+    print(header)
+    print("-" * len(header))
+    for run in runs:
+        for key, label in PATHS.items():
+            figure = run.figures.get(key)
+            if figure is not None:
+                print(f"{run.rows:>11,}  {label:<26}{secs(figure.seconds):>9}"
+                      f"{figure.rows_per_second:>13,.0f}{mib(figure.peak_rss):>14}")
+    print("wall s: the whole process (JVM or interpreter start included); "
+          "for the two 'alone' rows the operation alone")
+
+    print()
+    print(f"{'ratio of wall times':<40}" + "".join(f"{run.rows:>13,}" for run in runs))
+    ratios: dict[str, dict[str, float | None]] = {}
+    for key, (label, over, under) in RATIOS.items():
+        values = {str(run.rows): run.ratio(over, under) for run in runs}
+        ratios[key] = {n: round(v, 3) if v is not None else None for n, v in values.items()}
+        print(f"{label:<40}" + "".join(f"{v:>13.2f}" if v is not None else f"{'-':>13}"
+                                       for v in values.values()))
+    smallest = min(runs, key=lambda run: run.rows)
+    fixed = smallest.ratio("job_first", "predecessor")
+    largest = max(runs, key=lambda run: run.rows)
+    job_peak = largest.figures["job_first"].peak_rss
+    print()
+    if fixed is not None:
+        print(f"job / predecessor at {smallest.rows:,} rows (fixed costs): {fixed:.2f}")
+    print(f"job's peak RSS at {largest.rows:,} rows: {mib(job_peak)} MiB "
+          f"(first run; replace {mib(largest.figures['job_replace'].peak_rss)} MiB)")
+    return {
+        "ratios": ratios,
+        "job_over_predecessor_smallest": {"rows": smallest.rows,
+                                          "ratio": round(fixed, 3) if fixed else None},
+        "job_peak_rss_bytes_largest": {"rows": largest.rows, "peak_rss_bytes": job_peak},
+        "runs": [{"rows": run.rows, "interval_start": run.start.isoformat(),
+                  "interval_end": run.end.isoformat(),
+                  "insert_seconds": round(run.insert_seconds, 3),
+                  "paths": {key: figure.to_dict() for key, figure in run.figures.items()}}
+                 for run in runs],
+    }
+
+
+# --------------------------------------------------------------------------------------
+# The benchmark
+
+
+def parse_rows(text: str) -> list[int]:
+    try:
+        sizes = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of row counts") from None
+    if not sizes or any(size < 1 for size in sizes) or len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: row counts must be positive, each once")
+    return sizes
+
+
+def jars(folder: Path) -> list[str]:
+    found = sorted(str(p) for p in folder.glob("*.jar"))
+    if not found:
+        sys.exit(f"no jars in {folder}: run `make setup`")
+    return found
+
+
+def job_jars() -> list[str]:  # every production job is submitted with these
+    return jars(REPO / "spark_jobs" / "jars")
+
+
+def bench_jars() -> list[str]:  # the predecessor's JDBC driver, only for its path
+    return jars(REPO / "spark_jobs" / "bench-jars")
+
+
+class Benchmark:
+    def __init__(self, stack: Any, env: dict[str, str], logs: Path) -> None:
+        from k2 import iceberg as ib
+        from k2.config import load_tables
+        from k2.local import airflow
+
+        self.stack, self.env, self.logs = stack, env, logs
+        self.spec = load_tables().get(TABLE)
+        self.client = stack.clickhouse_client(database=airflow.CLICKHOUSE_DATABASE)
+        self.catalog = ib.load_catalog(airflow.iceberg_settings(stack))
+        self.spark_submit = str(Path(sys.executable).with_name("spark-submit"))
+        self.job_jars, self.bench_jars = job_jars(), bench_jars()
+        self.inserted = 0
+
+    def insert(self, run: SizeRun) -> None:
+        from k2.checksum import clickhouse_interval_filter_sql, interval_parameters, to_epoch_ms
+
+        progress(f"N={run.rows:,}: inserting {run.rows:,} rows into "
+                 f"[{run.start:%Y-%m-%d %H:%M}, {run.end:%H:%M}) ...")
+        started = time.monotonic()
+        self.client.command(insert_sql(), parameters={
+            "first_sequence": self.inserted, "start_ms": to_epoch_ms(run.start),
+            "span_ms": int(INTERVAL.total_seconds() * 1000), "rows": run.rows,
+        })
+        run.insert_seconds = time.monotonic() - started
+        self.inserted += run.rows
+        count = self.client.query(
+            f"SELECT count() FROM {TABLE} WHERE {clickhouse_interval_filter_sql('event_time')}",
+            parameters=interval_parameters(run.start, run.end)).result_rows[0][0]
+        if count != run.rows:
+            sys.exit(f"the interval holds {count} rows after inserting {run.rows}")
+        wait_for_merges(self.client)
+        progress(f"  inserted in {run.insert_seconds:.1f} s")
+
+    def interval_args(self, run: SizeRun) -> list[str]:
+        return ["--interval-start", run.start.isoformat(), "--interval-end", run.end.isoformat()]
+
+    def time_path(self, run: SizeRun, key: str, argv: list[str]) -> Run:
+        progress(f"N={run.rows:,}: {PATHS[key]} ...")
+        result = run_process(f"{key}_{run.rows}", argv, self.env, self.logs)
+        return result
+
+    def record(self, run: SizeRun, key: str, figure: Figure) -> None:
+        if figure.rows != run.rows:
+            sys.exit(f"{PATHS[key]} handled {figure.rows} rows of {run.rows}")
+        run.figures[key] = figure
+        progress(f"  {secs(figure.seconds)} s, {figure.rows_per_second:,.0f} rows/s, "
+                 f"peak RSS {mib(figure.peak_rss)} MiB")
+
+    def job(self, run: SizeRun, key: str) -> None:
+        argv = [self.spark_submit, "--master", MASTER, "--jars", ",".join(self.job_jars),
+                str(REPO / "spark_jobs" / "offload_to_iceberg.py"), "--table", TABLE,
+                *self.interval_args(run), "--interval-step", "15m",
+                "--run-id", f"bench_{key}_{run.rows}"]
+        result = self.time_path(run, key, argv)
+        lines = result_lines(result.stdout, "K2_OFFLOAD_RESULT")
+        if len(lines) != 1:
+            sys.exit(f"{PATHS[key]}: expected one K2_OFFLOAD_RESULT line, got {len(lines)}")
+        line = lines[0]
+        self.record(run, key, Figure(result.seconds, result.peak_rss, int(line["rows"]), {
+            "job_seconds": line.get("seconds"), "snapshot_id": line.get("snapshot_id")}))
+
+    def bench_table(self, kind: str, rows: int) -> str:
+        """cold.bench_<kind>_<rows>, made anew with the job table's schema and partitioning."""
+        from k2 import iceberg as ib
+
+        name = f"{self.spec.iceberg_table.split('.')[0]}.bench_{kind}_{rows}"
+        if self.catalog.table_exists(name):
+            self.catalog.drop_table(name)
+        job_table = self.catalog.load_table(self.spec.iceberg_table)
+        self.catalog.create_table(name, schema=job_table.schema(),
+                                  partition_spec=job_table.spec(),
+                                  properties=dict(ib.TABLE_PROPERTIES))
+        return name
+
+    def predecessor(self, run: SizeRun) -> None:
+        table = self.bench_table("predecessor", run.rows)
+        argv = [self.spark_submit, "--master", MASTER,
+                "--jars", ",".join(self.job_jars + self.bench_jars),
+                str(BENCH / "predecessor_jdbc.py"), "--table", TABLE, "--iceberg-table", table,
+                *self.interval_args(run)]
+        result = self.time_path(run, "predecessor", argv)
+        written = self.catalog.load_table(table).scan().count()  # it checks nothing itself
+        self.record(run, "predecessor", Figure(result.seconds, result.peak_rss, written))
+
+    def single_process(self, run: SizeRun, key: str) -> None:
+        argv = [sys.executable, str(BENCH / "single_process.py"), key, "--table", TABLE,
+                *self.interval_args(run)]
+        if key == "peer":
+            argv += ["--iceberg-table", self.bench_table("peer", run.rows)]
+        if key == "parquet":
+            argv += ["--directory", str(self.logs)]
+        result = self.time_path(run, key, argv)
+        (line,) = result_lines(result.stdout, "K2_BENCH_RESULT")
+        rows, timed = int(line.pop("rows")), float(line.pop("seconds"))
+        if key == "peer":  # the whole process, as for spark-submit
+            figure = Figure(result.seconds, result.peak_rss, rows, {"work_seconds": timed, **line})
+        else:  # the operation alone
+            figure = Figure(timed, result.peak_rss, rows, {"process_seconds": result.seconds, **line})
+        self.record(run, key, figure)
+
+    def measure(self, run: SizeRun) -> None:
+        self.insert(run)
+        self.job(run, "job_first")
+        self.job(run, "job_replace")
+        self.predecessor(run)
+        for key in ("peer", "export", "parquet"):
+            self.single_process(run, key)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=parse_rows, default=parse_rows(DEFAULT_ROWS),
+                        help=f"interval sizes, comma-separated (default {DEFAULT_ROWS})")
+    parser.add_argument("--json", type=Path, help="also write all figures and ratios here")
+    args = parser.parse_args()
+
+    job_jars(), bench_jars()  # before anything starts
+    load_average = os.getloadavg()[0]
+    # SIGTERM ends the run like Ctrl-C: the finally below stops the stack.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    home = Path(tempfile.mkdtemp(prefix="k2-bench-offload-"))
+    os.environ["K2_HOME"] = str(home)
+    from k2.local.settings import PORT_ENV_VARS
+
+    os.environ.update({name: str(free_port()) for name in PORT_ENV_VARS})
+    from k2.local import airflow, postgres
+    from k2.local import stack as local_stack
+    from k2.local.settings import LocalStack, spark_environment
+    from k2.schema import apply_schema
+
+    stack = LocalStack.from_env()
+    end = datetime.now(timezone.utc).replace(second=0, microsecond=0)
+    end -= timedelta(minutes=end.minute % 15)
+    runs = [SizeRun(rows, end - (len(args.rows) - i) * INTERVAL, end - (len(args.rows) - i - 1) * INTERVAL)
+            for i, rows in enumerate(args.rows)]
+    started = datetime.now(timezone.utc)
+    try:
+        progress(f"starting PostgreSQL and the ClickHouse endpoint in {home} ...")
+        postgres.start(stack)
+        local_stack.CLICKHOUSE.start(stack)
+        stack.clickhouse_client().command(f"CREATE DATABASE IF NOT EXISTS {airflow.CLICKHOUSE_DATABASE}")
+        apply_schema(stack.clickhouse_client(database=airflow.CLICKHOUSE_DATABASE))
+
+        # What the Airflow operator gives spark-submit (secrets only in the environment).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("K2_ICEBERG")}
+        env.update(airflow.clickhouse_settings(stack).to_env())
+        env.update(airflow.iceberg_settings(stack).to_env())
+        env.update(spark_environment(stack.host))
+        env["PYSPARK_PYTHON"] = sys.executable
+        logs = home / "bench"
+        logs.mkdir()
+        bench = Benchmark(stack, env, logs)
+        for run in runs:
+            bench.measure(run)
+        figures = report(runs)
+        if args.json:
+            figures = {
+                "measured_at": started.isoformat(timespec="seconds"),
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                "table": TABLE, "master": MASTER, "cpus": os.cpu_count(),
+                "load_average_at_start": load_average, **figures,
+            }
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+            print(f"\nfigures written to {args.json}")
+    finally:
+        local_stack.CLICKHOUSE.stop(stack)
+        postgres.stop(stack)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
