@@ -9,7 +9,7 @@ Connection settings come from the environment (k2.runtime_env: K2_CLICKHOUSE_*,
 K2_ICEBERG_*), never from the command line.
 
 [--interval-start, --interval-end) is a whole number of --interval-step steps (default
-15m); each step is offloaded as its own interval - its own checks, one MERGE, one
+15m); each step is offloaded as its own interval - its own checks, one staged write, audit and publish, one
 snapshot whose k2.interval-start/end are the step's bounds - in order, in one
 SparkSession, so a catch-up of many intervals pays for one JVM. Without --interval-step
 a range that is not a multiple of 15 minutes is one interval, as before steps existed.
@@ -29,49 +29,49 @@ How it works (step 1 and the Spark session once per job, steps 2-5 per interval)
    promoted in place (ALTER TABLE, metadata only); any other difference stops the job
    before anything is altered or written, naming the table and the column.
 2. ClickHouse counts and checksums the interval itself (k2.checksum's SQL), split by
-   the table's quality checks (k2.quality): the good rows and the bad ones.
-3. The executors read the interval as Arrow (clickhouse-connect, ArrowStream) in N
-   time slices through mapInArrow - one task and one ClickHouse connection per
-   slice; no JDBC, no rows on the driver. The result is persisted, split by the same
-   checks (rendered in Spark SQL), counted and checksummed on the executors, and both
-   halves must equal ClickHouse's figures before anything is written. Duplicate
+   the table's quality checks (k2.quality): the good rows and the bad ones. Duplicate
    unique keys in ClickHouse (among rows with their whole key) stop the job at that
    interval before it is read - for the first interval, before the Spark session
    starts (an interval must hold one row per key to be replaceable); they are an
    upstream fault, not a bad row.
-3b. Quarantine (only for tables with checks that can fail): the bad rows, with the
-   reasons of every check they fail (k2_reason), the interval, the run id and the
-   time, replace the interval's rows of the quarantine table
-   `<iceberg_table>__quarantine` in one MERGE (one snapshot; a 'D' row matching every
-   row of the interval deletes them, the bad rows are inserted), so re-running an
-   interval never duplicates quarantined rows. Its snapshot is read back and must hold
-   ClickHouse's bad-row figures. It commits before the table's MERGE: the table's
-   snapshot is what marks an interval offloaded, so it comes last. Nothing is
-   committed to the quarantine table when the interval has no bad rows and none
-   quarantined before.
-4. One MERGE replaces the interval atomically (one Iceberg snapshot, tagged with
-   k2.table / k2.interval-start / k2.interval-end / k2.run-id / k2.rows /
-   k2.checksum / k2.quarantined-rows / k2.attempt-id through
-   spark.sql.iceberg.snapshot-property.*; k2.rows and k2.checksum are the good rows'):
-   every row the table holds in the interval is deleted and every good ClickHouse row
-   of the interval inserted (see merge_sql). Re-running an interval therefore replaces
-   it - also after compaction, because MERGE rewrites rows, not whole files by a
-   filter - and concurrent runs of one interval conflict (serializable isolation);
-   the loser re-plans its MERGE, which is safe because a MERGE never appends twice.
-
-   The deletes are driven by 'D' rows in the MERGE source (the interval's existing
-   keys) instead of `WHEN NOT MATCHED BY SOURCE`: with a NOT MATCHED BY SOURCE clause
-   Spark cannot prune the target scan, so every MERGE would read and (copy-on-write)
-   rewrite every file of the table - measured: a one-hour re-run rewrote all four
-   hourly files. Without it the interval predicate in ON prunes the scan and only files
-   holding the interval's rows are rewritten.
-
-   An empty interval still commits a snapshot (Spark commits the MERGE even when it
-   changes nothing), so "this interval was offloaded and had 0 rows" is findable
-   with k2.iceberg.find_offload_snapshot like any other interval.
-5. The committed snapshot is read back (VERSION AS OF) and its interval's count and
-   checksum must equal ClickHouse's good rows', else the job exits non-zero. Every row
-   read is accounted for: rows_read = rows (written) + quarantined_rows, in the result.
+3. The executors read the interval as Arrow (clickhouse-connect, ArrowStream) in N
+   time slices through mapInArrow - one task and one ClickHouse connection per
+   slice; no JDBC, no rows on the driver - and the rows stream straight into the write:
+   no pass of their own, no persist (except for a quarantine, below). Each slice reports
+   the rows it read through an accumulator keyed by slice (a slice read twice counts once).
+3b. Quarantine (only for tables with checks that can fail, and only when the interval
+   has bad rows now or had some before): the read is persisted, and the bad rows, with
+   the reasons of every check they fail (k2_reason), the interval, the run id and the
+   time, replace the interval's rows of `<iceberg_table>__quarantine` in one MERGE (a 'D'
+   row matching every row of the interval deletes them, the bad rows are inserted), so
+   re-running an interval never duplicates quarantined rows. It is staged, audited
+   against ClickHouse's bad-row figures and published like the table's own commit
+   (step 4), before it: the table's snapshot is what marks an interval offloaded, so it
+   comes last.
+4. Write-audit-publish of the good rows (stage_audit_publish), one snapshot per interval:
+   - write, staged (Iceberg WAP: write.wap.enabled on the table, spark.wap.id in the
+     session): an overwrite by the interval's filter - the interval's existing files
+     are dropped whole and the new ones added, no read of the table, no join. When a file
+     holds rows of the interval and others (after a compaction) Iceberg refuses that, and
+     the interval is replaced row by row with a MERGE instead (merge_sql). The snapshot
+     carries k2.table / k2.interval-start / k2.interval-end / k2.run-id / k2.rows /
+     k2.checksum / k2.quarantined-rows / k2.attempt-id (spark.sql.iceberg.snapshot-property.*;
+     k2.rows and k2.checksum are the good rows'). Readers do not see it.
+   - audit: the staged snapshot's interval is read back by id; its count and checksum
+     must equal ClickHouse's good rows', the rows Spark read must equal ClickHouse's
+     count (every slice read), and rows read = written + quarantined. Any difference
+     fails the job naming the figures; main is left exactly as it was.
+   - publish: main is fast-forwarded to the staged snapshot in one metadata commit, which
+     Iceberg only makes while main still points at the snapshot's parent. A commit that
+     landed in between (a concurrent run of the interval, a compaction) makes it fail, and
+     the interval is written and audited again on the new state: a snapshot is never
+     applied to a state it was not checked against, so retries, clears, backfills and two
+     runs at once end with one copy of each row.
+   An empty interval still publishes a snapshot (an empty staged one when the write
+   committed nothing), so "this interval was offloaded and had 0 rows" is findable with
+   k2.iceberg.find_offload_snapshot like any other interval.
+5. The result line reports the interval's figures; rows_read = rows (written) +
+   quarantined_rows.
 
 Deployment: the driver imports the `k2` package (installed in the submitting
 virtualenv; in cluster deploy mode ship it with --py-files); the executors only need
@@ -98,7 +98,13 @@ STARTED = time.monotonic()
 RESULT_PREFIX = "K2_OFFLOAD_RESULT"
 SOURCE_VIEW = "k2_offload_rows"
 QUARANTINE_VIEW = "k2_quarantine_rows"
-MERGE_ATTEMPTS = 3  # a MERGE that lost a commit race is re-planned on the new table version
+PUBLISH_ATTEMPTS = 3  # a staged write that lost a race with another commit is redone on the new state
+WAP_ID_CONF = "spark.wap.id"  # Iceberg: a write with this set is staged, not published
+WAP_ENABLED = "write.wap.enabled"  # the table property that lets it
+STAGED_WAP_ID = "wap.id"  # the staged snapshot's summary key
+MAIN_BRANCH = "main"
+# Iceberg's refusal to drop a data file that holds rows inside *and* outside an overwrite filter
+PARTIAL_FILE = "Cannot delete file where some, but not all, rows match filter"
 OP_COLUMN = "__k2_op"
 DEFAULT_STEP = timedelta(minutes=15)
 MAX_STEPS = 1000  # a guard against a typo such as --interval-step 1s over a day
@@ -207,12 +213,13 @@ def slice_bounds(start_ms: int, end_ms: int, slices: int) -> list[tuple[int, int
     return [(i, cuts[i], cuts[i + 1]) for i in range(slices) if cuts[i] < cuts[i + 1]]
 
 
-def make_slice_reader(client_kwargs: dict[str, Any], select_sql: str,
-                      schema_ipc: bytes) -> Callable[[Iterator[Any]], Iterator[Any]]:
+def make_slice_reader(client_kwargs: dict[str, Any], select_sql: str, schema_ipc: bytes,
+                      counts: Any = None) -> Callable[[Iterator[Any]], Iterator[Any]]:
     """The mapInArrow function. Everything it needs travels in its closure.
 
     client_kwargs holds the ClickHouse password: it reaches the executors inside the
-    serialized task, not through a command line or the Spark conf.
+    serialized task, not through a command line or the Spark conf. `counts` (an
+    accumulator of SliceCounts) receives {slice: rows read} once a slice is read whole.
     """
 
     def read(descriptors: Iterator[Any]) -> Iterator[Any]:
@@ -223,19 +230,37 @@ def make_slice_reader(client_kwargs: dict[str, Any], select_sql: str,
         client = clickhouse_connect.get_client(**client_kwargs)
         try:
             for batch in descriptors:
-                for start_ms, end_ms in zip(batch.column("start_ms").to_pylist(),
-                                            batch.column("end_ms").to_pylist()):
+                for slice_id, start_ms, end_ms in zip(batch.column("slice").to_pylist(),
+                                                      batch.column("start_ms").to_pylist(),
+                                                      batch.column("end_ms").to_pylist()):
+                    rows = 0
                     with client.query_arrow_stream(
                         select_sql,
                         parameters={"k2_start_ms": start_ms, "k2_end_ms": end_ms},
                         use_strings=True,
                     ) as stream:
                         for block in stream:
-                            yield _conform(block, target)
+                            out = _conform(block, target)
+                            rows += out.num_rows
+                            yield out
+                    if counts is not None:
+                        counts.add({slice_id: rows})
         finally:
             client.close()
 
     return read
+
+
+class SliceCounts:
+    """AccumulatorParam of {slice: rows read}: merging keeps one figure per slice, so a
+    slice read again (a retried task, a recomputed partition) is not counted twice."""
+
+    def zero(self, value: dict[int, int]) -> dict[int, int]:
+        return {}
+
+    def addInPlace(self, left: dict[int, int], right: dict[int, int]) -> dict[int, int]:
+        left.update(right)
+        return left
 
 
 def _conform(block: Any, target: Any) -> Any:
@@ -274,8 +299,8 @@ def _ts_literal(value: datetime) -> str:
     return "TIMESTAMP '" + value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f") + "+00:00'"
 
 
-def interval_predicate(alias: str, column: str, start: datetime, end: datetime) -> str:
-    col = f"{alias}.{_quote(column)}"
+def interval_predicate(alias: str | None, column: str, start: datetime, end: datetime) -> str:
+    col = f"{alias}.{_quote(column)}" if alias else _quote(column)
     return f"{col} >= {_ts_literal(start)} AND {col} < {_ts_literal(end)}"
 
 
@@ -466,6 +491,7 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
             f"Iceberg table {spec.iceberg_table} does not match ClickHouse {spec.source}: "
             + "; ".join(problems)
         )
+    ensure_wap_enabled(spark, target)
     t = _phase("namespace/table", t)
 
     job = _Job(
@@ -535,8 +561,9 @@ class _Job(NamedTuple):
 
 
 def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) -> dict[str, Any]:
-    """Read, check, MERGE and verify one interval: one Iceberg snapshot."""
+    """Read, write (staged), audit and publish one interval: one Iceberg snapshot."""
     from pyspark import StorageLevel
+    from pyspark.sql import functions as F
 
     from k2 import checksum as ck
     from k2 import iceberg as ib
@@ -546,64 +573,59 @@ def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) 
     attempt_id = uuid.uuid4().hex  # finds this interval's commit among the job's
     t = time.monotonic()
 
-    # Parallel Arrow read on the executors
+    # Parallel Arrow read on the executors, straight into the write: no pass of its own
     bounds = slice_bounds(ck.to_epoch_ms(start), ck.to_epoch_ms(end), job.slices)
+    counts = spark.sparkContext.accumulator({}, SliceCounts())
     descriptors = spark.createDataFrame(
         spark.sparkContext.parallelize(bounds, len(bounds)), "slice int, start_ms long, end_ms long"
     )
     source = descriptors.mapInArrow(
-        make_slice_reader(job.client_kwargs, job.select_sql, job.schema_ipc), job.struct)
-    source = source.persist(StorageLevel.MEMORY_AND_DISK)
+        make_slice_reader(job.client_kwargs, job.select_sql, job.schema_ipc, counts), job.struct)
+    quarantine = bool(job.rules) and _quarantine_due(job, start, expected.quarantined)
+    if quarantine:  # read once, written to two tables
+        source = source.persist(StorageLevel.MEMORY_AND_DISK)
+    in_interval = interval_predicate(None, spec.event_time_column, start, end)
     try:
-        read = quality.spark_split_checksum(source, job.key_cols, job.rules)
-        t = _phase(f"read {read.rows_read} rows in {len(bounds)} slices", t)
-        if read != expected:
-            raise OffloadError(
-                f"read from ClickHouse does not match ClickHouse's own figures for the interval "
-                f"[{start.isoformat()}, {end.isoformat()}): read {read}; ClickHouse {expected} "
-                "(rows changed during the read?); nothing written for it"
-            )
-
-        # The bad rows replace the interval's quarantine, before the table's own commit
         quarantine_id = None
-        if job.rules:
+        if quarantine:
             quarantine_id = _quarantine(job, source, start, end, expected.quarantined, attempt_id)
             t = _phase(f"quarantine {expected.quarantined.rows} rows", t)
-
-        # One MERGE: the atomic replace of the interval by its good rows
         good = source.where(f"NOT {quality.spark_bad_sql(job.rules)}") if job.rules else source
-        good.createOrReplaceTempView(SOURCE_VIEW)
-        statement = merge_sql(target, job.struct, spec.unique_key, spec.event_time_column, start, end)
         properties = ib.snapshot_properties(
             spec, start, end, run_id=job.run_id, rows=expected.good.rows,
             checksum=expected.good.checksum, attempt_id=attempt_id,
             quarantined_rows=expected.quarantined.rows,
         )
-        run_merge(spark, statement, ib.snapshot_property_conf(properties))
-        t = _phase("MERGE", t)
+
+        def write() -> None:
+            _replace_interval(job, good, F.expr(in_interval), start, end)
+
+        def audit(snapshot_id: int) -> None:
+            stored = ck.spark_checksum(
+                spark.sql(f"SELECT * FROM {target} VERSION AS OF {snapshot_id} WHERE {in_interval}"),
+                job.key_cols)
+            slices_read = dict(counts.value)
+            rows_read = sum(slices_read.values())
+            problems = []
+            if len(slices_read) != len(bounds):
+                problems.append(f"{len(slices_read)} of {len(bounds)} slices were read")
+            if rows_read != expected.rows_read:
+                problems.append(f"Spark read {rows_read} rows, ClickHouse counts {expected.rows_read} "
+                                "(rows changed during the read?)")
+            if stored != expected.good:
+                problems.append(f"the snapshot holds {stored}, ClickHouse {expected.good} good rows")
+            if stored.rows + expected.quarantined.rows != rows_read:  # every row read is accounted for
+                problems.append(f"rows read {rows_read} != written {stored.rows} + quarantined "
+                                f"{expected.quarantined.rows}")
+            if problems:
+                raise AuditError(target, snapshot_id, start, end, problems)
+
+        snapshot_id, summary = stage_audit_publish(spark, target, attempt_id, properties, write, audit)
+        _phase(f"{sum(counts.value.values())} rows read in {len(bounds)} slices, written, audited "
+               "and published", t)
     finally:
-        source.unpersist()
-
-    found = _find_attempt_snapshot(spark, target, attempt_id)
-    if found is None:
-        found = (_commit_marker_snapshot(spark, target, properties), {})
-    snapshot_id, summary = found
-
-    # Read the committed snapshot back
-    stored = ck.spark_checksum(
-        spark.sql(f"SELECT * FROM {target} VERSION AS OF {snapshot_id} t "
-                  f"WHERE {interval_predicate('t', spec.event_time_column, start, end)}"),
-        job.key_cols,
-    )
-    _phase("verify snapshot", t)
-    if stored != expected.good:
-        raise OffloadError(
-            f"after the MERGE, Iceberg snapshot {snapshot_id} holds {stored} for the interval "
-            f"[{start.isoformat()}, {end.isoformat()}), ClickHouse {expected.good} good rows"
-        )
-    if stored.rows + expected.quarantined.rows != read.rows_read:  # every row read is accounted for
-        raise OffloadError(f"rows read {read.rows_read} != written {stored.rows} + quarantined "
-                           f"{expected.quarantined.rows}")
+        if quarantine:
+            source.unpersist()
     return {
         "table": spec.name,
         "iceberg_table": spec.iceberg_table,
@@ -611,7 +633,7 @@ def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) 
         "interval_end": ib.iso_utc(end),
         "rows": expected.good.rows,
         "checksum": expected.good.checksum,
-        "rows_read": read.rows_read,
+        "rows_read": sum(counts.value.values()),
         "quarantined_rows": expected.quarantined.rows,
         "quarantine_table": quality.quarantine_table_name(spec) if job.rules else None,
         "quarantine_snapshot_id": quarantine_id,
@@ -624,6 +646,154 @@ def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) 
         "added_files_size": ib.summary_int(summary, "added-files-size"),
         "total_data_files": ib.summary_int(summary, "total-data-files"),
     }
+
+
+class AuditError(OffloadError):
+    """A staged snapshot failed its audit: it was not published."""
+
+    def __init__(self, target: str, snapshot_id: int, start: datetime, end: datetime,
+                 problems: list[str]) -> None:
+        super().__init__(
+            f"audit of staged snapshot {snapshot_id} of {target} for the interval "
+            f"[{start.isoformat()}, {end.isoformat()}) failed: {'; '.join(problems)}; not published, "
+            "the table is as it was"
+        )
+
+
+def _replace_interval(job: _Job, good: Any, condition: Any, start: datetime, end: datetime) -> None:
+    """Write `good` as the interval's rows, replacing whatever the table holds in it.
+
+    Fast path: an overwrite by the interval's filter, which drops the interval's files
+    whole (each offload writes files of its own interval) and adds the new ones - no read
+    of the table, no join. A file that holds rows of the interval *and* others (after a
+    compaction) cannot be dropped whole; Iceberg refuses such an overwrite and the
+    interval is replaced row by row with the MERGE instead (see merge_sql).
+    """
+    try:
+        good.writeTo(job.target).overwrite(condition)
+        return
+    except Exception as exc:
+        if PARTIAL_FILE not in "\n".join([*_java_messages(exc), str(exc)]):
+            raise
+    log.info("files of %s span the interval's bounds (compacted); replacing its rows with a MERGE",
+             job.target)
+    good.createOrReplaceTempView(SOURCE_VIEW)
+    job.spark.sql(merge_sql(job.target, job.struct, job.spec.unique_key, job.spec.event_time_column,
+                            start, end))
+
+
+def stage_audit_publish(spark: Any, target: str, attempt_id: str, properties: dict[str, str],
+                        write: Callable[[], None], audit: Callable[[int], None]
+                        ) -> tuple[int, dict[str, str]]:
+    """Write-audit-publish: `write` commits a *staged* snapshot (Iceberg WAP: the table's
+    write.wap.enabled and the session's spark.wap.id), invisible to readers; `audit`
+    checks it by id and raises to stop; only then is the table's main branch
+    fast-forwarded to it (publish). Returns (snapshot id, its summary).
+
+    Publishing is a fast-forward or nothing: it succeeds only while main still points at
+    the staged snapshot's parent (a check Iceberg repeats in the commit itself). If another
+    commit landed in between (a concurrent run of the interval, a compaction), the staged
+    snapshot is dropped from consideration and the interval is written and audited again
+    on the new state - it can never be applied on top of a state it was not checked
+    against. A failed audit leaves main exactly as it was; the unpublished snapshot stays
+    in the table's metadata (found by its k2.attempt-id) until snapshot expiry.
+    """
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        wap_id = f"{attempt_id}-{attempt}"
+        try:
+            with _session_conf(spark, {**_snapshot_property_conf(properties), WAP_ID_CONF: wap_id}):
+                write()
+            table = _iceberg_table(spark, target)
+            staged = _staged_snapshot(table, wap_id) or _stage_marker(table, properties, wap_id)
+            snapshot_id = int(staged.snapshotId())
+            current = table.currentSnapshot()
+            if current is not None and int(current.snapshotId()) == snapshot_id:
+                raise OffloadError(f"{target}: the write was published without an audit "
+                                   f"(table property {WAP_ENABLED} is not true)")
+            log.info("staged snapshot %s of %s (parent %s); auditing", snapshot_id, target,
+                     staged.parentId())
+            audit(snapshot_id)
+            _fast_forward_main(table, snapshot_id)
+            summary = staged.summary()
+            return snapshot_id, {key: summary.get(key) for key in ("added-files-size", "total-data-files")}
+        except OffloadError:
+            raise
+        except Exception as exc:
+            if attempt == PUBLISH_ATTEMPTS or not _is_commit_conflict(exc):
+                raise
+            log.warning("attempt %d to publish into %s lost a race with another commit (%s); "
+                        "writing and auditing again", attempt, target, describe_error(exc))
+            time.sleep(attempt)
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def _session_conf(spark: Any, conf: dict[str, str]) -> Iterator[None]:
+    """Session conf set for exactly the statements inside the block."""
+    try:
+        for key, value in conf.items():
+            spark.conf.set(key, value)
+        yield
+    finally:
+        for key in conf:
+            spark.conf.unset(key)
+
+
+def _snapshot_property_conf(properties: dict[str, str]) -> dict[str, str]:
+    from k2.iceberg import snapshot_property_conf
+
+    return snapshot_property_conf(properties)
+
+
+def _iceberg_table(spark: Any, target: str) -> Any:
+    """The Iceberg Java table behind a Spark table name, refreshed."""
+    jvm = spark.sparkContext._jvm
+    table = jvm.org.apache.iceberg.spark.Spark3Util.loadIcebergTable(
+        spark._jsparkSession, target.replace("`", ""))
+    table.refresh()
+    return table
+
+
+def _staged_snapshot(table: Any, wap_id: str) -> Any | None:
+    """The snapshot staged with `wap_id` (newest first: it is one of the last)."""
+    snapshots = table.snapshots()
+    for index in range(snapshots.size() - 1, -1, -1):
+        snapshot = snapshots.get(index)
+        summary = snapshot.summary()
+        if summary is not None and summary.get(STAGED_WAP_ID) == wap_id:
+            return snapshot
+    return None
+
+
+def _stage_marker(table: Any, properties: dict[str, str], wap_id: str) -> Any:
+    """An empty staged append carrying the properties, should a write ever commit nothing
+    (so "offloaded with 0 rows" is findable like any other interval)."""
+    append = table.newAppend()
+    for key, value in properties.items():
+        append = append.set(key, value)
+    append.set(STAGED_WAP_ID, wap_id).stageOnly().commit()
+    table.refresh()
+    log.info("the write committed no snapshot; staged an empty one for the interval")
+    staged = _staged_snapshot(table, wap_id)
+    if staged is None:
+        raise OffloadError(f"staging an empty snapshot with wap id {wap_id} left none in the table")
+    return staged
+
+
+def _fast_forward_main(table: Any, snapshot_id: int) -> None:
+    """Move main to `snapshot_id` iff main is its parent (or the table has no main yet),
+    in one metadata commit; any other state fails (a conflict: write and audit again)."""
+    manage = table.manageSnapshots()
+    if table.currentSnapshot() is None:
+        manage.createBranch(MAIN_BRANCH, snapshot_id).commit()
+    else:
+        scratch = f"k2-publish-{snapshot_id}"
+        manage.createBranch(scratch, snapshot_id).fastForwardBranch(MAIN_BRANCH, scratch) \
+            .removeBranch(scratch).commit()
+    table.refresh()
+    if int(table.currentSnapshot().snapshotId()) != snapshot_id:
+        raise OffloadError(f"published snapshot {snapshot_id}, but main points at "
+                           f"{table.currentSnapshot().snapshotId()}")
 
 
 def quarantine_merge_sql(target: str, names: list[str], interval_start: datetime) -> str:
@@ -647,10 +817,25 @@ def quarantine_merge_sql(target: str, names: list[str], interval_start: datetime
     )
 
 
+def _quarantine_due(job: _Job, start: datetime, expected: Any) -> bool:
+    """Whether the quarantine table needs a commit for the interval: it has bad rows now,
+    or held some for it before (a re-run must delete them)."""
+    from k2 import quality
+
+    if expected.rows:
+        return True
+    target = job.quarantine_target
+    if not job.spark.catalog.tableExists(target.replace("`", "")):
+        return False
+    at_start = f"t.{_quote(quality.INTERVAL_START_COLUMN)} = {_ts_literal(start)}"
+    return job.spark.sql(f"SELECT 1 FROM {target} t WHERE {at_start} LIMIT 1").first() is not None
+
+
 def _quarantine(job: _Job, source: Any, start: datetime, end: datetime, expected: Any,
-                attempt_id: str) -> int | None:
-    """Replace the interval's rows of the quarantine table by the bad rows of `source`;
-    returns the snapshot id, or None when there was nothing to write or delete."""
+                attempt_id: str) -> int:
+    """Replace the interval's rows of the quarantine table by the bad rows of `source`
+    (staged, audited against ClickHouse's bad-row figures, then published); returns the
+    snapshot id."""
     from pyspark.sql import functions as F
 
     from k2 import checksum as ck
@@ -659,12 +844,7 @@ def _quarantine(job: _Job, source: Any, start: datetime, end: datetime, expected
 
     spark, target = job.spark, job.quarantine_target
     at_start = f"t.{_quote(quality.INTERVAL_START_COLUMN)} = {_ts_literal(start)}"
-    exists = spark.catalog.tableExists(target.replace("`", ""))
-    if expected.rows == 0 and (
-        not exists or spark.sql(f"SELECT 1 FROM {target} t WHERE {at_start} LIMIT 1").first() is None
-    ):
-        return None
-    if not exists:
+    if not spark.catalog.tableExists(target.replace("`", "")):
         spark.sql(job.create_quarantine_sql)
     evolution = ib.schema_evolution(job.quarantine_columns, spark.table(target).schema)
     if evolution.refused:
@@ -673,6 +853,7 @@ def _quarantine(job: _Job, source: Any, start: datetime, end: datetime, expected
     for statement in evolution.statements(target):
         log.warning("schema evolution of %s: %s", target, statement)
         spark.sql(statement)
+    ensure_wap_enabled(spark, target)
 
     bad = source.where(quality.spark_bad_sql(job.rules)).select(
         *[F.col(_quote(f.name)) for f in job.struct.fields],
@@ -686,25 +867,32 @@ def _quarantine(job: _Job, source: Any, start: datetime, end: datetime, expected
         *[F.lit(None).cast(f.dataType).alias(f.name) for f in bad.schema.fields],
         F.lit("D").alias(OP_COLUMN),
     )
-    bad.withColumn(OP_COLUMN, F.lit("I")).unionByName(delete_row).createOrReplaceTempView(QUARANTINE_VIEW)
     properties = ib.snapshot_properties(
         job.spec, start, end, run_id=job.run_id, rows=expected.rows, checksum=expected.checksum,
         attempt_id=attempt_id,
     )
-    run_merge(spark, quarantine_merge_sql(target, [f.name for f in bad.schema.fields], start),
-              ib.snapshot_property_conf(properties))
-    found = _find_attempt_snapshot(spark, target, attempt_id)
-    if found is None:
-        raise OffloadError(f"the quarantine MERGE into {target} committed no snapshot")
-    snapshot_id = found[0]
-    stored = ck.spark_checksum(
-        spark.sql(f"SELECT * FROM {target} VERSION AS OF {snapshot_id} t WHERE {at_start}"), job.key_cols)
-    if stored != expected:
-        raise OffloadError(
-            f"after the quarantine MERGE, {target} snapshot {snapshot_id} holds {stored} for the "
-            f"interval [{start.isoformat()}, {end.isoformat()}), ClickHouse {expected} bad rows"
-        )
-    return snapshot_id
+
+    def write() -> None:
+        bad.withColumn(OP_COLUMN, F.lit("I")).unionByName(delete_row).createOrReplaceTempView(QUARANTINE_VIEW)
+        spark.sql(quarantine_merge_sql(target, [f.name for f in bad.schema.fields], start))
+
+    def audit(snapshot_id: int) -> None:
+        stored = ck.spark_checksum(
+            spark.sql(f"SELECT * FROM {target} VERSION AS OF {snapshot_id} t WHERE {at_start}"),
+            job.key_cols)
+        if stored != expected:
+            raise AuditError(target, snapshot_id, start, end,
+                             [f"the snapshot holds {stored}, ClickHouse {expected} bad rows"])
+
+    return stage_audit_publish(spark, target, attempt_id, properties, write, audit)[0]
+
+
+def ensure_wap_enabled(spark: Any, target: str) -> None:
+    """Staged (write-audit-publish) commits need the table property; tables created before
+    it was part of the offload's table properties get it here, once."""
+    if _iceberg_table(spark, target).properties().get(WAP_ENABLED) != "true":
+        log.warning("enabling write-audit-publish on %s (%s=true)", target, WAP_ENABLED)
+        spark.sql(f"ALTER TABLE {target} SET TBLPROPERTIES ('{WAP_ENABLED}'='true')")
 
 
 def _is_commit_conflict(exc: BaseException) -> bool:
@@ -713,56 +901,8 @@ def _is_commit_conflict(exc: BaseException) -> bool:
         "org.apache.iceberg.exceptions.ValidationException",
         "org.apache.iceberg.exceptions.CommitFailedException",
         "org.apache.iceberg.exceptions.CommitStateUnknownException",
+        "Cannot fast-forward",  # main moved since the snapshot was staged
     ))
-
-
-def run_merge(spark: Any, statement: str, snapshot_conf: dict[str, str]) -> None:
-    """Run the MERGE with the snapshot summary properties set for exactly this statement.
-
-    A concurrent commit to the interval (another run of it, a compaction) makes Iceberg
-    reject ours (serializable isolation); so does an unknown commit outcome. Repeating a
-    MERGE is safe - it replaces, it never appends twice - so it is retried a few times.
-    """
-    for attempt in range(1, MERGE_ATTEMPTS + 1):
-        try:
-            for key, value in snapshot_conf.items():
-                spark.conf.set(key, value)
-            spark.sql(statement)
-            return
-        except Exception as exc:
-            if attempt == MERGE_ATTEMPTS or not _is_commit_conflict(exc):
-                raise
-            log.warning("MERGE attempt %d lost a commit race (%s); retrying", attempt, describe_error(exc))
-            time.sleep(attempt)
-        finally:
-            for key in snapshot_conf:
-                spark.conf.unset(key)
-
-
-def _find_attempt_snapshot(spark: Any, target: str, attempt_id: str) -> tuple[int, dict[str, str]] | None:
-    """(snapshot id, summary) of the commit carrying attempt_id, if any."""
-    from k2.iceberg import PROP_ATTEMPT_ID
-
-    rows = spark.sql(
-        f"SELECT snapshot_id, summary FROM {target}.snapshots "
-        f"WHERE summary['{PROP_ATTEMPT_ID}'] = '{attempt_id}' ORDER BY committed_at DESC LIMIT 1"
-    ).collect()
-    return (int(rows[0][0]), dict(rows[0][1] or {})) if rows else None
-
-
-def _commit_marker_snapshot(spark: Any, target: str, properties: dict[str, str]) -> int:
-    """An empty append carrying the properties, should a MERGE ever commit nothing."""
-    jvm = spark.sparkContext._jvm
-    table = jvm.org.apache.iceberg.spark.Spark3Util.loadIcebergTable(
-        spark._jsparkSession, target.replace("`", "")
-    )
-    append = table.newAppend()
-    for key, value in properties.items():
-        append = append.set(key, value)
-    append.commit()
-    table.refresh()
-    log.info("MERGE committed no snapshot; recorded the interval in an empty snapshot")
-    return int(table.currentSnapshot().snapshotId())
 
 
 def _java_messages(exc: BaseException) -> list[str]:

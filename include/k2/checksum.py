@@ -234,8 +234,8 @@ def _ch_kinds(spec: TableSpec, column_types: Mapping[str, str]) -> dict[str, Key
 # Spark
 
 
-def spark_row_hash_sql(columns: Sequence[tuple[str, KeyKind]], alias: str | None = None) -> str:
-    """Spark SQL expression of the row hash as DECIMAL(20,0) (unsigned 64-bit value)."""
+def _spark_md5_sql(columns: Sequence[tuple[str, KeyKind]], alias: str | None) -> str:
+    """Spark SQL: the hex MD5 of the row's canonical key string."""
     if not columns:
         raise ChecksumError("a checksum needs at least one key column")
     prefix = f"`{_ident(alias)}`." if alias else ""
@@ -248,7 +248,47 @@ def spark_row_hash_sql(columns: Sequence[tuple[str, KeyKind]], alias: str | None
             expr = f"CAST({col} AS STRING)"
         parts.append(f"coalesce({expr}, '\\\\N')")
     key = parts[0] if len(parts) == 1 else "concat(" + ", '\\u001F', ".join(parts) + ")"
-    return f"CAST(conv(substr(md5({key}), 1, 16), 16, 10) AS DECIMAL(20,0))"
+    return f"md5({key})"
+
+
+def spark_row_hash_sql(columns: Sequence[tuple[str, KeyKind]], alias: str | None = None) -> str:
+    """Spark SQL expression of the row hash as DECIMAL(20,0) (unsigned 64-bit value)."""
+    return f"CAST(conv(substr({_spark_md5_sql(columns, alias)}, 1, 16), 16, 10) AS DECIMAL(20,0))"
+
+
+def spark_row_hash_halves_sql(columns: Sequence[tuple[str, KeyKind]],
+                              alias: str | None = None) -> tuple[str, str]:
+    """The row hash as two BIGINT expressions, its high and its low 32 bits.
+
+    Summing the halves as BIGINT is exact for up to 2**31 rows and much cheaper than a
+    DECIMAL(20,0) sum; combine the two sums with `combine_halves`.
+    """
+    md5 = _spark_md5_sql(columns, alias)
+    return (f"CAST(conv(substr({md5}, 1, 8), 16, 10) AS BIGINT)",
+            f"CAST(conv(substr({md5}, 9, 8), 16, 10) AS BIGINT)")
+
+
+def combine_halves(high_sum: int | None, low_sum: int | None) -> int:
+    """The checksum (mod 2**64) from the sums of the row hashes' high and low halves."""
+    return (((high_sum or 0) << 32) + (low_sum or 0)) % MODULUS
+
+
+def spark_checksum_sql(columns: Sequence[tuple[str, KeyKind]], condition: str | None = None,
+                       prefix: str = "") -> list[str]:
+    """Aggregate expressions `<prefix>rows`, `<prefix>high`, `<prefix>low` of the rows
+    matching `condition` (Spark SQL, None: all rows); see spark_checksum_of."""
+    high, low = spark_row_hash_halves_sql(columns)
+    if condition is None:
+        return [f"count(1) AS {prefix}rows", f"sum({high}) AS {prefix}high", f"sum({low}) AS {prefix}low"]
+    return [f"count_if({condition}) AS {prefix}rows",
+            f"sum(CASE WHEN {condition} THEN {high} END) AS {prefix}high",
+            f"sum(CASE WHEN {condition} THEN {low} END) AS {prefix}low"]
+
+
+def spark_checksum_of(row: Any, prefix: str = "") -> IntervalChecksum:
+    """The IntervalChecksum of one result row of spark_checksum_sql's expressions."""
+    return IntervalChecksum(rows=int(row[f"{prefix}rows"] or 0),
+                            checksum=combine_halves(row[f"{prefix}high"], row[f"{prefix}low"]))
 
 
 def spark_row_hash(columns: Sequence[tuple[str, KeyKind]]) -> Column:
@@ -258,12 +298,8 @@ def spark_row_hash(columns: Sequence[tuple[str, KeyKind]]) -> Column:
 
 
 def spark_checksum(df: DataFrame, columns: Sequence[tuple[str, KeyKind]]) -> IntervalChecksum:
-    """Count and checksum of a DataFrame (one Spark job; the sum is exact, the mod is here)."""
-    row = df.selectExpr(
-        "count(1) AS rows",
-        f"CAST(coalesce(sum({spark_row_hash_sql(columns)}), 0) AS STRING) AS total",
-    ).first()
-    return IntervalChecksum(rows=int(row["rows"]), checksum=int(row["total"]) % MODULUS)
+    """Count and checksum of a DataFrame (one Spark job; the sums are exact, the mod is here)."""
+    return spark_checksum_of(df.selectExpr(*spark_checksum_sql(columns)).first())
 
 
 def spark_key_columns(spec: TableSpec, schema: Any) -> list[tuple[str, KeyKind]]:

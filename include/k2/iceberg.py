@@ -76,6 +76,8 @@ TABLE_PROPERTIES = {
     "write.delete.mode": "copy-on-write",
     "write.merge.isolation-level": "serializable",
     "write.parquet.compression-codec": "zstd",
+    # The offload stages each interval's commit, audits it, then publishes it (WAP)
+    "write.wap.enabled": "true",
 }
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -307,18 +307,10 @@ def spark_reason_sql(rules: Rules, alias: str | None = None) -> str:
 
 def spark_split_checksum(df: Any, columns: Sequence[tuple[str, ck.KeyKind]], rules: Rules) -> SplitChecksum:
     """Good and quarantined figures of a DataFrame in one Spark job."""
-    row_hash = ck.spark_row_hash_sql(columns)
-    bad = spark_bad_sql(rules)
-    row = df.selectExpr(
-        f"sum(CASE WHEN {bad} THEN 0 ELSE 1 END) AS good_rows",
-        f"CAST(coalesce(sum(CASE WHEN {bad} THEN NULL ELSE {row_hash} END), 0) AS STRING) AS good_total",
-        f"sum(CASE WHEN {bad} THEN 1 ELSE 0 END) AS bad_rows",
-        f"CAST(coalesce(sum(CASE WHEN {bad} THEN {row_hash} END), 0) AS STRING) AS bad_total",
-    ).first()
-    return SplitChecksum(
-        ck.IntervalChecksum(int(row["good_rows"] or 0), int(row["good_total"]) % ck.MODULUS),
-        ck.IntervalChecksum(int(row["bad_rows"] or 0), int(row["bad_total"]) % ck.MODULUS),
-    )
+    bad = spark_bad_sql(rules)  # never NULL
+    row = df.selectExpr(*ck.spark_checksum_sql(columns, f"NOT {bad}", "good_"),
+                        *ck.spark_checksum_sql(columns, bad, "bad_")).first()
+    return SplitChecksum(ck.spark_checksum_of(row, "good_"), ck.spark_checksum_of(row, "bad_"))
 
 
 # --------------------------------------------------------------------------------------

@@ -38,10 +38,15 @@ UTC = timezone.utc
 FEED_END = datetime(2026, 11, 26, 11, 0, tzinfo=UTC)
 I0 = (datetime(2026, 11, 26, 10, 0, tzinfo=UTC), datetime(2026, 11, 26, 10, 15, tzinfo=UTC))
 I1 = (I0[1], datetime(2026, 11, 26, 10, 30, tzinfo=UTC))
+I2 = (I1[1], datetime(2026, 11, 26, 10, 45, tzinfo=UTC))
 CATALOG = "k2_test_faults"
 BRONZE = load_tables().get("bronze_trades_binance")
-# The job's log line that ends the read and checks; the MERGE is the next thing it does.
-BEFORE_MERGE = re.compile(r"k2\.offload: read \d+ rows in \d+ slices done")
+# The job's log line once the interval's snapshot is written but staged: audit and
+# publication are the next things it does.
+# The job's log line once ClickHouse's figures for the first interval are taken, before
+# the Spark session starts (seconds before the executors read the interval).
+FIGURES_TAKEN = re.compile(r"k2\.offload: ClickHouse describe \+ checksum done")
+BEFORE_PUBLISH = re.compile(r"k2\.offload: staged snapshot \d+ of \S+bronze_trades_binance")
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +97,19 @@ def run_job(env, table, interval, run_id, expect=0):
 
 
 def snapshot_ids(catalog, spec) -> list[int]:
-    return [s.snapshot_id for s in catalog.load_table(spec.iceberg_table).snapshots()]
+    """The snapshots readers see: the main branch's history, oldest first."""
+    from pyiceberg.table.snapshots import ancestors_of
+
+    table = catalog.load_table(spec.iceberg_table)
+    current = table.current_snapshot()
+    return [] if current is None else [s.snapshot_id for s in ancestors_of(current, table.metadata)][::-1]
+
+
+def staged_run_ids(catalog, spec) -> list[str]:
+    """k2.run-id of the snapshots in the table's metadata that main never reached."""
+    table = catalog.load_table(spec.iceberg_table)
+    published = set(snapshot_ids(catalog, spec))
+    return [s.summary.get(ib.PROP_RUN_ID) for s in table.snapshots() if s.snapshot_id not in published]
 
 
 def iceberg_rows(catalog, spec, interval) -> int:
@@ -124,10 +141,10 @@ def insert_late_row(ch_client, trade_id: int, at: datetime) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# 1. spark-submit killed with SIGKILL just before / while it MERGEs
+# 1. spark-submit killed with SIGKILL after its write, before the audit and publication
 
 
-def test_sigkill_before_merge_leaves_nothing_partial_and_rerun_is_exactly_once(
+def test_sigkill_before_publish_leaves_nothing_partial_and_rerun_is_exactly_once(
         filled, ch_client, catalog, job_env, tmp_path):
     first, _ = run_job(job_env, BRONZE.name, I0, "scheduled__i0")
     snapshots = snapshot_ids(catalog, BRONZE)
@@ -148,14 +165,14 @@ def test_sigkill_before_merge_leaves_nothing_partial_and_rerun_is_exactly_once(
         deadline = time.monotonic() + 600
         try:
             for line in proc.stdout:
-                if BEFORE_MERGE.search(line):
+                if BEFORE_PUBLISH.search(line):
                     os.killpg(proc.pid, signal.SIGKILL)
                     killed_at = line.strip()
                     break
                 if time.monotonic() > deadline:
                     break
         finally:
-            if killed_at is None:  # it ended or hung before the MERGE: make sure it is gone
+            if killed_at is None:  # it ended or hung before staging: make sure it is gone
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -167,6 +184,8 @@ def test_sigkill_before_merge_leaves_nothing_partial_and_rerun_is_exactly_once(
     assert snapshot_ids(catalog, BRONZE) == snapshots
     assert iceberg_rows(catalog, BRONZE, I0) == rows_before
     assert ib.find_offload_snapshot(catalog, BRONZE, *I0).run_id == "scheduled__i0"
+    # ... although its write reached the table's metadata, staged: written, never published
+    assert "manual__killed" in staged_run_ids(catalog, BRONZE)
     print(f"\nFAULT sigkill: killed at {killed_at!r}; snapshots unchanged ({len(snapshots)}), "
           f"interval rows unchanged ({rows_before})")
 
@@ -175,6 +194,54 @@ def test_sigkill_before_merge_leaves_nothing_partial_and_rerun_is_exactly_once(
     assert ib.find_offload_snapshot(catalog, BRONZE, *I0).run_id == "manual__rerun_after_kill"
     assert late_rows(ch_client, BRONZE, {I0: rerun["rows"]}) == {}
     assert_clean(ch_client, catalog, BRONZE, *I0, "sigkill+rerun")
+
+
+# --------------------------------------------------------------------------------------
+# 13. The audit fails: a row lands in ClickHouse between its figures and the read
+
+
+def test_failed_audit_publishes_nothing_and_the_retry_publishes_once(filled, ch_client, catalog, job_env,
+                                                                     tmp_path):
+    """The interval changes under a running offload (a row arrives after ClickHouse's
+    count and checksum, before the executors read): the staged snapshot holds one row more
+    than ClickHouse's figures, the audit fails, main is not moved - readers see the
+    interval exactly as before - and the retry publishes it once, with the new row."""
+    first, _ = run_job(job_env, BRONZE.name, I2, "scheduled__i2")
+    snapshots = snapshot_ids(catalog, BRONZE)
+    rows_before = iceberg_rows(catalog, BRONZE, I2)
+    assert rows_before == first["rows"] > 1000
+
+    log_path = tmp_path / "audit.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(_argv(BRONZE.name, I2, "manual__audit_fails"), env=job_env,
+                                stdout=subprocess.PIPE, stderr=log_file, text=True)
+        inserted = False
+        output = []
+        for line in proc.stdout:  # the job's log (spark-submit merges the job's stderr here)
+            output.append(line)
+            if not inserted and FIGURES_TAKEN.search(line):
+                insert_late_row(ch_client, 9_100_000_013, I2[0] + timedelta(minutes=5))
+                inserted = True
+        proc.wait(timeout=600)
+    text = "".join(output)
+    assert inserted, text[-3000:]
+    assert proc.returncode == 1, text[-3000:]
+    [error] = [l for l in text.splitlines() if l.startswith("offload_to_iceberg: error:")]
+    assert "audit of staged snapshot" in error and "not published" in error, error
+    assert f"ClickHouse counts {first['rows_read']}" in error, error
+    assert f"Spark read {first['rows_read'] + 1}" in error, error
+    # nothing visible changed: main's history, the interval's rows, the interval's snapshot
+    assert snapshot_ids(catalog, BRONZE) == snapshots
+    assert iceberg_rows(catalog, BRONZE, I2) == rows_before
+    assert ib.find_offload_snapshot(catalog, BRONZE, *I2).run_id == "scheduled__i2"
+    assert "manual__audit_fails" in staged_run_ids(catalog, BRONZE)  # written, audited, refused
+    print(f"\nFAULT audit: {error}")
+
+    retry, _ = run_job(job_env, BRONZE.name, I2, "manual__audit_retry")
+    assert retry["rows"] == first["rows"] + 1
+    assert snapshot_ids(catalog, BRONZE) == snapshots + [retry["snapshot_id"]]
+    assert ib.find_offload_snapshot(catalog, BRONZE, *I2).run_id == "manual__audit_retry"
+    assert_clean(ch_client, catalog, BRONZE, *I2, "audit failed+retry")
 
 
 # --------------------------------------------------------------------------------------
