@@ -29,7 +29,8 @@ if stamp_ok "$VENV/.k2-installed" "$want"; then
   echo "up to date"
 else
   "$VENV/bin/pip" install --quiet --upgrade pip
-  "$VENV/bin/pip" install --quiet -r requirements.txt
+  # --no-compile: a module is byte-compiled when first imported; most of the tree never is
+  "$VENV/bin/pip" install --quiet --no-compile -r requirements.txt
   "$VENV/bin/pip" install --quiet --no-deps -e .
   echo "$want" > "$VENV/.k2-installed"
 fi
