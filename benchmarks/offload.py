@@ -21,10 +21,12 @@ endpoint), creates the schema and, for each size N, inserts N synthetic trades i
   Parquet alone      pyarrow.parquet, zstd, of the same Arrow data
 
 The bench tables copy the schema and partition spec of the job's table (made by its first
-run), with the project's table properties. Printed per path: wall seconds (the whole process,
-JVM or interpreter start included; for the two "alone" figures the operation alone), rows/s
-and the peak RSS of the process tree (the summed RSS of the process and its descendants,
-sampled every 0.2 s), then the ratios. Nothing is asserted: figures, not a test.
+run), with the project's table properties. Printed per path: wall seconds and CPU seconds
+(the whole process tree, JVM or interpreter start included; for the two "alone" figures the
+operation alone), rows/s, the peak RSS of the process tree (the summed RSS of the process
+and its descendants, sampled every 0.2 s), and the CPU seconds the rest of the machine used
+meanwhile (other work on a shared machine inflates wall times; CPU seconds much less); then
+the ratios of wall times. Nothing is asserted: figures, not a test.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -194,13 +197,34 @@ class PeakRss(threading.Thread):
 class Run:
     seconds: float
     peak_rss: int
+    cpu_seconds: float  # user + system of the process and the descendants it waited for
     stdout: str
+    hot_tier_cpu_seconds: float = 0.0  # the ClickHouse endpoint meanwhile
+    others_cpu_seconds: float = 0.0  # the rest of the machine meanwhile (other work)
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_cpu_seconds() -> float:
+    """CPU time the whole machine has been busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, stat.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def run_process(name: str, argv: list[str], env: dict[str, str], logs: Path) -> Run:
     """Run argv to its end; its own session, so that an interrupt stops its whole tree."""
     out, err = logs / f"{name}.out", logs / f"{name}.err"
     with out.open("w") as stdout, err.open("w") as stderr:
+        cpu_before = children_cpu_seconds()  # nothing else of ours is reaped meanwhile
         started = time.monotonic()
         proc = subprocess.Popen(argv, env=env, stdout=stdout, stderr=stderr,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -221,7 +245,7 @@ def run_process(name: str, argv: list[str], env: dict[str, str], logs: Path) -> 
     if returncode != 0:
         tail = "\n".join((out.read_text() + err.read_text()).splitlines()[-40:])
         sys.exit(f"{name} failed (exit {returncode}); the end of its output:\n{tail}")
-    return Run(seconds, peak, out.read_text())
+    return Run(seconds, peak, children_cpu_seconds() - cpu_before, out.read_text())
 
 
 def result_lines(stdout: str, prefix: str) -> list[dict[str, Any]]:
@@ -238,6 +262,8 @@ class Figure:
     seconds: float
     peak_rss: int
     rows: int
+    cpu_seconds: float
+    others_cpu_seconds: float = 0.0  # the rest of the machine meanwhile: contention
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -246,7 +272,8 @@ class Figure:
 
     def to_dict(self) -> dict[str, Any]:
         return {"seconds": round(self.seconds, 3), "rows_per_second": round(self.rows_per_second),
-                "peak_rss_bytes": self.peak_rss, **self.extra}
+                "peak_rss_bytes": self.peak_rss, "cpu_seconds": round(self.cpu_seconds, 2),
+                "others_cpu_seconds": round(self.others_cpu_seconds, 2), **self.extra}
 
 
 @dataclass
@@ -282,7 +309,8 @@ def report(runs: list[SizeRun]) -> dict[str, Any]:
     print()
     print(f"offload of one 15-minute interval of {TABLE}, spark-submit --master {MASTER}, "
           f"{os.cpu_count()} cores")
-    header = f"{'rows':>11}  {'path':<26}{'wall s':>9}{'rows/s':>13}{'peak RSS MiB':>14}"
+    header = (f"{'rows':>11}  {'path':<26}{'wall s':>9}{'rows/s':>12}{'CPU s':>9}"
+              f"{'peak RSS MiB':>14}{'others CPU s':>14}")
     print(header)
     print("-" * len(header))
     for run in runs:
@@ -290,9 +318,12 @@ def report(runs: list[SizeRun]) -> dict[str, Any]:
             figure = run.figures.get(key)
             if figure is not None:
                 print(f"{run.rows:>11,}  {label:<26}{secs(figure.seconds):>9}"
-                      f"{figure.rows_per_second:>13,.0f}{mib(figure.peak_rss):>14}")
-    print("wall s: the whole process (JVM or interpreter start included); "
-          "for the two 'alone' rows the operation alone")
+                      f"{figure.rows_per_second:>12,.0f}{secs(figure.cpu_seconds):>9}"
+                      f"{mib(figure.peak_rss):>14}{figure.others_cpu_seconds:>14.1f}")
+    print("wall s and CPU s: the whole process tree (JVM or interpreter start included), for\n"
+          "the two 'alone' rows the operation alone; peak RSS: the process tree's; others CPU s:\n"
+          "what the rest of the machine used meanwhile (besides the ClickHouse endpoint): other\n"
+          "work on the same cores, which inflates the wall times")
 
     print()
     print(f"{'ratio of wall times':<40}" + "".join(f"{run.rows:>13,}" for run in runs))
@@ -354,7 +385,9 @@ def bench_jars() -> list[str]:  # the predecessor's JDBC driver, only for its pa
 
 
 class Benchmark:
-    def __init__(self, stack: Any, env: dict[str, str], logs: Path) -> None:
+    def __init__(self, stack: Any, env: dict[str, str], logs: Path, hot_tier_pid: int) -> None:
+        import psutil
+
         from k2 import iceberg as ib
         from k2.config import load_tables
         from k2.local import airflow
@@ -365,6 +398,7 @@ class Benchmark:
         self.catalog = ib.load_catalog(airflow.iceberg_settings(stack))
         self.spark_submit = str(Path(sys.executable).with_name("spark-submit"))
         self.job_jars, self.bench_jars = job_jars(), bench_jars()
+        self.hot_tier = psutil.Process(hot_tier_pid)
         self.inserted = 0
 
     def insert(self, run: SizeRun) -> None:
@@ -390,17 +424,36 @@ class Benchmark:
     def interval_args(self, run: SizeRun) -> list[str]:
         return ["--interval-start", run.start.isoformat(), "--interval-end", run.end.isoformat()]
 
+    def hot_tier_cpu_seconds(self) -> float:
+        times = self.hot_tier.cpu_times()
+        return times.user + times.system
+
     def time_path(self, run: SizeRun, key: str, argv: list[str]) -> Run:
         progress(f"N={run.rows:,}: {PATHS[key]} ...")
+        hot, machine, own = self.hot_tier_cpu_seconds(), machine_cpu_seconds(), own_cpu_seconds()
         result = run_process(f"{key}_{run.rows}", argv, self.env, self.logs)
+        result.hot_tier_cpu_seconds = self.hot_tier_cpu_seconds() - hot
+        machine, own = machine_cpu_seconds() - machine, own_cpu_seconds() - own
+        result.others_cpu_seconds = max(
+            0.0, machine - result.cpu_seconds - result.hot_tier_cpu_seconds - own)
         return result
+
+    def figure(self, result: Run, rows: int, extra: dict[str, Any], seconds: float | None = None,
+               cpu_seconds: float | None = None) -> Figure:
+        return Figure(
+            seconds if seconds is not None else result.seconds, result.peak_rss, rows,
+            cpu_seconds if cpu_seconds is not None else result.cpu_seconds,
+            result.others_cpu_seconds,
+            {"hot_tier_cpu_seconds": round(result.hot_tier_cpu_seconds, 2), **extra},
+        )
 
     def record(self, run: SizeRun, key: str, figure: Figure) -> None:
         if figure.rows != run.rows:
             sys.exit(f"{PATHS[key]} handled {figure.rows} rows of {run.rows}")
         run.figures[key] = figure
         progress(f"  {secs(figure.seconds)} s, {figure.rows_per_second:,.0f} rows/s, "
-                 f"peak RSS {mib(figure.peak_rss)} MiB")
+                 f"CPU {secs(figure.cpu_seconds)} s, peak RSS {mib(figure.peak_rss)} MiB "
+                 f"(others' CPU meanwhile {figure.others_cpu_seconds:.1f} s)")
 
     def job(self, run: SizeRun, key: str) -> None:
         argv = [self.spark_submit, "--master", MASTER, "--jars", ",".join(self.job_jars),
@@ -412,7 +465,7 @@ class Benchmark:
         if len(lines) != 1:
             sys.exit(f"{PATHS[key]}: expected one K2_OFFLOAD_RESULT line, got {len(lines)}")
         line = lines[0]
-        self.record(run, key, Figure(result.seconds, result.peak_rss, int(line["rows"]), {
+        self.record(run, key, self.figure(result, int(line["rows"]), {
             "job_seconds": line.get("seconds"), "snapshot_id": line.get("snapshot_id")}))
 
     def bench_table(self, kind: str, rows: int) -> str:
@@ -436,7 +489,7 @@ class Benchmark:
                 *self.interval_args(run)]
         result = self.time_path(run, "predecessor", argv)
         written = self.catalog.load_table(table).scan().count()  # it checks nothing itself
-        self.record(run, "predecessor", Figure(result.seconds, result.peak_rss, written))
+        self.record(run, "predecessor", self.figure(result, written, {}))
 
     def single_process(self, run: SizeRun, key: str) -> None:
         argv = [sys.executable, str(BENCH / "single_process.py"), key, "--table", TABLE,
@@ -448,10 +501,14 @@ class Benchmark:
         result = self.time_path(run, key, argv)
         (line,) = result_lines(result.stdout, "K2_BENCH_RESULT")
         rows, timed = int(line.pop("rows")), float(line.pop("seconds"))
+        timed_cpu = float(line.pop("cpu_seconds"))
         if key == "peer":  # the whole process, as for spark-submit
-            figure = Figure(result.seconds, result.peak_rss, rows, {"work_seconds": timed, **line})
+            figure = self.figure(result, rows, {"work_seconds": timed, "work_cpu_seconds": timed_cpu,
+                                                **line})
         else:  # the operation alone
-            figure = Figure(timed, result.peak_rss, rows, {"process_seconds": result.seconds, **line})
+            figure = self.figure(result, rows, {"process_seconds": round(result.seconds, 3),
+                                                "process_cpu_seconds": round(result.cpu_seconds, 2),
+                                                **line}, seconds=timed, cpu_seconds=timed_cpu)
         self.record(run, key, figure)
 
     def measure(self, run: SizeRun) -> None:
@@ -505,7 +562,7 @@ def main() -> None:
         env["PYSPARK_PYTHON"] = sys.executable
         logs = home / "bench"
         logs.mkdir()
-        bench = Benchmark(stack, env, logs)
+        bench = Benchmark(stack, env, logs, local_stack.CLICKHOUSE.pid(stack))
         for run in runs:
             bench.measure(run)
         figures = report(runs)
