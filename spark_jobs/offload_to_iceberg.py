@@ -31,8 +31,8 @@ How it works (step 1 and the Spark session once per job, steps 2-5 per interval)
 2. ClickHouse counts and checksums the interval itself (k2.checksum's SQL), split by
    the table's quality checks (k2.quality): the good rows and the bad ones. Duplicate
    unique keys in ClickHouse (among rows with their whole key) stop the job at that
-   interval before it is read - for the first interval, before the Spark session
-   starts (an interval must hold one row per key to be replaceable); they are an
+   interval before it is read - for the first interval, while the Spark session starts,
+   before it is used (an interval must hold one row per key to be replaceable); they are an
    upstream fault, not a bad row.
 3. The executors read the interval as Arrow (clickhouse-connect, ArrowStream) in N
    time slices through mapInArrow - one task and one ClickHouse connection per
@@ -90,6 +90,7 @@ import logging
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, NamedTuple
@@ -389,25 +390,27 @@ def offload(args: argparse.Namespace) -> list[dict[str, Any]]:
              args.interval_start.isoformat(), args.interval_end.isoformat(), args.run_id,
              ch_settings, spec.iceberg_table)
 
-    # 1-2. Source schema, and ClickHouse's own figures for the first interval before the JVM
-    # starts: an interval that cannot be offloaded costs no Spark session.
+    # 1-2. Source schema, and ClickHouse's own figures for the first interval, while the
+    # Spark session starts: an interval that cannot be offloaded stops the job before the
+    # session is used.
     t = time.monotonic()
     client_kwargs = ch_settings.client_kwargs()
-    with _clickhouse(client_kwargs, ch_settings) as ch:
-        columns = ib.describe_source(ch, spec)
-    types = {c.name: c.clickhouse_type for c in columns}
-    if spec.event_time_column not in types:
-        raise OffloadError(f"{spec.source} has no event-time column {spec.event_time_column!r}")
-    struct = ib.spark_struct(columns)  # raises UnsupportedType naming the column
-    try:
-        rules = quality.rules(spec, types)
-    except quality.QualityError as exc:
-        raise UsageError(str(exc)) from None
-    first = clickhouse_figures(client_kwargs, ch_settings, spec, types, rules, *intervals[0])
-    t = _phase("ClickHouse describe + checksum", t)
+    # Both threads import from these packages: import them whole first, in this one
+    import clickhouse_connect  # noqa: F401
+    import pyspark.sql  # noqa: F401
+    import pyspark.sql.types  # noqa: F401
 
-    spark = build_spark(ice_settings, f"k2-offload-{spec.name}")
-    t = _phase("Spark session", t)
+    from k2 import checksum  # noqa: F401
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-clickhouse") as pool:
+        facts = pool.submit(_source_facts, client_kwargs, ch_settings, spec, intervals[0])
+        spark = build_spark(ice_settings, f"k2-offload-{spec.name}")
+        t = _phase("Spark session", t)
+        try:
+            columns, types, struct, rules, first = facts.result()
+        except BaseException:
+            spark.stop()
+            raise
     try:
         return _offload_with_spark(spark, args, spec, ice_settings, client_kwargs, ch_settings,
                                    columns, types, struct, rules, first, t)
@@ -419,6 +422,29 @@ def offload(args: argparse.Namespace) -> list[dict[str, Any]]:
                            or describe_error(exc)) from None
     finally:
         spark.stop()
+
+
+def _source_facts(client_kwargs: dict[str, Any], ch_settings: Any, spec: Any,
+                  interval: tuple[datetime, datetime]) -> tuple[Any, ...]:
+    """ClickHouse's DESCRIBE of the source (columns, types, Spark struct), the table's
+    quality rules and ClickHouse's figures for `interval`."""
+    from k2 import iceberg as ib
+    from k2 import quality
+
+    t = time.monotonic()
+    with _clickhouse(client_kwargs, ch_settings) as ch:
+        columns = ib.describe_source(ch, spec)
+    types = {c.name: c.clickhouse_type for c in columns}
+    if spec.event_time_column not in types:
+        raise OffloadError(f"{spec.source} has no event-time column {spec.event_time_column!r}")
+    struct = ib.spark_struct(columns)  # raises UnsupportedType naming the column
+    try:
+        rules = quality.rules(spec, types)
+    except quality.QualityError as exc:
+        raise UsageError(str(exc)) from None
+    first = clickhouse_figures(client_kwargs, ch_settings, spec, types, rules, *interval)
+    _phase("ClickHouse describe + checksum", t)
+    return columns, types, struct, rules, first
 
 
 @contextmanager
@@ -471,27 +497,8 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
     from k2 import iceberg as ib
 
     target = ib.spark_table_name(ice_settings, spec)
-    namespace = spec.iceberg_table.split(".")[0]
 
-    # Namespace and table (schema derived from ClickHouse's DESCRIBE)
-    spark.sql(f"CREATE NAMESPACE IF NOT EXISTS `{ib.catalog_name(ice_settings)}`.`{namespace}`")
-    spark.sql(ib.create_table_sql(ice_settings, spec, columns))
-    evolution = ib.schema_evolution(columns, spark.table(target).schema)
-    if evolution.refused:  # before any ALTER: a refused schema changes nothing
-        raise OffloadError(
-            f"Iceberg table {spec.iceberg_table} cannot take the schema of ClickHouse {spec.source}: "
-            + "; ".join(evolution.refused) + "; nothing written"
-        )
-    for statement in evolution.statements(target):
-        log.warning("schema evolution of %s: %s", spec.iceberg_table, statement)
-        spark.sql(statement)
-    problems = ib.schema_differences(columns, spark.table(target).schema)
-    if problems:
-        raise OffloadError(
-            f"Iceberg table {spec.iceberg_table} does not match ClickHouse {spec.source}: "
-            + "; ".join(problems)
-        )
-    ensure_wap_enabled(spark, target)
+    _prepare_table(spark, ice_settings, spec, columns, target)
     t = _phase("namespace/table", t)
 
     job = _Job(
@@ -538,6 +545,39 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
                  result["interval_end"], result["rows_read"], result["rows"], result["snapshot_id"],
                  result["quarantined_rows"], result["interval_seconds"])
     return results
+
+
+def _prepare_table(spark: Any, ice_settings: Any, spec: Any, columns: list[Any], target: str) -> None:
+    """Namespace and table (schema derived from ClickHouse's DESCRIBE): created when
+    missing, evolved with ClickHouse's schema drift, refused when incompatible."""
+    from pyspark.errors import AnalysisException
+
+    from k2 import iceberg as ib
+
+    namespace = spec.iceberg_table.split(".")[0]
+    try:
+        schema = spark.table(target).schema
+    except AnalysisException:  # not there yet
+        spark.sql(f"CREATE NAMESPACE IF NOT EXISTS `{ib.catalog_name(ice_settings)}`.`{namespace}`")
+        spark.sql(ib.create_table_sql(ice_settings, spec, columns))
+        schema = spark.table(target).schema
+    evolution = ib.schema_evolution(columns, schema)
+    if evolution.refused:  # before any ALTER: a refused schema changes nothing
+        raise OffloadError(
+            f"Iceberg table {spec.iceberg_table} cannot take the schema of ClickHouse {spec.source}: "
+            + "; ".join(evolution.refused) + "; nothing written"
+        )
+    statements = evolution.statements(target)
+    for statement in statements:
+        log.warning("schema evolution of %s: %s", spec.iceberg_table, statement)
+        spark.sql(statement)
+    problems = ib.schema_differences(columns, spark.table(target).schema if statements else schema)
+    if problems:
+        raise OffloadError(
+            f"Iceberg table {spec.iceberg_table} does not match ClickHouse {spec.source}: "
+            + "; ".join(problems)
+        )
+    ensure_wap_enabled(spark, target)
 
 
 class _Job(NamedTuple):
@@ -670,7 +710,10 @@ def _replace_interval(job: _Job, good: Any, condition: Any, start: datetime, end
     interval is replaced row by row with the MERGE instead (see merge_sql).
     """
     try:
-        good.writeTo(job.target).overwrite(condition)
+        # Each slice task writes its rows as they come (a file per partition it meets): no
+        # shuffle of the interval into Iceberg's default hash distribution first.
+        good.writeTo(job.target).option("distribution-mode", "none").option("fanout-enabled", "true") \
+            .overwrite(condition)
         return
     except Exception as exc:
         if PARTIAL_FILE not in "\n".join([*_java_messages(exc), str(exc)]):
