@@ -57,6 +57,7 @@ log = logging.getLogger("k2.clickhouse_endpoint")
 PASSWORD_ENV = "K2_CLICKHOUSE_PASSWORD"
 DEFAULT_MAX_QUERY_SIZE = 262_144  # ClickHouse's max_query_size: the statement must fit in it
 READ_CHUNK = 1 << 20
+SEND_CHUNK = 1 << 20  # a response goes out in writes of at most this (see Response._send)
 SPOOL_IN_MEMORY = 32 << 20  # wait_end_of_query results beyond this go to a temporary file
 KEEP_ALIVE_SECONDS = 30
 DEFAULT_SESSION_TIMEOUT, MAX_SESSION_TIMEOUT = 60, 3600
@@ -730,12 +731,21 @@ class Response:
         self._send_head(200, {**headers, "Content-Length": str(spool.tell())})
         spool.seek(0)
         while data := spool.read(READ_CHUNK):
-            self._handler.wfile.write(self._held)
+            self._send(self._held)
             self._held = data
 
     def release(self) -> None:
-        self._handler.wfile.write(self._held)
+        self._send(self._held)
         self._held = b""
+
+    def _send(self, data: bytes) -> None:
+        """Write in pieces. The socket's timeout bounds one whole sendall, while
+        clickhouse-server's send timeout bounds each send: a client that reads a large
+        result steadily but slowly (a JDBC reader writing each row away) must not be cut
+        off once the whole body has taken longer than the timeout."""
+        view = memoryview(data)
+        for offset in range(0, len(view), SEND_CHUNK):
+            self._handler.wfile.write(view[offset:offset + SEND_CHUNK])
 
     def open_stream(self, fmt: str, encoding: str | None) -> None:
         headers = self._success_headers(fmt, summary_header(), encoding)
@@ -750,7 +760,7 @@ class Response:
         if self._encoder is not None:
             data = self._encoder.encode(data)
         if data:
-            self._handler.wfile.write(self._held)
+            self._send(self._held)
             self._held = b"%x\r\n%s\r\n" % (len(data), data)
 
     def close_stream(self, hold: bool = True) -> None:
