@@ -339,7 +339,7 @@ def report(runs: list[SizeRun]) -> dict[str, Any]:
     job_peak = largest.figures["job_first"].peak_rss
     print()
     if fixed is not None:
-        print(f"job / predecessor at {smallest.rows:,} rows (fixed costs): {fixed:.2f}")
+        print(f"job / predecessor at {smallest.rows:,} rows, the smallest size: {fixed:.2f}")
     print(f"job's peak RSS at {largest.rows:,} rows: {mib(job_peak)} MiB "
           f"(first run; replace {mib(largest.figures['job_replace'].peak_rss)} MiB)")
     return {
