@@ -11,25 +11,17 @@ prints wall times, rows/s and the ratio. Nothing is asserted: figures, not a tes
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from bench_stack import throwaway_stack
+
 REPO = Path(__file__).resolve().parents[1]
 INTERVAL = timedelta(minutes=15)
 TABLE = "bronze_trades_binance"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def submit(env: dict[str, str], start: datetime, end: datetime, run_id: str) -> float:
@@ -53,25 +45,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="average feed trades/s (default 200)")
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="k2-bench-"))
-    os.environ.update({"K2_HOME": str(home)})
-    from k2.local.settings import PORT_ENV_VARS
+    with throwaway_stack("k2-bench-catchup-") as (stack, _home, env):
+        from k2.feed import run_feed
 
-    os.environ.update({name: str(free_port()) for name in PORT_ENV_VARS})
-    from k2.feed import run_feed
-    from k2.local import airflow, postgres
-    from k2.local import stack as local_stack
-    from k2.local.settings import LocalStack
-    from k2.schema import apply_schema
-
-    stack = LocalStack.from_env()
-    try:
-        postgres.start(stack)
-        local_stack.CLICKHOUSE.start(stack)
-        admin = stack.clickhouse_client()
-        admin.command("CREATE DATABASE IF NOT EXISTS k2")
         client = stack.clickhouse_client(database="k2")
-        apply_schema(client)
         n = args.intervals
         end = datetime.now(timezone.utc).replace(second=0, microsecond=0)
         end -= timedelta(minutes=end.minute % 15)
@@ -82,12 +59,6 @@ def main() -> None:
             f"SELECT count() FROM {TABLE} WHERE event_time >= %(a)s AND event_time < %(b)s",
             parameters={"a": first, "b": end},
         ).result_rows[0][0]
-
-        env = {k: v for k, v in os.environ.items() if not k.startswith("K2_ICEBERG")}
-        env.update(airflow.clickhouse_settings(stack).to_env())
-        env.update(airflow.iceberg_settings(stack).to_env())
-        env.update({"SPARK_LOCAL_IP": stack.host, "SPARK_CONF_DIR": str(REPO / "spark_jobs" / "conf"),
-                    "PYSPARK_PYTHON": sys.executable})
 
         singles = []
         for i in range(n):
@@ -102,10 +73,6 @@ def main() -> None:
         print(f"baseline: {n} jobs        {sum(singles):.1f} s  ({half / sum(singles):,.0f} rows/s)")
         print(f"batched: 1 job           {batch:.1f} s  ({half / batch:,.0f} rows/s)")
         print(f"speed-up                 {sum(singles) / batch:.2f}x")
-    finally:
-        local_stack.CLICKHOUSE.stop(stack)
-        postgres.stop(stack)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":

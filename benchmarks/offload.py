@@ -35,18 +35,17 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+
+from bench_stack import throwaway_stack
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -63,12 +62,6 @@ PATHS = {  # key: label, in the order they run for each size
     "export": "export alone",
     "parquet": "Parquet write alone",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def progress(message: str) -> None:
@@ -529,37 +522,16 @@ def main() -> None:
 
     job_jars(), bench_jars()  # before anything starts
     load_average = os.getloadavg()[0]
-    # SIGTERM ends the run like Ctrl-C: the finally below stops the stack.
+    # SIGTERM ends the run like Ctrl-C: the stack is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    home = Path(tempfile.mkdtemp(prefix="k2-bench-offload-"))
-    os.environ["K2_HOME"] = str(home)
-    from k2.local.settings import PORT_ENV_VARS
-
-    os.environ.update({name: str(free_port()) for name in PORT_ENV_VARS})
-    from k2.local import airflow, postgres
-    from k2.local import stack as local_stack
-    from k2.local.settings import LocalStack, spark_environment
-    from k2.schema import apply_schema
-
-    stack = LocalStack.from_env()
     end = datetime.now(timezone.utc).replace(second=0, microsecond=0)
     end -= timedelta(minutes=end.minute % 15)
     runs = [SizeRun(rows, end - (len(args.rows) - i) * INTERVAL, end - (len(args.rows) - i - 1) * INTERVAL)
             for i, rows in enumerate(args.rows)]
     started = datetime.now(timezone.utc)
-    try:
-        progress(f"starting PostgreSQL and the ClickHouse endpoint in {home} ...")
-        postgres.start(stack)
-        local_stack.CLICKHOUSE.start(stack)
-        stack.clickhouse_client().command(f"CREATE DATABASE IF NOT EXISTS {airflow.CLICKHOUSE_DATABASE}")
-        apply_schema(stack.clickhouse_client(database=airflow.CLICKHOUSE_DATABASE))
+    with throwaway_stack("k2-bench-offload-") as (stack, home, env):
+        from k2.local import stack as local_stack
 
-        # What the Airflow operator gives spark-submit (secrets only in the environment).
-        env = {k: v for k, v in os.environ.items() if not k.startswith("K2_ICEBERG")}
-        env.update(airflow.clickhouse_settings(stack).to_env())
-        env.update(airflow.iceberg_settings(stack).to_env())
-        env.update(spark_environment(stack.host))
-        env["PYSPARK_PYTHON"] = sys.executable
         logs = home / "bench"
         logs.mkdir()
         bench = Benchmark(stack, env, logs, local_stack.CLICKHOUSE.pid(stack))
@@ -575,11 +547,6 @@ def main() -> None:
             }
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
             print(f"\nfigures written to {args.json}")
-    finally:
-        local_stack.CLICKHOUSE.stop(stack)
-        postgres.stop(stack)
-        shutil.rmtree(home, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()

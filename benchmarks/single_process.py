@@ -84,22 +84,20 @@ class Source:
                 yield from (block.to_batches() if isinstance(block, pa.Table) else [block])
 
 
-def conform(batch: Any, target: Any) -> Any:
-    """One ClickHouse Arrow batch cast to the Iceberg table's Arrow schema (uint64 ->
-    decimal(20,0), timestamp[ms] -> timestamp[us]: exact, and `safe` casts fail otherwise)."""
-    import pyarrow as pa
+JOB_FILE = Path(__file__).resolve().parents[1] / "spark_jobs" / "offload_to_iceberg.py"
 
-    columns = []
-    for field in target:
-        column = batch.column(field.name)
-        if pa.types.is_dictionary(column.type):
-            column = column.dictionary_decode()
-        if column.type != field.type:
-            column = column.cast(field.type, safe=True)
-        if not field.nullable and column.null_count:
-            raise ValueError(f"column {field.name!r} has NULLs but the Iceberg column is required")
-        columns.append(column)
-    return pa.RecordBatch.from_arrays(columns, schema=target)
+
+def job_conform() -> Any:
+    """The offload job's own cast of a ClickHouse Arrow batch to the Iceberg table's Arrow
+    schema (uint64 -> decimal(20,0), timestamp[ms] -> timestamp[us]: exact, and `safe` casts
+    fail otherwise), so that the peer reads exactly what the job writes. The job file
+    imports only the standard library when loaded."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("k2_offload_job", JOB_FILE)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job._conform
 
 
 def peer(args: argparse.Namespace) -> dict[str, Any]:
@@ -144,6 +142,7 @@ def peer(args: argparse.Namespace) -> dict[str, Any]:
     key_columns = ck.arrow_key_columns(spec, target)
     good_batches = []
     good, bad = ck.IntervalChecksum(0, 0), ck.IntervalChecksum(0, 0)
+    conform = job_conform()
     for block in source.batches():
         batch = conform(block, target)
         failed = quality.arrow_bad_mask(batch, rules)

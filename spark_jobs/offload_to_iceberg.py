@@ -9,18 +9,23 @@ Connection settings come from the environment (k2.runtime_env: K2_CLICKHOUSE_*,
 K2_ICEBERG_*), never from the command line.
 
 [--interval-start, --interval-end) is a whole number of --interval-step steps (default
-15m); each step is offloaded as its own interval - its own checks, one staged write, audit and publish, one
-snapshot whose k2.interval-start/end are the step's bounds - in order, in one
+15m); each step is an interval of its own - its own checks and figures - in one
 SparkSession, so a catch-up of many intervals pays for one JVM. Without --interval-step
 a range that is not a multiple of 15 minutes is one interval, as before steps existed.
-The job stops at the first interval that fails (exit status 1); the intervals before it
-stay committed (each one is atomic, and offloading it again replaces it). On success the
-last lines on stdout are one result per interval, in interval order:
+Several intervals without rows failing the checks are written in one piece (a batch):
+one read of the range, one staged write, every interval audited, one publish - one
+snapshot whose summary carries each interval's figures (k2.intervals), read back
+interval by interval (k2.iceberg.offload_snapshots_from_summary). With rows to
+quarantine, each interval gets its own write, audit, publish and snapshot, in order.
+An interval that cannot be offloaded (duplicate keys in ClickHouse) stops the job
+(exit status 1) after the intervals before it are committed (each commit is atomic, and
+offloading an interval again replaces it). On success the last lines on stdout are one
+result per interval, in interval order:
 
     K2_OFFLOAD_RESULT {"table": ..., "interval_start": ..., "rows": ..., "checksum": ...,
                        "snapshot_id": ..., ...}
 
-How it works (step 1 and the Spark session once per job, steps 2-5 per interval):
+How it works (step 1 and the Spark session once per job, steps 2-5 per interval or batch):
 
 1. DESCRIBE the source in ClickHouse; derive the Iceberg/Spark schema (k2.iceberg);
    create namespace and table when missing (partition spec from tables.yaml). An
@@ -48,7 +53,8 @@ How it works (step 1 and the Spark session once per job, steps 2-5 per interval)
    against ClickHouse's bad-row figures and published like the table's own commit
    (step 4), before it: the table's snapshot is what marks an interval offloaded, so it
    comes last.
-4. Write-audit-publish of the good rows (stage_audit_publish), one snapshot per interval:
+4. Write-audit-publish of the good rows (stage_audit_publish), one snapshot per interval
+   or batch (a batch's audit compares every interval's count and checksum, grouped):
    - write, staged (Iceberg WAP: write.wap.enabled on the table, spark.wap.id in the
      session): an overwrite by the interval's filter - the interval's existing files
      are dropped whole and the new ones added, no read of the table, no join. When a file
@@ -517,33 +523,46 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
         create_quarantine_sql=ib.create_quarantine_table_sql(ice_settings, spec, columns),
         quarantine_columns=ib.quarantine_columns(columns),
     )
-    results: list[dict[str, Any]] = []
     intervals = args.intervals
-    for index, (start, end) in enumerate(intervals):
-        began = time.monotonic()
+    # ClickHouse's figures of every interval first: an interval that cannot be offloaded
+    # (duplicate keys) ends the job after the intervals before it are committed.
+    expected, refused = [first], None
+    for start, end in intervals[1:]:
         try:
-            expected = first if index == 0 else clickhouse_figures(
-                client_kwargs, ch_settings, spec, types, rules, start, end)
-            result = _offload_interval(job, start, end, expected)
-        except Exception:
-            if results:
-                log.error("stopped at interval %d of %d [%s, %s); the %d interval(s) before it are "
-                          "committed: %s", index + 1, len(intervals), start.isoformat(),
-                          end.isoformat(), len(results),
-                          ", ".join(f"[{r['interval_start']}, {r['interval_end']}) -> snapshot "
-                                    f"{r['snapshot_id']}" for r in results))
-            raise
-        result.update(
-            interval_index=index,
-            intervals=len(intervals),
-            interval_seconds=round(time.monotonic() - began, 3),
-            seconds=round(time.monotonic() - STARTED, 3),
-        )
-        results.append(result)
+            expected.append(clickhouse_figures(client_kwargs, ch_settings, spec, types, rules, start, end))
+        except OffloadError as exc:
+            refused = exc
+            break
+    if len(intervals) > 1:
+        t = _phase(f"ClickHouse figures of {len(expected)} interval(s)", t)
+    taken = intervals[:len(expected)]
+    results: list[dict[str, Any]] = []
+    try:
+        if len(taken) > 1 and not _quarantine_due(job, taken[0][0], taken[-1][1], [x.quarantined for x in expected]):
+            results = _offload_batch(job, taken, expected)
+        else:
+            for (start, end), figures in zip(taken, expected):
+                began = time.monotonic()
+                result = _offload_interval(job, start, end, figures)
+                results.append({**result, "interval_seconds": round(time.monotonic() - began, 3)})
+        if refused is not None:
+            raise refused
+    except Exception:
+        if results:
+            start, end = intervals[len(results)]
+            log.error("stopped at interval %d of %d [%s, %s); the %d interval(s) before it are "
+                      "committed: %s", len(results) + 1, len(intervals), start.isoformat(),
+                      end.isoformat(), len(results),
+                      ", ".join(f"[{r['interval_start']}, {r['interval_end']}) -> snapshot "
+                                f"{r['snapshot_id']}" for r in results))
+        raise
+    for index, result in enumerate(results):
+        result.update(interval_index=index, intervals=len(intervals),
+                      seconds=round(time.monotonic() - STARTED, 3))
         log.info("interval %d of %d [%s, %s): %s rows read = %s written -> snapshot %s + %s "
-                 "quarantined in %.1f s", index + 1, len(intervals), result["interval_start"],
+                 "quarantined", index + 1, len(intervals), result["interval_start"],
                  result["interval_end"], result["rows_read"], result["rows"], result["snapshot_id"],
-                 result["quarantined_rows"], result["interval_seconds"])
+                 result["quarantined_rows"])
     return results
 
 
@@ -613,15 +632,8 @@ def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) 
     attempt_id = uuid.uuid4().hex  # finds this interval's commit among the job's
     t = time.monotonic()
 
-    # Parallel Arrow read on the executors, straight into the write: no pass of its own
-    bounds = slice_bounds(ck.to_epoch_ms(start), ck.to_epoch_ms(end), job.slices)
-    counts = spark.sparkContext.accumulator({}, SliceCounts())
-    descriptors = spark.createDataFrame(
-        spark.sparkContext.parallelize(bounds, len(bounds)), "slice int, start_ms long, end_ms long"
-    )
-    source = descriptors.mapInArrow(
-        make_slice_reader(job.client_kwargs, job.select_sql, job.schema_ipc, counts), job.struct)
-    quarantine = bool(job.rules) and _quarantine_due(job, start, expected.quarantined)
+    source, read = _read_source(job, start, end)
+    quarantine = _quarantine_due(job, start, end, [expected.quarantined])
     if quarantine:  # read once, written to two tables
         source = source.persist(StorageLevel.MEMORY_AND_DISK)
     in_interval = interval_predicate(None, spec.event_time_column, start, end)
@@ -644,25 +656,14 @@ def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) 
             stored = ck.spark_checksum(
                 spark.sql(f"SELECT * FROM {target} VERSION AS OF {snapshot_id} WHERE {in_interval}"),
                 job.key_cols)
-            slices_read = dict(counts.value)
-            rows_read = sum(slices_read.values())
-            problems = []
-            if len(slices_read) != len(bounds):
-                problems.append(f"{len(slices_read)} of {len(bounds)} slices were read")
-            if rows_read != expected.rows_read:
-                problems.append(f"Spark read {rows_read} rows, ClickHouse counts {expected.rows_read} "
-                                "(rows changed during the read?)")
+            problems = read.problems(expected.rows_read, stored.rows, expected.quarantined.rows)
             if stored != expected.good:
                 problems.append(f"the snapshot holds {stored}, ClickHouse {expected.good} good rows")
-            if stored.rows + expected.quarantined.rows != rows_read:  # every row read is accounted for
-                problems.append(f"rows read {rows_read} != written {stored.rows} + quarantined "
-                                f"{expected.quarantined.rows}")
             if problems:
                 raise AuditError(target, snapshot_id, start, end, problems)
 
         snapshot_id, summary = stage_audit_publish(spark, target, attempt_id, properties, write, audit)
-        _phase(f"{sum(counts.value.values())} rows read in {len(bounds)} slices, written, audited "
-               "and published", t)
+        _phase(f"{read.rows()} rows read in {len(read.bounds)} slices, written, audited and published", t)
     finally:
         if quarantine:
             source.unpersist()
@@ -673,19 +674,145 @@ def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) 
         "interval_end": ib.iso_utc(end),
         "rows": expected.good.rows,
         "checksum": expected.good.checksum,
-        "rows_read": sum(counts.value.values()),
+        "rows_read": read.rows(),
         "quarantined_rows": expected.quarantined.rows,
         "quarantine_table": quality.quarantine_table_name(spec) if job.rules else None,
         "quarantine_snapshot_id": quarantine_id,
         "snapshot_id": snapshot_id,
         "run_id": job.run_id,
         "attempt_id": attempt_id,
-        "slices": len(bounds),
+        "slices": len(read.bounds),
         "application_id": job.application_id,
         # Iceberg's summary of the commit (for the operator's metrics when pyiceberg cannot read it)
         "added_files_size": ib.summary_int(summary, "added-files-size"),
         "total_data_files": ib.summary_int(summary, "total-data-files"),
     }
+
+
+class _Read(NamedTuple):
+    """The slices of one read and the rows Spark read in each (an accumulator)."""
+
+    bounds: list[tuple[int, int, int]]
+    counts: Any
+
+    def rows(self) -> int:
+        return sum(self.counts.value.values())
+
+    def problems(self, clickhouse_rows: int, written: int, quarantined: int) -> list[str]:
+        """What is wrong with the read's accounting: every slice read, as many rows as
+        ClickHouse counts, and every row read written or quarantined."""
+        slices_read = dict(self.counts.value)
+        rows_read = sum(slices_read.values())
+        problems = []
+        if len(slices_read) != len(self.bounds):
+            problems.append(f"{len(slices_read)} of {len(self.bounds)} slices were read")
+        if rows_read != clickhouse_rows:
+            problems.append(f"Spark read {rows_read} rows, ClickHouse counts {clickhouse_rows} "
+                            "(rows changed during the read?)")
+        if written + quarantined != rows_read:
+            problems.append(f"rows read {rows_read} != written {written} + quarantined {quarantined}")
+        return problems
+
+
+def _read_source(job: _Job, start: datetime, end: datetime) -> tuple[Any, _Read]:
+    """[start, end) of the source as a DataFrame: a parallel Arrow read on the executors,
+    one task and one ClickHouse connection per time slice, straight into the write (no
+    pass of its own)."""
+    from k2 import checksum as ck
+
+    spark = job.spark
+    bounds = slice_bounds(ck.to_epoch_ms(start), ck.to_epoch_ms(end), job.slices)
+    counts = spark.sparkContext.accumulator({}, SliceCounts())
+    descriptors = spark.createDataFrame(
+        spark.sparkContext.parallelize(bounds, len(bounds)), "slice int, start_ms long, end_ms long"
+    )
+    source = descriptors.mapInArrow(
+        make_slice_reader(job.client_kwargs, job.select_sql, job.schema_ipc, counts), job.struct)
+    return source, _Read(bounds, counts)
+
+
+def _offload_batch(job: _Job, intervals: list[tuple[datetime, datetime]], expected: list[Any]
+                   ) -> list[dict[str, Any]]:
+    """Contiguous intervals without quarantined rows in one read, one write (staged), one
+    audit of every interval and one publish: one Iceberg snapshot replacing the range,
+    whose summary carries each interval's figures (k2.iceberg.batch_snapshot_properties),
+    so that every interval is found, verified and ledgered as if it had a commit of its
+    own. A catch-up's intervals cost one Spark write instead of one each."""
+    from pyspark.sql import functions as F
+
+    from k2 import checksum as ck
+    from k2 import iceberg as ib
+    from k2 import quality
+
+    spark, spec, target = job.spark, job.spec, job.target
+    start, end = intervals[0][0], intervals[-1][1]
+    step = intervals[0][1] - intervals[0][0]
+    attempt_id = uuid.uuid4().hex
+    t = time.monotonic()
+    source, read = _read_source(job, start, end)
+    # No interval has rows failing the checks (else the job goes interval by interval); the
+    # filter stays so that Spark and ClickHouse disagreeing on a row fails the audit.
+    good = source.where(f"NOT {quality.spark_bad_sql(job.rules)}") if job.rules else source
+    properties = ib.batch_snapshot_properties(
+        spec, [ib.IntervalFigures(s, e, x.good.rows, x.good.checksum, x.quarantined.rows)
+               for (s, e), x in zip(intervals, expected)],
+        run_id=job.run_id, attempt_id=attempt_id)
+    in_range = interval_predicate(None, spec.event_time_column, start, end)
+    # Which interval a row is in: whole steps of microseconds since the range's start
+    start_us, step_us = ck.to_epoch_ms(start) * 1000, step // timedelta(microseconds=1)
+    bucket = f"(unix_micros({_quote(spec.event_time_column)}) - {start_us}) div {step_us}"
+
+    def write() -> None:
+        _replace_interval(job, good, F.expr(in_range), start, end)
+
+    def audit(snapshot_id: int) -> None:
+        stored = {
+            int(row["k2_interval"]): ck.spark_checksum_of(row)
+            for row in spark.sql(
+                f"SELECT {bucket} AS k2_interval, {', '.join(ck.spark_checksum_sql(job.key_cols))} "
+                f"FROM {target} VERSION AS OF {snapshot_id} WHERE {in_range} GROUP BY 1"
+            ).collect()
+        }
+        empty = ck.IntervalChecksum(0, 0)
+        problems = [
+            f"[{s.isoformat()}, {e.isoformat()}): the snapshot holds {stored.get(k, empty)}, "
+            f"ClickHouse {x.good} good rows"
+            for k, ((s, e), x) in enumerate(zip(intervals, expected)) if stored.get(k, empty) != x.good
+        ]
+        problems += read.problems(sum(x.rows_read for x in expected),
+                                  sum(figures.rows for figures in stored.values()),
+                                  sum(x.quarantined.rows for x in expected))
+        if problems:
+            raise AuditError(target, snapshot_id, start, end, problems)
+
+    snapshot_id, summary = stage_audit_publish(spark, target, attempt_id, properties, write, audit)
+    seconds = time.monotonic() - t
+    _phase(f"{len(intervals)} intervals: {read.rows()} rows read in {len(read.bounds)} slices, written, "
+           "audited and published in one snapshot", t)
+    results = []
+    for k, ((s, e), x) in enumerate(zip(intervals, expected)):
+        results.append({
+            "table": spec.name,
+            "iceberg_table": spec.iceberg_table,
+            "interval_start": ib.iso_utc(s),
+            "interval_end": ib.iso_utc(e),
+            "rows": x.good.rows,
+            "checksum": x.good.checksum,
+            "rows_read": x.rows_read,  # each slice spans intervals: ClickHouse's count, audited in total
+            "quarantined_rows": 0,
+            "quarantine_table": None,
+            "quarantine_snapshot_id": None,
+            "snapshot_id": snapshot_id,
+            "run_id": job.run_id,
+            "attempt_id": attempt_id,
+            "slices": len(read.bounds),
+            "application_id": job.application_id,
+            # the commit's figures on its first interval, so that sums over intervals stay true
+            "added_files_size": ib.summary_int(summary, "added-files-size") if k == 0 else 0,
+            "total_data_files": ib.summary_int(summary, "total-data-files"),
+            "interval_seconds": round(seconds / len(intervals), 3),
+        })
+    return results
 
 
 class AuditError(OffloadError):
@@ -862,18 +989,22 @@ def quarantine_merge_sql(target: str, names: list[str], interval_start: datetime
     )
 
 
-def _quarantine_due(job: _Job, start: datetime, expected: Any) -> bool:
-    """Whether the quarantine table needs a commit for the interval: it has bad rows now,
-    or held some for it before (a re-run must delete them)."""
+def _quarantine_due(job: _Job, start: datetime, end: datetime, quarantined: list[Any]) -> bool:
+    """Whether the quarantine table needs a commit for [start, end): ClickHouse has bad rows
+    in it now (`quarantined`: the intervals' figures), or the table held some for an
+    interval in it before (a re-run must delete them)."""
     from k2 import quality
 
-    if expected.rows:
+    if not job.rules:
+        return False
+    if any(figures.rows for figures in quarantined):
         return True
     target = job.quarantine_target
     if not job.spark.catalog.tableExists(target.replace("`", "")):
         return False
-    at_start = f"t.{_quote(quality.INTERVAL_START_COLUMN)} = {_ts_literal(start)}"
-    return job.spark.sql(f"SELECT 1 FROM {target} t WHERE {at_start} LIMIT 1").first() is not None
+    column = f"t.{_quote(quality.INTERVAL_START_COLUMN)}"
+    held = f"{column} >= {_ts_literal(start)} AND {column} < {_ts_literal(end)}"
+    return job.spark.sql(f"SELECT 1 FROM {target} t WHERE {held} LIMIT 1").first() is not None
 
 
 def _quarantine(job: _Job, source: Any, start: datetime, end: datetime, expected: Any,

@@ -126,8 +126,8 @@ bounded by the pool `{SPARK_POOL}`. Catching up, one Spark job offloads up to
 2. **offload_to_iceberg** – under the table's offload lock (PostgreSQL advisory lock): skips an interval
    already offloaded by another run's batch (scheduled runs, first try), else spark-submit of
    `spark_jobs/offload_to_iceberg.py` for the run's interval - plus, for a scheduled first try, the complete
-   intervals after it that are not offloaded yet - one atomic snapshot per interval; returns rows, checksum
-   and snapshot id of each. Retries, clears, manual runs and backfills re-offload their own interval.
+   intervals after it that are not offloaded yet, in one atomic snapshot (audited interval by interval before
+   it is published); returns rows, checksum and snapshot id of each. Retries, clears, manual runs and backfills re-offload their own interval.
 3. **commit_watermark** – a ledger row per offloaded interval + watermark compare-and-set in PostgreSQL
    (`k2_watermarks`).
 

@@ -8,8 +8,9 @@
   the job at run time from the environment, never on a command line);
 - the type mapping ClickHouse -> Iceberg -> Spark (the table schema is derived from
   ClickHouse's DESCRIBE of the source, not written by hand);
-- the snapshot summary properties an offload commit carries, and
-  `find_offload_snapshot` which reads them back.
+- the snapshot summary properties an offload commit carries (one interval, or a batch of
+  contiguous intervals in one snapshot), and `find_offload_snapshot` which reads them back
+  interval by interval.
 
 Type mapping (ClickHouse -> Iceberg), chosen to be lossless:
 
@@ -37,10 +38,11 @@ than mapped approximately.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -65,6 +67,9 @@ PROP_ROWS = "k2.rows"
 PROP_CHECKSUM = "k2.checksum"
 PROP_ATTEMPT_ID = "k2.attempt-id"  # unique per job execution: finds *this* commit
 PROP_QUARANTINED_ROWS = "k2.quarantined-rows"  # rows of the interval in the quarantine table
+# A batch commit (several contiguous intervals of one length in one snapshot): the other
+# keys describe the whole range, this one each interval's figures (batch_snapshot_properties).
+PROP_INTERVALS = "k2.intervals"
 SNAPSHOT_PROPERTY_CONF_PREFIX = "spark.sql.iceberg.snapshot-property."
 
 # Table properties of tables the offload creates. Copy-on-write keeps the data files
@@ -523,6 +528,49 @@ def snapshot_properties(spec: TableSpec, start: datetime, end: datetime, *, run_
     }
 
 
+@dataclass(frozen=True)
+class IntervalFigures:
+    """What one interval of a batch commit holds: rows and checksum written to the table,
+    rows set aside in the quarantine table."""
+
+    start: datetime
+    end: datetime
+    rows: int
+    checksum: int
+    quarantined_rows: int = 0
+
+
+def batch_snapshot_properties(spec: TableSpec, intervals: Sequence[IntervalFigures], *, run_id: str,
+                              attempt_id: str) -> dict[str, str]:
+    """The summary of one commit that replaces several contiguous intervals of one length.
+
+    The common keys describe the whole range (rows and checksum are the sums, the checksum
+    mod 2**64 like every interval checksum); PROP_INTERVALS lists each interval's figures,
+    in order, so that readers find every interval as if it had a commit of its own
+    (offload_snapshots_from_summary).
+    """
+    if not intervals:
+        raise ValueError("a batch commit needs at least one interval")
+    step = intervals[0].end - intervals[0].start
+    for before, after in zip(intervals, intervals[1:]):
+        if after.start != before.end or after.end - after.start != step:
+            raise ValueError(f"batch intervals must be contiguous and {step} long; "
+                             f"[{iso_utc(after.start)}, {iso_utc(after.end)}) is not")
+    properties = snapshot_properties(
+        spec, intervals[0].start, intervals[-1].end, run_id=run_id,
+        rows=sum(i.rows for i in intervals), checksum=sum(i.checksum for i in intervals) % 2**64,
+        attempt_id=attempt_id, quarantined_rows=sum(i.quarantined_rows for i in intervals),
+    )
+    properties[PROP_INTERVALS] = json.dumps({
+        "step_seconds": int(step.total_seconds()),
+        "rows": [i.rows for i in intervals],
+        # strings: a JSON reader other than Python's may hold numbers as doubles
+        "checksums": [str(i.checksum) for i in intervals],
+        "quarantined_rows": [i.quarantined_rows for i in intervals],
+    }, separators=(",", ":"))
+    return properties
+
+
 def snapshot_property_conf(properties: Mapping[str, str]) -> dict[str, str]:
     """Session conf that makes Iceberg add `properties` to the SQL statement's snapshot."""
     return {SNAPSHOT_PROPERTY_CONF_PREFIX + k: v for k, v in properties.items()}
@@ -565,6 +613,8 @@ class OffloadSnapshot:
 
 def offload_snapshot_from_summary(spec: TableSpec, snapshot_id: int, timestamp_ms: int,
                                   summary: Mapping[str, str]) -> OffloadSnapshot | None:
+    """The offload commit a snapshot summary describes, as written: for a batch commit, its
+    whole range (use offload_snapshots_from_summary for its intervals)."""
     if summary.get(PROP_TABLE) != spec.name:
         return None
     start = _parse_iso(summary.get(PROP_INTERVAL_START))
@@ -593,6 +643,41 @@ def offload_snapshot_from_summary(spec: TableSpec, snapshot_id: int, timestamp_m
     )
 
 
+def offload_snapshots_from_summary(spec: TableSpec, snapshot_id: int, timestamp_ms: int,
+                                   summary: Mapping[str, str]) -> list[OffloadSnapshot]:
+    """Every interval an offload commit replaced, in order: one for a single-interval commit,
+    each interval of a batch commit (same snapshot, run and attempt; the commit's
+    added-files-size is on its first interval, 0 on the others, so that sums stay true).
+    [] when the summary is not an offload commit of `spec`, or a batch's figures do not add
+    up to its range (such a commit is not evidence of any interval)."""
+    whole = offload_snapshot_from_summary(spec, snapshot_id, timestamp_ms, summary)
+    if whole is None:
+        return []
+    raw = summary.get(PROP_INTERVALS)
+    if raw is None:
+        return [whole]
+    try:
+        batch = json.loads(raw)
+        step = timedelta(seconds=int(batch["step_seconds"]))
+        rows = [int(v) for v in batch["rows"]]
+        checksums = [int(v) for v in batch["checksums"]]
+        quarantined = [int(v) for v in batch["quarantined_rows"]]
+    except (ValueError, TypeError, KeyError):
+        return []
+    n = len(rows)
+    if (n == 0 or step <= timedelta(0) or len(checksums) != n or len(quarantined) != n
+            or whole.interval_start + n * step != whole.interval_end
+            or sum(rows) != whole.rows or sum(checksums) % 2**64 != whole.checksum):
+        return []
+    return [
+        replace(whole, interval_start=whole.interval_start + k * step,
+                interval_end=whole.interval_start + (k + 1) * step, rows=rows[k],
+                checksum=checksums[k], quarantined_rows=quarantined[k],
+                added_files_size=whole.added_files_size if k == 0 else 0)
+        for k in range(n)
+    ]
+
+
 def summary_int(summary: Mapping[str, str], key: str) -> int | None:
     """An integer figure of a snapshot summary (e.g. total-data-files), None when absent."""
     try:
@@ -616,14 +701,13 @@ def offload_snapshots_of(table: Any, spec: TableSpec,
         return found
     for snapshot in ancestors_of(current, table.metadata):
         summary = snapshot.summary.additional_properties if snapshot.summary else {}
-        offload = offload_snapshot_from_summary(spec, snapshot.snapshot_id, snapshot.timestamp_ms, summary)
-        if offload is None:
-            continue
-        key = (offload.interval_start, offload.interval_end)
-        if key in wanted and key not in found:  # newest first: the first one found wins
-            found[key] = offload
-            if len(found) == len(wanted):
-                break
+        for offload in offload_snapshots_from_summary(spec, snapshot.snapshot_id, snapshot.timestamp_ms,
+                                                      summary):
+            key = (offload.interval_start, offload.interval_end)
+            if key in wanted and key not in found:  # newest first: the first one found wins
+                found[key] = offload
+        if len(found) == len(wanted):
+            break
     return found
 
 

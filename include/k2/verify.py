@@ -357,8 +357,8 @@ def _offload_commits(table: Any, spec: TableSpec) -> dict[tuple[datetime, dateti
     found: dict[tuple[datetime, datetime], ib.OffloadSnapshot] = {}
     for snapshot in ancestors_of(table.current_snapshot(), table.metadata):
         summary = snapshot.summary.additional_properties if snapshot.summary else {}
-        commit = ib.offload_snapshot_from_summary(spec, snapshot.snapshot_id, snapshot.timestamp_ms, summary)
-        if commit is not None:
+        for commit in ib.offload_snapshots_from_summary(spec, snapshot.snapshot_id, snapshot.timestamp_ms,
+                                                        summary):
             found.setdefault((commit.interval_start, commit.interval_end), commit)
     return found
 

@@ -745,18 +745,19 @@ def table_offloads(catalog: Any, spec: Any) -> tuple[list[TableOffload], datetim
     for snapshot in ancestors_of(current, iceberg_table.metadata):
         oldest_ms = min(oldest_ms, snapshot.timestamp_ms)
         summary = snapshot.summary.additional_properties if snapshot.summary else {}
-        offload = ib.offload_snapshot_from_summary(spec, snapshot.snapshot_id, snapshot.timestamp_ms, summary)
-        if offload is None or offload.interval_start in found:  # newest first wins
-            continue
-        found[offload.interval_start] = TableOffload(
-            interval_start=offload.interval_start,
-            interval_end=offload.interval_end,
-            rows=offload.rows,
-            checksum=offload.checksum,
-            snapshot_id=offload.snapshot_id,
-            run_id=offload.run_id or "k2-watermark-repair",
-            committed_at=offload.committed_at,
-        )
+        for offload in ib.offload_snapshots_from_summary(spec, snapshot.snapshot_id, snapshot.timestamp_ms,
+                                                         summary):
+            if offload.interval_start in found:  # newest first wins
+                continue
+            found[offload.interval_start] = TableOffload(
+                interval_start=offload.interval_start,
+                interval_end=offload.interval_end,
+                rows=offload.rows,
+                checksum=offload.checksum,
+                snapshot_id=offload.snapshot_id,
+                run_id=offload.run_id or "k2-watermark-repair",
+                committed_at=offload.committed_at,
+            )
     return sorted(found.values(), key=lambda o: o.interval_start), datetime.fromtimestamp(
         oldest_ms / 1000, tz=timezone.utc
     )

@@ -138,9 +138,9 @@ def _interval_snapshots(stack, spec, start: datetime, end: datetime) -> list[ib.
     found = []
     for snapshot in table.snapshots():
         summary = snapshot.summary.additional_properties if snapshot.summary else {}
-        offload = ib.offload_snapshot_from_summary(spec, snapshot.snapshot_id, snapshot.timestamp_ms, summary)
-        if offload is not None and (offload.interval_start, offload.interval_end) == (start, end):
-            found.append(offload)
+        found.extend(offload for offload in ib.offload_snapshots_from_summary(
+            spec, snapshot.snapshot_id, snapshot.timestamp_ms, summary)
+            if (offload.interval_start, offload.interval_end) == (start, end))
     return found
 
 

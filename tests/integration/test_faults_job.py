@@ -39,6 +39,7 @@ FEED_END = datetime(2026, 11, 26, 11, 0, tzinfo=UTC)
 I0 = (datetime(2026, 11, 26, 10, 0, tzinfo=UTC), datetime(2026, 11, 26, 10, 15, tzinfo=UTC))
 I1 = (I0[1], datetime(2026, 11, 26, 10, 30, tzinfo=UTC))
 I2 = (I1[1], datetime(2026, 11, 26, 10, 45, tzinfo=UTC))
+I3 = (I2[1], FEED_END)
 CATALOG = "k2_test_faults"
 BRONZE = load_tables().get("bronze_trades_binance")
 # The job's log line once the interval's snapshot is written but staged: audit and
@@ -205,15 +206,21 @@ def test_failed_audit_publishes_nothing_and_the_retry_publishes_once(filled, ch_
     """The interval changes under a running offload (a row arrives after ClickHouse's
     count and checksum, before the executors read): the staged snapshot holds one row more
     than ClickHouse's figures, the audit fails, main is not moved - readers see the
-    interval exactly as before - and the retry publishes it once, with the new row."""
+    interval exactly as before - and the retry publishes it once, with the new row.
+
+    The failing run and the retry are a batch (I2 and I3 in one write, one audit of each
+    interval, one publish), so a batch's audit is what refuses here; I2 alone is the
+    single-interval path, audited the same way (the sigkill test above stages one)."""
     first, _ = run_job(job_env, BRONZE.name, I2, "scheduled__i2")
     snapshots = snapshot_ids(catalog, BRONZE)
     rows_before = iceberg_rows(catalog, BRONZE, I2)
     assert rows_before == first["rows"] > 1000
+    batch = (I2[0], I3[1])
+    assert ib.find_offload_snapshot(catalog, BRONZE, *I3) is None
 
     log_path = tmp_path / "audit.log"
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(_argv(BRONZE.name, I2, "manual__audit_fails"), env=job_env,
+        proc = subprocess.Popen(_argv(BRONZE.name, batch, "manual__audit_fails"), env=job_env,
                                 stdout=subprocess.PIPE, stderr=log_file, text=True)
         inserted = False
         output = []
@@ -228,20 +235,27 @@ def test_failed_audit_publishes_nothing_and_the_retry_publishes_once(filled, ch_
     assert proc.returncode == 1, text[-3000:]
     [error] = [l for l in text.splitlines() if l.startswith("offload_to_iceberg: error:")]
     assert "audit of staged snapshot" in error and "not published" in error, error
-    assert f"ClickHouse counts {first['rows_read']}" in error, error
-    assert f"Spark read {first['rows_read'] + 1}" in error, error
+    # The interval that changed is named with both figures; the read is one row over.
+    assert f"[{I2[0].isoformat()}, {I2[1].isoformat()}): the snapshot holds {first['rows'] + 1} rows" in error, error
+    assert f"ClickHouse {first['rows']} rows" in error, error
+    read, counted = map(int, re.search(r"Spark read (\d+) rows, ClickHouse counts (\d+)", error).groups())
+    assert read == counted + 1, error
+    assert f"[{I3[0].isoformat()}" not in error, "I3 did not change and is not named"
     # nothing visible changed: main's history, the interval's rows, the interval's snapshot
     assert snapshot_ids(catalog, BRONZE) == snapshots
     assert iceberg_rows(catalog, BRONZE, I2) == rows_before
     assert ib.find_offload_snapshot(catalog, BRONZE, *I2).run_id == "scheduled__i2"
+    assert ib.find_offload_snapshot(catalog, BRONZE, *I3) is None
     assert "manual__audit_fails" in staged_run_ids(catalog, BRONZE)  # written, audited, refused
     print(f"\nFAULT audit: {error}")
 
-    retry, _ = run_job(job_env, BRONZE.name, I2, "manual__audit_retry")
-    assert retry["rows"] == first["rows"] + 1
+    retry, _ = run_job(job_env, BRONZE.name, batch, "manual__audit_retry")  # the result of I3
     assert snapshot_ids(catalog, BRONZE) == snapshots + [retry["snapshot_id"]]
-    assert ib.find_offload_snapshot(catalog, BRONZE, *I2).run_id == "manual__audit_retry"
-    assert_clean(ch_client, catalog, BRONZE, *I2, "audit failed+retry")
+    assert iceberg_rows(catalog, BRONZE, I2) == first["rows"] + 1
+    for interval in (I2, I3):
+        found = ib.find_offload_snapshot(catalog, BRONZE, *interval)
+        assert (found.run_id, found.snapshot_id) == ("manual__audit_retry", retry["snapshot_id"])
+    assert_clean(ch_client, catalog, BRONZE, *batch, "audit failed+retry")
 
 
 # --------------------------------------------------------------------------------------

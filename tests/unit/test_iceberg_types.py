@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from pyiceberg import types as T
@@ -183,3 +183,51 @@ def test_snapshot_properties_round_trip():
     assert found is not None
     assert (found.interval_start, found.interval_end, found.rows, found.checksum) == (start, end, 3, 2**64 - 1)
     assert ib.offload_snapshot_from_summary(load_tables().get("silver_trades"), 7, 1_000, props) is None
+
+
+def _batch(spec, start: datetime, n: int, *, rows=(5, 0, 7), checksums=(11, 0, 2**64 - 2)):
+    step = timedelta(minutes=15)
+    return [ib.IntervalFigures(start + k * step, start + (k + 1) * step, rows[k], checksums[k], k)
+            for k in range(n)]
+
+
+def test_batch_snapshot_is_read_back_interval_by_interval():
+    spec = load_tables().get("bronze_trades_binance")
+    start = datetime(2026, 11, 26, 10, 0, tzinfo=timezone.utc)
+    figures = _batch(spec, start, 3)
+    props = ib.batch_snapshot_properties(spec, figures, run_id="scheduled__b", attempt_id="att")
+    # The common keys describe the whole range, with summed figures (checksum mod 2**64).
+    assert (props[ib.PROP_INTERVAL_START], props[ib.PROP_INTERVAL_END]) == (
+        "2026-11-26T10:00:00+00:00", "2026-11-26T10:45:00+00:00")
+    assert (props[ib.PROP_ROWS], props[ib.PROP_CHECKSUM]) == ("12", str((11 + 2**64 - 2) % 2**64))
+    summary = {**props, "added-files-size": "900", "total-data-files": "4"}
+    found = ib.offload_snapshots_from_summary(spec, 7, 1_000, summary)
+    assert [(f.interval_start, f.interval_end, f.rows, f.checksum, f.quarantined_rows) for f in found] == [
+        (f.start, f.end, f.rows, f.checksum, f.quarantined_rows) for f in figures]
+    assert {(f.snapshot_id, f.run_id, f.attempt_id, f.total_data_files) for f in found} == {(7, "scheduled__b", "att", 4)}
+    assert [f.added_files_size for f in found] == [900, 0, 0]  # the sum stays the commit's
+    # A single-interval commit is one interval, as before.
+    single = ib.snapshot_properties(spec, start, start + timedelta(minutes=15), run_id="r", rows=1,
+                                    checksum=2, attempt_id="a")
+    assert [f.rows for f in ib.offload_snapshots_from_summary(spec, 8, 1_000, single)] == [1]
+
+
+def test_batch_snapshot_whose_figures_do_not_add_up_is_no_evidence():
+    spec = load_tables().get("bronze_trades_binance")
+    start = datetime(2026, 11, 26, 10, 0, tzinfo=timezone.utc)
+    props = ib.batch_snapshot_properties(spec, _batch(spec, start, 3), run_id="r", attempt_id="a")
+    for key, value in ((ib.PROP_ROWS, "13"), (ib.PROP_INTERVAL_END, "2026-11-26T11:00:00+00:00"),
+                       (ib.PROP_INTERVALS, "{not json"), (ib.PROP_INTERVALS, '{"step_seconds": 900}')):
+        assert ib.offload_snapshots_from_summary(spec, 7, 1_000, {**props, key: value}) == [], key
+    assert ib.offload_snapshots_from_summary(load_tables().get("silver_trades"), 7, 1_000, props) == []
+
+
+def test_batch_intervals_must_be_contiguous_and_of_one_length():
+    spec = load_tables().get("bronze_trades_binance")
+    start = datetime(2026, 11, 26, 10, 0, tzinfo=timezone.utc)
+    a, b = _batch(spec, start, 2)
+    gap = ib.IntervalFigures(b.start + timedelta(minutes=15), b.end + timedelta(minutes=15), 1, 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        ib.batch_snapshot_properties(spec, [a, gap], run_id="r", attempt_id="a")
+    with pytest.raises(ValueError, match="at least one"):
+        ib.batch_snapshot_properties(spec, [], run_id="r", attempt_id="a")
