@@ -3,7 +3,7 @@ delivered by the SMTP provider to the stack's SMTP sink: a run that is still wai
 its deadline passes sends exactly one email naming the DAG, the run and the deadline; a
 run that finishes in time sends none.
 
-Over 4 minutes (about 5 in the suite): the deadline is 3 minutes and the slow run must
+Over 4 minutes (about 4.5 in the suite): the deadline is 3 minutes and the slow run must
 miss it; the catch-up runs before it take a Spark job.
 """
 

@@ -2,7 +2,7 @@
 its own. It must catch every table up to the last closed interval and verify clean.
 
 It keeps a stack and an Airflow of its own because what it tests is starting from
-nothing. Over 4 minutes (about 15 in the suite, beside the Airflow lane): a stack and an
+nothing. Over 4 minutes (about 6.5 in the suite, beside the Airflow lane): a stack and an
 Airflow start, all 9 DAGs run a Spark job each. 15 minutes of history is exactly one
 15-minute interval per table: one run and one Spark job each."""
 

@@ -11,8 +11,9 @@ dashboard must return data from the session's own Prometheus, which watched thes
 
 Tables used here (and by no other Airflow test): gold_ohlcv_1m.
 
-Over 4 minutes (about 4.5 in the suite): a commit fails all four tries (10, 20, 40 s
-backoff), then two more runs succeed, then Prometheus must scrape them.
+About 4 minutes in the suite, nearly all in its module fixture (`real_runs`): a commit
+fails all four tries (10, 20, 40 s backoff), then two more runs succeed, then Prometheus
+must scrape them.
 """
 
 from __future__ import annotations
@@ -236,6 +237,18 @@ def test_a_task_that_fails_for_good_emails_once_naming_dag_task_and_run(stack, r
         assert fact in body, f"{fact!r} not in the email:\n{body}"
     # commit_watermark failed four times; only the last one is a failure for good.
     assert len(mails) == 1, [_subject(m) for m in mails]
+
+
+def test_failed_tries_name_their_error_for_the_demo_report(stack, real_runs: RealRuns):
+    """`k2 demo` explains a failure with each failed try's last error, read from Airflow's
+    database and the try's log (k2.local.pipeline.failed_tries)."""
+    from k2.local.pipeline import failed_tries
+
+    ours = [line for line in failed_tries(stack, limit=1000)
+            if line.startswith(f"{SPEC.dag_id} {real_runs.failed_run} {TASK_COMMIT} try ")]
+    print("\n[failed tries] " + "\n  ".join(ours))
+    assert [line.split(" try ", 1)[1].split(":", 1)[0] for line in ours] == ["1", "2", "3", "4"], ours
+    assert all("ledger write of gold_ohlcv_1m" in line for line in ours), ours
 
 
 def test_runs_that_succeed_send_no_failure_email(stack, real_runs: RealRuns):

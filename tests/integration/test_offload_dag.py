@@ -2,7 +2,7 @@
 LocalExecutor run the sensor, the Spark job and the watermark commit; then ClickHouse,
 Iceberg (read with pyiceberg), the ledger and `k2 verify` must agree.
 
-Over 4 minutes (about 5 in the suite): three DAGs catch up two intervals each through
+About 2.5 minutes in the suite: three DAGs catch up two intervals each through
 the real scheduler, then a cleared run offloads again.
 """
 

@@ -4,7 +4,7 @@ DAG has stayed paused, so unpausing it now is what a scheduler back from a 6-hou
 sees. Its watermark must reach the last closed interval with at most 3 Spark jobs for the
 24-interval backlog, and verify clean. Prints jobs and wall time.
 
-Over 4 minutes (about 8 in the suite): 24 DAG runs of three tasks each go through the
+About 4 minutes in the suite: 24 DAG runs of three tasks each go through the
 scheduler, two of them with a Spark job.
 """
 

@@ -310,7 +310,8 @@ def exporter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def test_statsd_exporter_maps_airflow_and_k2_metrics(exporter: MonitoringStack) -> None:
     dag_id, task_id = "k2_offload_silver_trades", "offload_to_iceberg"
     monitoring.send_airflow_samples(dag_id, task_id, states=("success", "up_for_retry"))
-    monitoring.send_k2_samples("silver_trades", rows=500, offload_seconds=2.5, cycle_seconds=400)
+    monitoring.send_k2_samples("silver_trades", rows=500, offload_seconds=2.5, cycle_seconds=400,
+                              catchup_cycle_seconds=1500)
     url = f"{exporter.statsd_exporter_url}/metrics"
 
     def arrived() -> bool:
@@ -329,6 +330,7 @@ def test_statsd_exporter_maps_airflow_and_k2_metrics(exporter: MonitoringStack) 
     table = {"table": "silver_trades"}
     for metric in metrics.METRICS:
         labels = dict(table, error_type="spark") if "error_type" in metric.labels else table
+        labels = dict(labels, run="live") if "run" in metric.labels else labels
         for series in metric.series_names:
             if series.endswith("_bucket"):
                 value(series, **labels, le="+Inf")
@@ -336,8 +338,11 @@ def test_statsd_exporter_maps_airflow_and_k2_metrics(exporter: MonitoringStack) 
                 value(series, **labels)
     assert value("k2_offload_rows_total", **table) == 500
     assert value("k2_offload_duration_seconds_sum", **table) == pytest.approx(2.5)
-    assert value("k2_cycle_duration_seconds_bucket", **table, le="300") == 0
-    assert value("k2_cycle_duration_seconds_bucket", **table, le="450") == 1
+    live, catchup = dict(table, run="live"), dict(table, run="catchup")
+    assert value("k2_cycle_duration_seconds_bucket", **live, le="300") == 0
+    assert value("k2_cycle_duration_seconds_bucket", **live, le="450") == 1
+    assert value("k2_cycle_duration_seconds_count", **catchup) == 1  # a run of a backlog
+    assert value("k2_cycle_duration_seconds_bucket", **catchup, le="1200") == 0
     assert value("k2_offload_errors_total", **table, error_type="timeout") == 0  # seeded
     assert abs(value("k2_offload_watermark_timestamp_seconds", **table) - (time.time() - 300)) < 30
 

@@ -448,13 +448,17 @@ def send_k2_samples(
     rows: int = 12_000,
     offload_seconds: float = 8.0,
     cycle_seconds: float = 40.0,
+    catchup_cycle_seconds: float | None = None,
 ) -> None:
-    """One round of every K2 metric of `table` through the `k2.metrics` helpers."""
+    """One round of every K2 metric of `table` through the `k2.metrics` helpers (a live
+    run's cycle, and a catch-up run's when `catchup_cycle_seconds` is given)."""
     from k2 import metrics
 
     now = now or datetime.now(timezone.utc)
     metrics.record_offload(table, rows=rows, bytes_written=rows * 60, seconds=offload_seconds)
     metrics.record_cycle(table, cycle_seconds)
+    if catchup_cycle_seconds is not None:
+        metrics.record_cycle(table, catchup_cycle_seconds, catchup=True)
     metrics.set_watermark(table, now - lag)
     metrics.set_last_success(table, now - timedelta(seconds=10))
     metrics.record_error(table, "spark")

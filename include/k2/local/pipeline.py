@@ -137,6 +137,55 @@ def _failed_runs(stack: LocalStack) -> list[tuple[str, str]]:
         ).fetchall()
 
 
+def failed_tries(stack: LocalStack, limit: int = 10) -> list[str]:
+    """One line per failed try of an offload task (retried or final): the task, the run,
+    the try and the last error its log holds. Empty when none failed or Airflow's
+    database cannot be read; it only explains a problem, it never adds one."""
+    import psycopg
+
+    try:
+        with psycopg.connect(stack.postgres_dsn("airflow"), connect_timeout=5) as conn:
+            rows = conn.execute(
+                "SELECT dag_id, run_id, task_id, try_number FROM task_instance_history "
+                "WHERE state IN ('failed', 'up_for_retry') AND dag_id LIKE 'k2_offload_%%' "
+                "UNION SELECT dag_id, run_id, task_id, try_number FROM task_instance "
+                "WHERE state IN ('failed', 'up_for_retry') AND dag_id LIKE 'k2_offload_%%' "
+                "ORDER BY 1, 2, 3, 4 LIMIT %s",
+                (limit,),
+            ).fetchall()
+    except psycopg.Error:
+        return []
+    logs = stack.airflow_home / "logs"
+    lines = []
+    for dag_id, run_id, task_id, attempt in rows:
+        path = logs / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}" / f"attempt={attempt}.log"
+        lines.append(f"{dag_id} {run_id} {task_id} try {attempt}: {_last_error(path)} ({path})")
+    return lines
+
+
+def _last_error(path) -> str:
+    """The last error-level event of an Airflow 3 task log (JSON lines)."""
+    error = "no error line in the log"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "log not found"
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("level") in ("error", "critical"):
+            error = str(event.get("event", ""))
+            # The exception of "Task failed with exception", as structlog's dict traceback
+            # (under error_detail once Airflow's supervisor has relayed it, else exception).
+            details = event.get("error_detail") or event.get("exception")
+            if isinstance(details, list) and details and isinstance(details[-1], dict):
+                error += f": {details[-1].get('exc_type', '')}: {details[-1].get('exc_value', '')}"
+            error = error[:500]
+    return error
+
+
 def wait_until_caught_up(pipeline: Pipeline, start_date: datetime, limit: timedelta) -> str | None:
     """Wait until every table's watermark reaches the last interval closed now, then verify.
 
@@ -160,7 +209,8 @@ def wait_until_caught_up(pipeline: Pipeline, start_date: datetime, limit: timede
             break
         failed = _failed_runs(stack)
         if failed:
-            return f"offload runs failed: {failed[:5]} (see the Airflow UI or {stack.airflow_home / 'logs'})"
+            return (f"offload runs failed: {failed[:5]} (see the Airflow UI or {stack.airflow_home / 'logs'})\n  "
+                    + "\n  ".join(failed_tries(stack)))
         if time.monotonic() > deadline:
             return f"not caught up after {limit}: behind {target.isoformat()}: {', '.join(behind)}"
         if time.monotonic() - last_report > 30:
@@ -173,6 +223,9 @@ def wait_until_caught_up(pipeline: Pipeline, start_date: datetime, limit: timede
     problems = _verify_all(stack, specs, start_date, target, log)
     log("checking Prometheus: a watermark gauge for every table and no alert firing")
     problems += _monitoring_problems(stack, [s.name for s in specs], target, log)
+    tries = failed_tries(stack)
+    if problems and tries:
+        problems.append("failed tries of offload tasks:\n  " + "\n  ".join(tries))
     return "\n".join(problems) or None
 
 

@@ -278,9 +278,25 @@ class WatermarkCommitOperator(BaseOperator):
         metrics.emit_safely(metrics.set_watermark, self.table, last.watermark_ts, log=self.log)
         metrics.emit_safely(metrics.set_last_success, self.table, log=self.log)
         dag_run = context.get("dag_run")
-        started = getattr(dag_run, "start_date", None)
-        if isinstance(started, datetime):
-            if started.tzinfo is None:
-                started = started.replace(tzinfo=timezone.utc)
+        started = _aware(getattr(dag_run, "start_date", None))
+        if started is not None:
             cycle = max(0.0, (datetime.now(timezone.utc) - started).total_seconds())
-            metrics.emit_safely(metrics.record_cycle, self.table, cycle, log=self.log)
+            catchup = _started_in_a_backlog(started, context)
+            metrics.emit_safely(metrics.record_cycle, self.table, cycle, catchup=catchup, log=self.log)
+
+
+def _aware(moment: Any) -> datetime | None:
+    if not isinstance(moment, datetime):
+        return None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+def _started_in_a_backlog(started: datetime, context: Context) -> bool:
+    """A run that started more than one interval after its data interval ended waited in a
+    backlog (catch-up, a backfill, a clear of an old run): its cycle is labelled `catchup`.
+    A scheduled run starts when its interval closes."""
+    start = _aware(context.get("data_interval_start"))
+    end = _aware(context.get("data_interval_end"))
+    if start is None or end is None:
+        return False
+    return started - end > end - start
