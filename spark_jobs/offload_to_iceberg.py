@@ -41,9 +41,14 @@ How it works (step 1 and the Spark session once per job, steps 2-5 per interval 
    upstream fault, not a bad row.
 3. The executors read the interval as Arrow (clickhouse-connect, ArrowStream) in N
    time slices through mapInArrow - one task and one ClickHouse connection per
-   slice; no JDBC, no rows on the driver - and the rows stream straight into the write:
-   no pass of their own, no persist (except for a quarantine, below). Each slice reports
-   the rows it read through an accumulator keyed by slice (a slice read twice counts once).
+   slice; no JDBC, no rows on the driver - and write it themselves, as it streams, as
+   Parquet data files of the table (make_slice_writer: one file per partition value and
+   slice, the table's field ids in the Parquet schema, the table's codec): no Spark
+   rows, no shuffle, no pass of their own. Each slice reports the rows it read through
+   an accumulator keyed by slice (a slice read twice counts once); only the files' names
+   and figures reach the driver. A table whose partition transforms or sort order the
+   executors do not evaluate (_native_plan), and an interval with rows to quarantine,
+   are read into a DataFrame and written by Spark's Iceberg writer instead.
 3b. Quarantine (only for tables with checks that can fail, and only when the interval
    has bad rows now or had some before): the read is persisted, and the bad rows, with
    the reasons of every check they fail (k2_reason), the interval, the run id and the
@@ -55,14 +60,18 @@ How it works (step 1 and the Spark session once per job, steps 2-5 per interval 
    comes last.
 4. Write-audit-publish of the good rows (stage_audit_publish), one snapshot per interval
    or batch (a batch's audit compares every interval's count and checksum, grouped):
-   - write, staged (Iceberg WAP: write.wap.enabled on the table, spark.wap.id in the
-     session): an overwrite by the interval's filter - the interval's existing files
-     are dropped whole and the new ones added, no read of the table, no join. When a file
-     holds rows of the interval and others (after a compaction) Iceberg refuses that, and
-     the interval is replaced row by row with a MERGE instead (merge_sql). The snapshot
-     carries k2.table / k2.interval-start / k2.interval-end / k2.run-id / k2.rows /
-     k2.checksum / k2.quarantined-rows / k2.attempt-id (spark.sql.iceberg.snapshot-property.*;
-     k2.rows and k2.checksum are the good rows'). Readers do not see it.
+   - write, staged (Iceberg WAP: write.wap.enabled on the table; a wap.id on the
+     snapshot): an overwrite by the interval's filter - the interval's existing files
+     are dropped whole and the new ones added, no read of the table, no join. The driver
+     commits the executors' files with Iceberg's OverwriteFiles (stageOnly), which checks
+     from the files' Parquet statistics that every new file lies inside the interval and,
+     from the snapshot main was at when the read began, that nothing else wrote into the
+     interval meanwhile. When a file holds rows of the interval and others (after a
+     compaction) Iceberg refuses that, the new files are deleted (no snapshot references
+     them), and Spark's writer replaces the interval row by row with a MERGE instead
+     (merge_sql). The snapshot carries k2.table / k2.interval-start / k2.interval-end /
+     k2.run-id / k2.rows / k2.checksum / k2.quarantined-rows / k2.attempt-id (k2.rows and
+     k2.checksum are the good rows'). Readers do not see it.
    - audit: the staged snapshot's interval is read back by id; its count and checksum
      must equal ClickHouse's good rows', the rows Spark read must equal ClickHouse's
      count (every slice read), and rows read = written + quarantined. Any difference
@@ -81,7 +90,9 @@ How it works (step 1 and the Spark session once per job, steps 2-5 per interval 
 
 Deployment: the driver imports the `k2` package (installed in the submitting
 virtualenv; in cluster deploy mode ship it with --py-files); the executors only need
-pyarrow and clickhouse-connect - the slice reader is defined here and travels by value.
+pyarrow and clickhouse-connect - the slice reader and writer are defined here and travel
+by value - and a path to the warehouse that pyarrow's filesystems open (a local or shared
+path, or an object store's URI).
 
 Exit status: 0 done, 2 bad arguments or settings, 1 anything else; the reason is the
 line starting with "offload_to_iceberg: error:" (written to stderr, which spark-submit's
@@ -97,8 +108,8 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from contextlib import contextmanager, suppress
+from datetime import date, datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, NamedTuple
 
 STARTED = time.monotonic()
@@ -114,6 +125,7 @@ MAIN_BRANCH = "main"
 PARTIAL_FILE = "Cannot delete file where some, but not all, rows match filter"
 OP_COLUMN = "__k2_op"
 DEFAULT_STEP = timedelta(minutes=15)
+EPOCH_DAY = date(1970, 1, 1)
 MAX_STEPS = 1000  # a guard against a typo such as --interval-step 1s over a day
 
 log = logging.getLogger("k2.offload")
@@ -236,26 +248,30 @@ def make_slice_reader(client_kwargs: dict[str, Any], select_sql: str, schema_ipc
         target = pa.ipc.read_schema(pa.py_buffer(schema_ipc))
         client = clickhouse_connect.get_client(**client_kwargs)
         try:
-            for batch in descriptors:
-                for slice_id, start_ms, end_ms in zip(batch.column("slice").to_pylist(),
-                                                      batch.column("start_ms").to_pylist(),
-                                                      batch.column("end_ms").to_pylist()):
-                    rows = 0
-                    with client.query_arrow_stream(
-                        select_sql,
-                        parameters={"k2_start_ms": start_ms, "k2_end_ms": end_ms},
-                        use_strings=True,
-                    ) as stream:
-                        for block in stream:
-                            out = _conform(block, target)
-                            rows += out.num_rows
-                            yield out
-                    if counts is not None:
-                        counts.add({slice_id: rows})
+            for slice_id, start_ms, end_ms in _slices(descriptors):
+                rows = 0
+                with client.query_arrow_stream(
+                    select_sql,
+                    parameters={"k2_start_ms": start_ms, "k2_end_ms": end_ms},
+                    use_strings=True,
+                ) as stream:
+                    for block in stream:
+                        out = _conform(block, target)
+                        rows += out.num_rows
+                        yield out
+                if counts is not None:
+                    counts.add({slice_id: rows})
         finally:
             client.close()
 
     return read
+
+
+def _slices(descriptors: Iterator[Any]) -> Iterator[tuple[int, int, int]]:
+    """(slice, start_ms, end_ms) of each row of the task's descriptor batches."""
+    for batch in descriptors:
+        yield from zip(batch.column("slice").to_pylist(), batch.column("start_ms").to_pylist(),
+                       batch.column("end_ms").to_pylist())
 
 
 class SliceCounts:
@@ -292,6 +308,217 @@ def _conform(block: Any, target: Any) -> Any:
             raise ValueError(f"column {field.name!r} has NULLs but is not Nullable in ClickHouse's schema")
         columns.append(column)
     return pa.RecordBatch.from_arrays(columns, schema=target)
+
+
+# --------------------------------------------------------------------------------------
+# Executor side: write one time slice straight into Parquet data files of the table
+
+# The partition transforms the executors evaluate on Arrow data (Iceberg's spec: days,
+# months, years or hours since 1970-01-01, or the value itself); other transforms, and
+# identity on other types, leave the write to Spark's Iceberg writer.
+NATIVE_TRANSFORMS = {
+    "identity": ("string", "int", "long", "date", "boolean"),
+    "year": ("timestamp", "timestamptz", "date"),
+    "month": ("timestamp", "timestamptz", "date"),
+    "day": ("timestamp", "timestamptz", "date"),
+    "hour": ("timestamp", "timestamptz"),
+}
+ROW_GROUP_ROWS = 1 << 20  # rows a task buffers (all its partitions) before writing row groups
+FILE_SCHEMA = "slice int, path string, bytes long, rows long, partition string"
+_US_PER = {"day": 86_400_000_000, "hour": 3_600_000_000}
+
+
+def make_slice_writer(client_kwargs: dict[str, Any], select_sql: str, plan: dict[str, Any],
+                      counts: Any = None) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    """The mapInArrow function of the native write: each slice is read from ClickHouse as
+    Arrow (as make_slice_reader does) and written, as it streams, into Parquet data files
+    of the table - one file per partition value and slice, the table's field ids in the
+    Parquet schema - without becoming Spark rows and without a shuffle. It yields one row
+    per file (FILE_SCHEMA: path, bytes, rows, the partition values as Iceberg parses
+    them) and counts the slice's rows in `counts` once the slice is read whole. Nothing is
+    visible until the driver commits the files; a failed task deletes the files it began,
+    and the files of a task that died are referenced by no snapshot.
+
+    `plan` (_native_plan): the Arrow schema with field ids (IPC bytes), the data location,
+    the partition fields, the Parquet codec and the files' name prefix.
+    """
+
+    def write(descriptors: Iterator[Any]) -> Iterator[Any]:
+        import clickhouse_connect
+        import pyarrow as pa
+        import pyarrow.fs as pafs
+
+        target = pa.ipc.read_schema(pa.py_buffer(plan["schema_ipc"]))
+        fs, base = pafs.FileSystem.from_uri(plan["data_location"])
+        out_schema = pa.schema([("slice", pa.int32()), ("path", pa.string()), ("bytes", pa.int64()),
+                                ("rows", pa.int64()), ("partition", pa.string())])
+        client = clickhouse_connect.get_client(**client_kwargs)
+        try:
+            for slice_id, start_ms, end_ms in _slices(descriptors):
+                files: dict[tuple[Any, ...], _PartitionFile] = {}
+                rows = pending = 0
+                try:
+                    with client.query_arrow_stream(
+                        select_sql, parameters={"k2_start_ms": start_ms, "k2_end_ms": end_ms},
+                        use_strings=True,
+                    ) as stream:
+                        for block in stream:
+                            out = _conform(block, target)
+                            rows += out.num_rows
+                            for key, part in partition_split(out, plan["partition"]):
+                                if key not in files:
+                                    files[key] = _PartitionFile(fs, base, plan, key, slice_id, len(files))
+                                files[key].add(part)
+                            pending += out.num_rows
+                            if pending >= ROW_GROUP_ROWS:
+                                for file in files.values():
+                                    file.flush()
+                                pending = 0
+                    written = [file.close() for file in files.values()]
+                except BaseException:
+                    for file in files.values():
+                        file.abort()
+                    raise
+                if written:
+                    yield pa.RecordBatch.from_pylist([{"slice": slice_id, **w} for w in written],
+                                                     schema=out_schema)
+                if counts is not None:
+                    counts.add({slice_id: rows})
+        finally:
+            client.close()
+
+    return write
+
+
+def partition_split(batch: Any, fields: list[dict[str, str]]) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """(partition key, rows) pairs of an Arrow batch: the key holds each partition field's
+    transform result (an int, a string, a date, ...; None for NULL)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not fields:
+        yield (), batch
+        return
+    if batch.num_rows == 0:
+        return
+    keys = [partition_column(batch.column(f["source"]), f["transform"]) for f in fields]
+    if all(k.null_count in (0, len(k)) and pc.count_distinct(k).as_py() <= 1 for k in keys):
+        yield tuple(k[0].as_py() for k in keys), batch  # the common case: one value per field
+        return
+    names = [f"k{i}" for i in range(len(keys))]
+    grouped = pa.table([*keys, pa.array(range(batch.num_rows), pa.int64())], names=[*names, "row"]) \
+        .group_by(names).aggregate([("row", "list")])
+    for group in grouped.to_pylist():
+        yield tuple(group[n] for n in names), batch.take(pa.array(group["row_list"], pa.int64()))
+
+
+def partition_column(values: Any, transform: str) -> Any:
+    """Iceberg's partition transform of one Arrow column (timestamps in UTC)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if transform == "identity":
+        return values
+    if pa.types.is_date(values.type):
+        if transform == "day":
+            return values.cast(pa.int32())
+        stamps = values
+    else:
+        stamps = values.cast(pa.timestamp("us", tz="UTC"))
+    if transform in _US_PER:
+        micros = stamps.cast(pa.int64())
+        step = _US_PER[transform]
+        quotient = pc.divide(micros, step)  # truncates toward zero: floored for times before 1970
+        below = pc.and_(pc.less(micros, 0), pc.not_equal(pc.multiply(quotient, step), micros))
+        return pc.subtract(quotient, below.cast(pa.int64()))
+    years = pc.subtract(pc.year(stamps), 1970)
+    if transform == "year":
+        return years.cast(pa.int32())
+    return pc.add(pc.multiply(years, 12), pc.subtract(pc.month(stamps), 1)).cast(pa.int32())
+
+
+def partition_value(field: dict[str, str], value: Any) -> str | None:
+    """A transform result as Iceberg's DataFiles.Builder.withPartitionValues parses it."""
+    if value is None:
+        return None
+    if field["transform"] == "day" or isinstance(value, date):
+        day = value if isinstance(value, date) else EPOCH_DAY + timedelta(days=value)
+        return day.isoformat()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def partition_path_value(field: dict[str, str], value: Any) -> str:
+    """A transform result as Iceberg names it in data file paths."""
+    if value is None:
+        return "null"
+    transform = field["transform"]
+    if transform == "month":
+        year, month = divmod(value, 12)
+        return f"{1970 + year:04d}-{month + 1:02d}"
+    if transform == "year":
+        return f"{1970 + value:04d}"
+    if transform == "hour":
+        return (datetime(1970, 1, 1) + timedelta(hours=value)).strftime("%Y-%m-%d-%H")
+    return partition_value(field, value) or "null"
+
+
+class _PartitionFile:
+    """One Parquet data file of one partition value and slice. Arrow blocks are buffered
+    and written as row groups when the task's buffer is full (flush) or at close."""
+
+    def __init__(self, fs: Any, base: str, plan: dict[str, Any], key: tuple[Any, ...],
+                 slice_id: int, index: int) -> None:
+        import posixpath
+        from urllib.parse import quote
+
+        directory = posixpath.join(base, *(
+            f"{quote(field['name'], safe='')}={quote(partition_path_value(field, value), safe='')}"
+            for field, value in zip(plan["partition"], key)))
+        fs.create_dir(directory, recursive=True)
+        name = f"{plan['file_prefix']}-{slice_id:05d}-{index:05d}.parquet"
+        self.fs, self.plan = fs, plan
+        self.path = posixpath.join(directory, name)
+        self.location = plan["data_location"].rstrip("/") + self.path[len(base.rstrip("/")):]
+        self.values = [partition_value(field, value) for field, value in zip(plan["partition"], key)]
+        self.sink = fs.open_output_stream(self.path)
+        self.writer: Any = None
+        self.pending: list[Any] = []
+        self.rows = 0
+
+    def add(self, batch: Any) -> None:
+        self.pending.append(batch)
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.pending:
+            return
+        table = pa.Table.from_batches(self.pending)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.sink, table.schema, compression=self.plan["codec"],
+                                           compression_level=self.plan["codec_level"])
+        self.writer.write_table(table, row_group_size=table.num_rows)
+        self.rows += table.num_rows
+        self.pending = []
+
+    def close(self) -> dict[str, Any]:
+        self.flush()
+        self.writer.close()
+        self.sink.close()
+        return {"path": self.location, "bytes": self.fs.get_file_info(self.path).size,
+                "rows": self.rows, "partition": json.dumps(self.values)}
+
+    def abort(self) -> None:
+        with suppress(Exception):
+            if self.writer is not None:
+                self.writer.close()
+        with suppress(Exception):
+            self.sink.close()
+        with suppress(Exception):
+            self.fs.delete_file(self.path)
 
 
 # --------------------------------------------------------------------------------------
@@ -522,7 +749,10 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
         quarantine_target=ib.quarantine_spark_table_name(ice_settings, spec),
         create_quarantine_sql=ib.create_quarantine_table_sql(ice_settings, spec, columns),
         quarantine_columns=ib.quarantine_columns(columns),
+        native=None,
     )
+    job = job._replace(native=_native_plan(spark, target, job.schema_ipc))
+    t = _phase("write plan" + ("" if job.native else " (Spark's Iceberg writer)"), t)
     intervals = args.intervals
     # ClickHouse's figures of every interval first: an interval that cannot be offloaded
     # (duplicate keys) ends the job after the intervals before it are committed.
@@ -617,6 +847,7 @@ class _Job(NamedTuple):
     quarantine_target: str
     create_quarantine_sql: str
     quarantine_columns: list[Any]
+    native: dict[str, Any] | None  # _native_plan: None when Spark's Iceberg writer must write
 
 
 def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) -> dict[str, Any]:
@@ -632,9 +863,10 @@ def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) 
     attempt_id = uuid.uuid4().hex  # finds this interval's commit among the job's
     t = time.monotonic()
 
-    source, read = _read_source(job, start, end)
     quarantine = _quarantine_due(job, start, end, [expected.quarantined])
+    source = read = None
     if quarantine:  # read once, written to two tables
+        source, read = _read_source(job, start, end)
         source = source.persist(StorageLevel.MEMORY_AND_DISK)
     in_interval = interval_predicate(None, spec.event_time_column, start, end)
     try:
@@ -642,28 +874,32 @@ def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) 
         if quarantine:
             quarantine_id = _quarantine(job, source, start, end, expected.quarantined, attempt_id)
             t = _phase(f"quarantine {expected.quarantined.rows} rows", t)
-        good = source.where(f"NOT {quality.spark_bad_sql(job.rules)}") if job.rules else source
         properties = ib.snapshot_properties(
             spec, start, end, run_id=job.run_id, rows=expected.good.rows,
             checksum=expected.good.checksum, attempt_id=attempt_id,
             quarantined_rows=expected.quarantined.rows,
         )
 
-        def write() -> None:
+        def write(wap_id: str) -> _Read:
+            if source is None:
+                return _write_range(job, start, end, properties, wap_id)
+            good = source.where(f"NOT {quality.spark_bad_sql(job.rules)}")
             _replace_interval(job, good, F.expr(in_interval), start, end)
+            return read
 
-        def audit(snapshot_id: int) -> None:
+        def audit(snapshot_id: int, written: _Read) -> None:
             stored = ck.spark_checksum(
                 spark.sql(f"SELECT * FROM {target} VERSION AS OF {snapshot_id} WHERE {in_interval}"),
                 job.key_cols)
-            problems = read.problems(expected.rows_read, stored.rows, expected.quarantined.rows)
+            problems = written.problems(expected.rows_read, stored.rows, expected.quarantined.rows)
             if stored != expected.good:
                 problems.append(f"the snapshot holds {stored}, ClickHouse {expected.good} good rows")
             if problems:
                 raise AuditError(target, snapshot_id, start, end, problems)
 
-        snapshot_id, summary = stage_audit_publish(spark, target, attempt_id, properties, write, audit)
-        _phase(f"{read.rows()} rows read in {len(read.bounds)} slices, written, audited and published", t)
+        snapshot_id, summary, read = stage_audit_publish(spark, target, attempt_id, properties, write, audit)
+        _phase(f"{read.rows()} rows read in {len(read.bounds)} slices, written ({read.how}), "
+               "audited and published", t)
     finally:
         if quarantine:
             source.unpersist()
@@ -694,6 +930,7 @@ class _Read(NamedTuple):
 
     bounds: list[tuple[int, int, int]]
     counts: Any
+    how: str = "Spark's Iceberg writer"
 
     def rows(self) -> int:
         return sum(self.counts.value.values())
@@ -749,10 +986,6 @@ def _offload_batch(job: _Job, intervals: list[tuple[datetime, datetime]], expect
     step = intervals[0][1] - intervals[0][0]
     attempt_id = uuid.uuid4().hex
     t = time.monotonic()
-    source, read = _read_source(job, start, end)
-    # No interval has rows failing the checks (else the job goes interval by interval); the
-    # filter stays so that Spark and ClickHouse disagreeing on a row fails the audit.
-    good = source.where(f"NOT {quality.spark_bad_sql(job.rules)}") if job.rules else source
     properties = ib.batch_snapshot_properties(
         spec, [ib.IntervalFigures(s, e, x.good.rows, x.good.checksum, x.quarantined.rows)
                for (s, e), x in zip(intervals, expected)],
@@ -762,10 +995,10 @@ def _offload_batch(job: _Job, intervals: list[tuple[datetime, datetime]], expect
     start_us, step_us = ck.to_epoch_ms(start) * 1000, step // timedelta(microseconds=1)
     bucket = f"(unix_micros({_quote(spec.event_time_column)}) - {start_us}) div {step_us}"
 
-    def write() -> None:
-        _replace_interval(job, good, F.expr(in_range), start, end)
+    def write(wap_id: str) -> _Read:
+        return _write_range(job, start, end, properties, wap_id)
 
-    def audit(snapshot_id: int) -> None:
+    def audit(snapshot_id: int, read: _Read) -> None:
         stored = {
             int(row["k2_interval"]): ck.spark_checksum_of(row)
             for row in spark.sql(
@@ -785,10 +1018,10 @@ def _offload_batch(job: _Job, intervals: list[tuple[datetime, datetime]], expect
         if problems:
             raise AuditError(target, snapshot_id, start, end, problems)
 
-    snapshot_id, summary = stage_audit_publish(spark, target, attempt_id, properties, write, audit)
+    snapshot_id, summary, read = stage_audit_publish(spark, target, attempt_id, properties, write, audit)
     seconds = time.monotonic() - t
-    _phase(f"{len(intervals)} intervals: {read.rows()} rows read in {len(read.bounds)} slices, written, "
-           "audited and published in one snapshot", t)
+    _phase(f"{len(intervals)} intervals: {read.rows()} rows read in {len(read.bounds)} slices, written "
+           f"({read.how}), audited and published in one snapshot", t)
     results = []
     for k, ((s, e), x) in enumerate(zip(intervals, expected)):
         results.append({
@@ -827,6 +1060,151 @@ class AuditError(OffloadError):
         )
 
 
+def _write_range(job: _Job, start: datetime, end: datetime, properties: dict[str, str],
+                 wap_id: str) -> _Read:
+    """Replace [start, end) of the table by ClickHouse's rows in one staged commit carrying
+    `properties` and `wap_id`; returns the read's accounting.
+
+    The native write when the table allows it (_native_plan); when the interval's files
+    also hold rows of other intervals (after a compaction) it cannot replace them whole,
+    and the range is written by Spark's Iceberg writer instead (_replace_interval, which
+    then MERGEs)."""
+    from pyspark.sql import functions as F
+
+    from k2 import quality
+
+    if job.native is not None:
+        try:
+            return _write_native(job, start, end, properties, wap_id)
+        except Exception as exc:
+            if PARTIAL_FILE not in "\n".join([*_java_messages(exc), str(exc)]):
+                raise
+        log.info("files of %s span [%s, %s) and other rows (compacted); Spark's writer replaces "
+                 "the range's rows", job.target, start.isoformat(), end.isoformat())
+    source, read = _read_source(job, start, end)
+    # The figures of the range count no row failing the checks (else the job writes
+    # interval by interval, quarantining); the filter stays so that Spark and ClickHouse
+    # disagreeing on a row fails the audit.
+    good = source.where(f"NOT {quality.spark_bad_sql(job.rules)}") if job.rules else source
+    condition = F.expr(interval_predicate(None, job.spec.event_time_column, start, end))
+    _replace_interval(job, good, condition, start, end)
+    return read
+
+
+def _native_plan(spark: Any, target: str, schema_ipc: bytes) -> dict[str, Any] | None:
+    """What the executors need to write the table's data files themselves
+    (make_slice_writer), or None when Spark's Iceberg writer has to: a partition transform
+    or type the executors do not evaluate, a sort order, a codec pyarrow lacks."""
+    import pyarrow as pa
+
+    jvm = spark.sparkContext._jvm
+    table = _iceberg_table(spark, target)
+    schema = json.loads(jvm.org.apache.iceberg.SchemaParser.toJson(table.schema()))
+    partition = json.loads(jvm.org.apache.iceberg.PartitionSpecParser.toJson(table.spec()))
+    by_id = {f["id"]: f for f in schema["fields"]}
+    by_name = {f["name"]: f for f in schema["fields"]}
+
+    def refuse(why: str) -> None:
+        log.info("%s is written by Spark's Iceberg writer: %s", target, why)
+
+    fields = []
+    for field in partition["fields"]:
+        source, transform = by_id.get(field["source-id"]), field["transform"]
+        if source is None or source["type"] not in NATIVE_TRANSFORMS.get(transform, ()):
+            return refuse(f"partition field {field['name']} ({transform} of "
+                          f"{source and source['type']})")
+        fields.append({"name": field["name"], "source": source["name"], "transform": transform})
+    if table.sortOrder().isSorted():
+        return refuse("it has a sort order")
+    codec = (table.properties().get("write.parquet.compression-codec") or "zstd").lower()
+    if codec not in ("zstd", "snappy", "gzip", "lz4", "brotli", "uncompressed"):
+        return refuse(f"Parquet codec {codec}")
+    level = table.properties().get("write.parquet.compression-level")
+    arrow = pa.ipc.read_schema(pa.py_buffer(schema_ipc))
+    with_ids = []
+    for field in arrow:
+        column = by_name.get(field.name)
+        if column is None:
+            return refuse(f"column {field.name} is not in the table's schema")
+        with_ids.append(field.with_nullable(field.nullable and not column["required"])
+                        .with_metadata({b"PARQUET:field_id": str(column["id"]).encode()}))
+    location = table.properties().get("write.data.path") or f"{str(table.location()).rstrip('/')}/data"
+    if location.startswith("file:") and not location.startswith("file://"):
+        location = "file://" + location[len("file:"):]
+    return {
+        "schema_ipc": pa.schema(with_ids).serialize().to_pybytes(),
+        "data_location": location,
+        "partition": fields,
+        "codec": "none" if codec == "uncompressed" else codec,
+        "codec_level": int(level) if level else None,
+    }
+
+
+def _write_native(job: _Job, start: datetime, end: datetime, properties: dict[str, str],
+                  wap_id: str) -> _Read:
+    """The range read from ClickHouse and written as data files by the executors
+    (make_slice_writer), then committed by the driver as one staged overwrite of the range:
+    Iceberg's OverwriteFiles, which drops the range's files whole, checks that every new
+    file lies inside the range (from the files' own Parquet statistics) and, from the
+    snapshot main was at when the read began, that no other commit wrote into the range
+    meanwhile (serializable, as the table's merge isolation). Only file names and figures
+    reach the driver, never rows. A file holding rows of the range and others (after a
+    compaction) makes the commit fail with PARTIAL_FILE; the new files are then deleted
+    (no snapshot references them) and the caller writes the range another way."""
+    from k2 import checksum as ck
+
+    spark, jvm = job.spark, job.spark.sparkContext._jvm
+    table = _iceberg_table(spark, job.target)
+    base = table.currentSnapshot()
+    bounds = slice_bounds(ck.to_epoch_ms(start), ck.to_epoch_ms(end), job.slices)
+    counts = spark.sparkContext.accumulator({}, SliceCounts())
+    plan = {**job.native, "file_prefix": f"{wap_id}-{uuid.uuid4().hex[:8]}"}
+    descriptors = spark.createDataFrame(
+        spark.sparkContext.parallelize(bounds, len(bounds)), "slice int, start_ms long, end_ms long")
+    files = descriptors.mapInArrow(
+        make_slice_writer(job.client_kwargs, job.select_sql, plan, counts), FILE_SCHEMA).collect()
+
+    expressions = jvm.org.apache.iceberg.expressions.Expressions
+    column = job.spec.event_time_column
+    in_range = getattr(expressions, "and")(  # a Python keyword
+        expressions.greaterThanOrEqual(column, jvm.java.lang.Long(ck.to_epoch_ms(start) * 1000)),
+        expressions.lessThan(column, jvm.java.lang.Long(ck.to_epoch_ms(end) * 1000)))
+    if not files:  # the range is empty in ClickHouse: its rows are deleted, nothing added
+        overwrite = table.newDelete().deleteFromRowFilter(in_range)
+    else:
+        overwrite = table.newOverwrite().overwriteByRowFilter(in_range).validateAddedFilesMatchOverwriteFilter()
+    if base is not None and files:
+        overwrite = overwrite.validateFromSnapshot(base.snapshotId()).conflictDetectionFilter(in_range) \
+            .validateNoConflictingData().validateNoConflictingDeletes()
+    metrics_config = jvm.org.apache.iceberg.MetricsConfig.forTable(table)
+    parquet_util = jvm.org.apache.iceberg.parquet.ParquetUtil
+    try:
+        for file in files:
+            metrics = parquet_util.fileMetrics(table.io().newInputFile(file["path"]), metrics_config)
+            if int(metrics.recordCount()) != file["rows"]:
+                raise OffloadError(f"data file {file['path']} holds {metrics.recordCount()} rows, "
+                                   f"its writer wrote {file['rows']}")
+            builder = jvm.org.apache.iceberg.DataFiles.builder(table.spec()).withPath(file["path"]) \
+                .withFormat("parquet").withFileSizeInBytes(file["bytes"]).withMetrics(metrics)
+            values = json.loads(file["partition"])
+            if values:
+                java_values = jvm.java.util.ArrayList()
+                for value in values:
+                    java_values.add(value)
+                builder = builder.withPartitionValues(java_values)
+            overwrite = overwrite.addFile(builder.build())
+        for key, value in properties.items():
+            overwrite = overwrite.set(key, value)
+        overwrite.set(STAGED_WAP_ID, wap_id).stageOnly().commit()
+    except Exception as exc:
+        if "CommitStateUnknownException" not in "\n".join(_java_messages(exc)):
+            for file in files:  # written by this attempt, referenced by no snapshot
+                with suppress(Exception):
+                    table.io().deleteFile(file["path"])
+        raise
+    return _Read(bounds, counts, how=f"{len(files)} data file(s) by the executors")
+
+
 def _replace_interval(job: _Job, good: Any, condition: Any, start: datetime, end: datetime) -> None:
     """Write `good` as the interval's rows, replacing whatever the table holds in it.
 
@@ -855,8 +1233,8 @@ def _replace_interval(job: _Job, good: Any, condition: Any, start: datetime, end
 
 
 def stage_audit_publish(spark: Any, target: str, attempt_id: str, properties: dict[str, str],
-                        write: Callable[[], None], audit: Callable[[int], None]
-                        ) -> tuple[int, dict[str, str]]:
+                        write: Callable[[str], Any], audit: Callable[[int, Any], None]
+                        ) -> tuple[int, dict[str, str], Any]:
     """Write-audit-publish: `write` commits a *staged* snapshot (Iceberg WAP: the table's
     write.wap.enabled and the session's spark.wap.id), invisible to readers; `audit`
     checks it by id and raises to stop; only then is the table's main branch
@@ -874,7 +1252,7 @@ def stage_audit_publish(spark: Any, target: str, attempt_id: str, properties: di
         wap_id = f"{attempt_id}-{attempt}"
         try:
             with _session_conf(spark, {**_snapshot_property_conf(properties), WAP_ID_CONF: wap_id}):
-                write()
+                written = write(wap_id)
             table = _iceberg_table(spark, target)
             staged = _staged_snapshot(table, wap_id) or _stage_marker(table, properties, wap_id)
             snapshot_id = int(staged.snapshotId())
@@ -884,10 +1262,11 @@ def stage_audit_publish(spark: Any, target: str, attempt_id: str, properties: di
                                    f"(table property {WAP_ENABLED} is not true)")
             log.info("staged snapshot %s of %s (parent %s); auditing", snapshot_id, target,
                      staged.parentId())
-            audit(snapshot_id)
+            audit(snapshot_id, written)
             _fast_forward_main(table, snapshot_id)
             summary = staged.summary()
-            return snapshot_id, {key: summary.get(key) for key in ("added-files-size", "total-data-files")}
+            return (snapshot_id, {key: summary.get(key) for key in ("added-files-size", "total-data-files")},
+                    written)
         except OffloadError:
             raise
         except Exception as exc:
@@ -1048,11 +1427,11 @@ def _quarantine(job: _Job, source: Any, start: datetime, end: datetime, expected
         attempt_id=attempt_id,
     )
 
-    def write() -> None:
+    def write(wap_id: str) -> None:
         bad.withColumn(OP_COLUMN, F.lit("I")).unionByName(delete_row).createOrReplaceTempView(QUARANTINE_VIEW)
         spark.sql(quarantine_merge_sql(target, [f.name for f in bad.schema.fields], start))
 
-    def audit(snapshot_id: int) -> None:
+    def audit(snapshot_id: int, written: None) -> None:
         stored = ck.spark_checksum(
             spark.sql(f"SELECT * FROM {target} VERSION AS OF {snapshot_id} t WHERE {at_start}"),
             job.key_cols)

@@ -380,7 +380,7 @@ def test_clickhouse_outage_while_sensing_and_reading_retries_then_succeeds(
 
     1. while the first run's sensor checks: the check on the worker and the trigger's query
        fail; the sensor logs a warning and keeps polling (no failed try), then passes;
-    2. from the sensor's success through the offload's first try: the Spark job cannot read
+    2. from the start of the offload's first try until it failed: the Spark job cannot read
        ClickHouse, the try fails with a message saying so, Airflow retries it after the
        retry delay and the retry offloads the interval.
 
@@ -401,6 +401,11 @@ def test_clickhouse_outage_while_sensing_and_reading_retries_then_succeeds(
         assert _poll(lambda: _task_instances(stack, dag_id, first).get(SENSOR, (0, None))[1] == "success", 240), (
             f"the sensor did not pass once ClickHouse was back: {_task_instances(stack, dag_id, first)}"
         )
+        # The second outage begins once the offload's first try runs (not when the sensor
+        # passed: on a loaded machine the try may wait in the queue longer than an outage
+        # may last); its Spark job reaches ClickHouse seconds later, after the JVM starts.
+        assert _poll(lambda: _task_instances(stack, dag_id, first).get(OFFLOAD, (0, None))[1] == "running",
+                     240, 0.2), f"the offload did not start: {_task_instances(stack, dag_id, first)}"
         with _clickhouse_outage(stack, outages):
             def offload_try_failed() -> bool:
                 number, state = _task_instances(stack, dag_id, first).get(OFFLOAD, (0, None))
