@@ -323,7 +323,7 @@ NATIVE_TRANSFORMS = {
     "day": ("timestamp", "timestamptz", "date"),
     "hour": ("timestamp", "timestamptz"),
 }
-ROW_GROUP_ROWS = 1 << 20  # rows a task buffers (all its partitions) before writing row groups
+ROW_GROUP_ROWS = 1 << 19  # rows a task buffers (all its partitions) before writing row groups
 FILE_SCHEMA = "slice int, path string, bytes long, rows long, partition string"
 _US_PER = {"day": 86_400_000_000, "hour": 3_600_000_000}
 
@@ -951,6 +951,17 @@ class _Read(NamedTuple):
         return problems
 
 
+def _slice_descriptors(spark: Any, bounds: list[tuple[int, int, int]]) -> Any:
+    """One row per slice, a slice per task: a local relation, scanned by the JVM (a
+    parallelized Python RDD would start a Python worker per task only to hand over three
+    numbers, beside the one the slice's mapInArrow needs). Spark spreads a local relation
+    over at most defaultParallelism tasks; more slices than that are repartitioned."""
+    frame = spark.createDataFrame(bounds, "slice int, start_ms long, end_ms long")
+    if len(bounds) > spark.sparkContext.defaultParallelism:
+        frame = frame.repartition(len(bounds))
+    return frame
+
+
 def _read_source(job: _Job, start: datetime, end: datetime) -> tuple[Any, _Read]:
     """[start, end) of the source as a DataFrame: a parallel Arrow read on the executors,
     one task and one ClickHouse connection per time slice, straight into the write (no
@@ -960,9 +971,7 @@ def _read_source(job: _Job, start: datetime, end: datetime) -> tuple[Any, _Read]
     spark = job.spark
     bounds = slice_bounds(ck.to_epoch_ms(start), ck.to_epoch_ms(end), job.slices)
     counts = spark.sparkContext.accumulator({}, SliceCounts())
-    descriptors = spark.createDataFrame(
-        spark.sparkContext.parallelize(bounds, len(bounds)), "slice int, start_ms long, end_ms long"
-    )
+    descriptors = _slice_descriptors(spark, bounds)
     source = descriptors.mapInArrow(
         make_slice_reader(job.client_kwargs, job.select_sql, job.schema_ipc, counts), job.struct)
     return source, _Read(bounds, counts)
@@ -1159,8 +1168,7 @@ def _write_native(job: _Job, start: datetime, end: datetime, properties: dict[st
     bounds = slice_bounds(ck.to_epoch_ms(start), ck.to_epoch_ms(end), job.slices)
     counts = spark.sparkContext.accumulator({}, SliceCounts())
     plan = {**job.native, "file_prefix": f"{wap_id}-{uuid.uuid4().hex[:8]}"}
-    descriptors = spark.createDataFrame(
-        spark.sparkContext.parallelize(bounds, len(bounds)), "slice int, start_ms long, end_ms long")
+    descriptors = _slice_descriptors(spark, bounds)
     files = descriptors.mapInArrow(
         make_slice_writer(job.client_kwargs, job.select_sql, plan, counts), FILE_SCHEMA).collect()
 
