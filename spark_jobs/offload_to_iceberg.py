@@ -324,7 +324,11 @@ NATIVE_TRANSFORMS = {
     "hour": ("timestamp", "timestamptz"),
 }
 ROW_GROUP_ROWS = 1 << 19  # rows a task buffers (all its partitions) before writing row groups
-FILE_SCHEMA = "slice int, path string, bytes long, rows long, partition string"
+# What the slice writer yields per file: Arrow types on the executors, Spark's DDL for mapInArrow
+FILE_FIELDS = [("slice", "int32"), ("path", "string"), ("bytes", "int64"), ("rows", "int64"),
+               ("partition", "string")]
+_SPARK_DDL = {"int32": "int", "int64": "long", "string": "string"}
+FILE_SCHEMA = ", ".join(f"{name} {_SPARK_DDL[kind]}" for name, kind in FILE_FIELDS)
 _US_PER = {"day": 86_400_000_000, "hour": 3_600_000_000}
 
 
@@ -350,8 +354,7 @@ def make_slice_writer(client_kwargs: dict[str, Any], select_sql: str, plan: dict
 
         target = pa.ipc.read_schema(pa.py_buffer(plan["schema_ipc"]))
         fs, base = pafs.FileSystem.from_uri(plan["data_location"])
-        out_schema = pa.schema([("slice", pa.int32()), ("path", pa.string()), ("bytes", pa.int64()),
-                                ("rows", pa.int64()), ("partition", pa.string())])
+        out_schema = pa.schema(FILE_FIELDS)
         client = clickhouse_connect.get_client(**client_kwargs)
         try:
             for slice_id, start_ms, end_ms in _slices(descriptors):
@@ -984,11 +987,8 @@ def _offload_batch(job: _Job, intervals: list[tuple[datetime, datetime]], expect
     whose summary carries each interval's figures (k2.iceberg.batch_snapshot_properties),
     so that every interval is found, verified and ledgered as if it had a commit of its
     own. A catch-up's intervals cost one Spark write instead of one each."""
-    from pyspark.sql import functions as F
-
     from k2 import checksum as ck
     from k2 import iceberg as ib
-    from k2 import quality
 
     spark, spec, target = job.spark, job.spec, job.target
     start, end = intervals[0][0], intervals[-1][1]
