@@ -505,7 +505,7 @@ def run(
     history_span = _duration(history)
     pipeline = Pipeline(_stack())
     try:
-        start_date = pipeline.start(history=history_span, rate=rate, seed=seed)
+        start_date = pipeline.start(history=history_span, rate=rate, seed=seed, bounded=until_caught_up)
         typer.echo(pipeline.banner(start_date))
         wait_for_interrupt()
     except StackError as exc:
@@ -524,15 +524,16 @@ def demo(
     seed: int = typer.Option(1, help="Feed random seed."),
     timeout: str = typer.Option("30m", help="Give up (exit 1) after this long."),
 ) -> None:
-    """Run the pipeline on a short history; with --until-caught-up, exit 0 once every table's
-    watermark has reached the last closed interval and `k2 verify` is clean."""
+    """Run the pipeline on a short history; with --until-caught-up, the DAGs end at the last
+    interval closed at the start, and it exits 0 once every table's watermark has reached it
+    and `k2 verify` is clean."""
     from k2.local.pipeline import Pipeline, wait_for_interrupt, wait_until_caught_up
     from k2.local.processes import StackError
 
     history_span, limit = _duration(history), _duration(timeout)
     pipeline = Pipeline(_stack())
     try:
-        start_date = pipeline.start(history=history_span, rate=rate, seed=seed)
+        start_date = pipeline.start(history=history_span, rate=rate, seed=seed, bounded=until_caught_up)
         typer.echo(pipeline.banner(start_date))
         if not until_caught_up:
             wait_for_interrupt()

@@ -21,10 +21,12 @@ DEFAULT_TABLES_FILE = Path(__file__).resolve().parents[1] / "config" / "tables.y
 # Overrides the config's start_date (e.g. the local stack starts at its feed history).
 START_DATE_ENV = "K2_START_DATE"
 DEADLINE_ENV = "K2_DEADLINE"
+# Overrides the config's end_date (e.g. `k2 demo --until-caught-up` ends at its start).
+END_DATE_ENV = "K2_END_DATE"
 # Environment overrides of a key for every table, or for some (a local stack starting at
 # its feed history; a staging or test deployment with a tighter deadline): see
 # environment_overrides().
-OVERRIDE_ENV = {"start_date": START_DATE_ENV, "deadline": DEADLINE_ENV}
+OVERRIDE_ENV = {"start_date": START_DATE_ENV, "end_date": END_DATE_ENV, "deadline": DEADLINE_ENV}
 # Who gets deadline-miss and alert emails (Airflow's notifier and Alertmanager alike).
 ALERT_TO_ENV = "K2_ALERT_EMAIL_TO"
 DEFAULT_ALERT_TO = "k2-oncall@localhost"
@@ -171,6 +173,8 @@ class TableSpec(BaseModel):
     hot_retention: timedelta
     deadline: timedelta
     start_date: datetime
+    # The end of the last interval to offload (exclusive), on the 15-minute grid; None: no end.
+    end_date: datetime | None = None
     # Catch-up: the most 15-minute intervals one Spark job offloads (k2.catchup). A bigger
     # batch saves JVM starts but holds the table's offload lock longer.
     max_intervals_per_job: int = Field(default=16, ge=1, le=MAX_INTERVALS_PER_JOB, strict=True)
@@ -214,7 +218,7 @@ class TableSpec(BaseModel):
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value
 
-    @field_validator("start_date", mode="before")
+    @field_validator("start_date", "end_date", mode="before")
     @classmethod
     def _utc(cls, value: Any) -> Any:
         if isinstance(value, str):

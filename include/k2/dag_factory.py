@@ -101,6 +101,16 @@ def first_interval_start(start_date: datetime) -> datetime:
     return epoch + (steps + (1 if remainder else 0)) * INTERVAL
 
 
+def last_interval_start(end_date: datetime | None) -> datetime | None:
+    """Airflow's end_date for a table's end_date: the start of the last interval that ends at
+    or before it (a data-interval timetable schedules no interval starting after end_date)."""
+    if end_date is None:
+        return None
+    end = end_date.astimezone(timezone.utc)
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return epoch + ((end - epoch) // INTERVAL - 1) * INTERVAL
+
+
 def _doc_md(spec: TableSpec) -> str:
     completeness = spec.completeness
     assert completeness is not None
@@ -212,6 +222,7 @@ def build_dag(spec: TableSpec) -> DAG:
         # timetable whose runs have no data interval in Airflow 3.
         schedule=CronDataIntervalTimetable(SCHEDULE_CRON, timezone="UTC"),
         start_date=spec.start_date,
+        end_date=last_interval_start(spec.end_date),
         catchup=True,
         max_active_runs=MAX_ACTIVE_RUNS,
         default_args={**default_args_from_env(), "on_failure_callback": failure_notifier()},

@@ -297,3 +297,36 @@ def test_non_strict_mode_keeps_the_environment_overrides(
     assert dags["k2_offload_bronze_good"].start_date.isoformat() == "2026-11-30T18:00:00+00:00"
     assert dags["k2_offload_silver_also_good"].start_date.isoformat() == "2026-11-30T12:00:00+00:00"
     assert all(d.deadline[0].interval.total_seconds() == 420 for d in dags.values())
+
+
+def test_end_date_schedules_the_last_interval_ending_at_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """K2_END_DATE (`k2 demo --until-caught-up`): the last run's interval ends at the end date;
+    the timetable schedules none after it, however long the scheduler runs."""
+    from airflow.serialization.serialized_objects import DagSerialization
+    from airflow.timetables.base import TimeRestriction
+
+    path = _write_tables(tmp_path, _entry("bronze_good"), _entry("silver_open"))
+    monkeypatch.setenv("K2_START_DATE", "2026-11-30T18:00:00Z")
+    monkeypatch.setenv("K2_END_DATE", "2026-11-30T18:30:00Z,silver_open=2026-11-30T18:40:00Z")
+    dags = build_dags(path, strict=True)
+
+    def interval_ends(dag: Any) -> list[str]:  # as the scheduler schedules the serialized DAG
+        dag = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+        timetable, ends, last = dag.timetable, [], None
+        restriction = TimeRestriction(dag.start_date, dag.end_date, catchup=True)
+        for _ in range(10):
+            info = timetable.next_dagrun_info(last_automated_data_interval=last, restriction=restriction)
+            if info is None:
+                break
+            last = info.data_interval
+            ends.append(last.end.strftime("%H:%M"))
+        return ends
+
+    assert interval_ends(dags["k2_offload_bronze_good"]) == ["18:15", "18:30"]
+    # Not on the grid: the last interval is the one ending before it.
+    assert interval_ends(dags["k2_offload_silver_open"]) == ["18:15", "18:30"]
+    monkeypatch.setenv("K2_END_DATE", "18:30")
+    with pytest.raises(ConfigError, match="end_date"):
+        build_dags(path, strict=True)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from k2.config import ALERT_TO_ENV, DEFAULT_ALERT_TO
+from k2.config import ALERT_TO_ENV, DEFAULT_ALERT_TO, OVERRIDE_ENV
 from k2.local import monitoring
 from k2.local.daemons import Daemon, http_ok
 from k2.local.processes import StackError
@@ -136,8 +136,9 @@ def environment(stack: LocalStack) -> dict[str, str]:
     env.update(monitoring.airflow_metrics_env(monitoring.MonitoringStack.for_local_stack(stack)))
     for conn_id, conn in connections(stack).items():
         env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
-    if os.environ.get("K2_START_DATE"):
-        env["K2_START_DATE"] = os.environ["K2_START_DATE"]
+    for override in OVERRIDE_ENV.values():  # the local stack's start date, a demo's end date
+        if os.environ.get(override):
+            env[override] = os.environ[override]
     return env
 
 

@@ -18,6 +18,7 @@ import urllib.request
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
+from k2.config import END_DATE_ENV, START_DATE_ENV
 from k2.local import airflow
 from k2.local import stack as local_stack
 from k2.local.daemons import Daemon
@@ -49,9 +50,13 @@ class Pipeline:
         self.stack = stack
         self.log = log
         self._stoppers: list[Callable[[], None]] = []
+        self.end_date: datetime | None = None
 
-    def start(self, *, history: timedelta, rate: float, seed: int) -> datetime:
-        """Bring everything up; returns the start date the DAGs catch up from."""
+    def start(self, *, history: timedelta, rate: float, seed: int, bounded: bool = False) -> datetime:
+        """Bring everything up; returns the start date the DAGs catch up from.
+
+        bounded: the DAGs end at the last interval closed now (K2_END_DATE, set as
+        `end_date`), so that a catch-up has a fixed goal however long the start takes."""
         from k2.cli import clickhouse_client
         from k2.feed import run_feed
         from k2.schema import apply_schema
@@ -79,7 +84,10 @@ class Pipeline:
             self._stoppers.append(lambda: feed.stop(self.stack))
             self.log(f"feed: live at {rate} trades/s (log {feed.log_file(self.stack)})")
 
-        os.environ["K2_START_DATE"] = start_date.isoformat()
+        os.environ[START_DATE_ENV] = start_date.isoformat()
+        if bounded:
+            self.end_date = floor_interval(now)
+            os.environ[END_DATE_ENV] = self.end_date.isoformat()
         airflow.start(self.stack, log=self.log)
         self._stoppers.append(lambda: airflow.stop(self.stack, log=self.log))
         return start_date
@@ -187,7 +195,8 @@ def _last_error(path) -> str:
 
 
 def wait_until_caught_up(pipeline: Pipeline, start_date: datetime, limit: timedelta) -> str | None:
-    """Wait until every table's watermark reaches the last interval closed now, then verify.
+    """Wait until every table's watermark reaches the pipeline's end date (else the last
+    interval closed now), then verify.
 
     Returns None when caught up and verified, else what is wrong.
     """
@@ -196,7 +205,7 @@ def wait_until_caught_up(pipeline: Pipeline, start_date: datetime, limit: timede
 
     stack, log = pipeline.stack, pipeline.log
     specs = load_tables().tables
-    target = floor_interval(datetime.now(timezone.utc))
+    target = pipeline.end_date or floor_interval(datetime.now(timezone.utc))
     store = WatermarkStore(stack.postgres_dsn("k2"))
     deadline = time.monotonic() + limit.total_seconds()
     log(f"waiting for every table to reach {target.isoformat()} (at most {limit})")
