@@ -124,7 +124,6 @@ MAIN_BRANCH = "main"
 # Iceberg's refusal to drop a data file that holds rows inside *and* outside an overwrite filter
 PARTIAL_FILE = "Cannot delete file where some, but not all, rows match filter"
 OP_COLUMN = "__k2_op"
-DEFAULT_STEP = timedelta(minutes=15)
 EPOCH_DAY = date(1970, 1, 1)
 MAX_STEPS = 1000  # a guard against a typo such as --interval-step 1s over a day
 
@@ -206,8 +205,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def split_range(start: datetime, end: datetime, step: timedelta | None) -> list[tuple[datetime, datetime]]:
     """[start, end) as consecutive intervals of `step` (None: 15 minutes, or the whole range
     as one interval when it is not a multiple of 15 minutes - a single interval as before)."""
+    from k2.intervals import INTERVAL
+
     if step is None:
-        step = DEFAULT_STEP if (end - start) % DEFAULT_STEP == timedelta(0) else end - start
+        step = INTERVAL if (end - start) % INTERVAL == timedelta(0) else end - start
     if step % timedelta(milliseconds=1):
         raise UsageError(f"--interval-step {step} is finer than milliseconds")
     steps, remainder = divmod(end - start, step)

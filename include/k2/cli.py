@@ -24,8 +24,6 @@ schema_app = typer.Typer(help="The ClickHouse data model.", no_args_is_help=True
 app.add_typer(local_app, name="local")
 app.add_typer(schema_app, name="schema")
 
-CLICKHOUSE_DATABASE = "k2"
-
 
 def _fail(message: str, code: int = 1) -> None:
     typer.echo(f"error: {message}", err=True)
@@ -67,14 +65,9 @@ def _timestamp(value: Optional[str]) -> Optional[datetime]:
 
 def clickhouse_client(stack=None):
     """A client for the k2 database of the local endpoint (created on first use)."""
-    stack = stack or _stack()
-    from k2.local.stack import require_up
+    from k2.local.stack import clickhouse_client as client
 
-    require_up(stack, ("clickhouse",))
-    bootstrap = stack.clickhouse_client()
-    bootstrap.command(f"CREATE DATABASE IF NOT EXISTS {CLICKHOUSE_DATABASE}")
-    bootstrap.close()
-    return stack.clickhouse_client(database=CLICKHOUSE_DATABASE)
+    return client(stack or _stack())
 
 
 @local_app.command("up")
@@ -123,6 +116,7 @@ def local_status(as_json: bool = typer.Option(False, "--json", help="Machine-rea
 def schema_apply() -> None:
     """Create the bronze, silver and gold tables and their views (idempotent)."""
     from k2.local.processes import StackError
+    from k2.local.settings import CLICKHOUSE_DATABASE
     from k2.schema import apply_schema
 
     try:
@@ -286,6 +280,7 @@ def _late_intervals(spec, report, store) -> list[dict]:
     """Intervals of a verify report where ClickHouse now holds more rows than the ledger says
     were offloaded: rows that arrived after the offload, with the command that re-offloads."""
     from k2.iceberg import iso_utc
+    from k2.watermarks import reoffload_command
 
     if store is None or report.ok:
         return []
@@ -302,12 +297,6 @@ def _late_intervals(spec, report, store) -> list[dict]:
                 "command": reoffload_command(spec.name, result.start),
             })
     return late
-
-
-def reoffload_command(table: str, interval_start: datetime) -> str:
-    """The one command that offloads an interval again (see `k2 reoffload`)."""
-    start = interval_start.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return f"k2 reoffload --table {table} --interval-start {start}"
 
 
 @app.command("reoffload")
@@ -327,7 +316,7 @@ def reoffload(
     import clickhouse_connect
     import psycopg
 
-    from k2.dag_factory import INTERVAL, first_interval_start
+    from k2.intervals import INTERVAL, first_interval_start, is_boundary
     from k2.local.processes import StackError
     from k2.verify import late_rows
     from k2.watermarks import WatermarkStore
@@ -337,7 +326,7 @@ def reoffload(
     start = _timestamp(interval_start)
     assert start is not None
     start = start.astimezone(timezone.utc)
-    if (start - datetime(1970, 1, 1, tzinfo=timezone.utc)) % INTERVAL:
+    if not is_boundary(start):
         raise typer.BadParameter(f"{interval_start!r} is not the start of a 15-minute interval")
     end = start + INTERVAL
     try:

@@ -17,7 +17,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_TABLES_FILE = Path(__file__).resolve().parents[1] / "config" / "tables.yaml"
+# The project's checkout: include/k2/config.py is two levels below it.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_TABLES_FILE = REPO_ROOT / "include" / "config" / "tables.yaml"
 # Overrides the config's start_date (e.g. the local stack starts at its feed history).
 START_DATE_ENV = "K2_START_DATE"
 DEADLINE_ENV = "K2_DEADLINE"
@@ -27,6 +29,9 @@ END_DATE_ENV = "K2_END_DATE"
 # its feed history; a staging or test deployment with a tighter deadline): see
 # environment_overrides().
 OVERRIDE_ENV = {"start_date": START_DATE_ENV, "end_date": END_DATE_ENV, "deadline": DEADLINE_ENV}
+# The Airflow pool that bounds concurrent Spark offload jobs (the DAGs use it; a deployment
+# creates it with its slots).
+SPARK_POOL = "k2_spark"
 # Who gets deadline-miss and alert emails (Airflow's notifier and Alertmanager alike).
 ALERT_TO_ENV = "K2_ALERT_EMAIL_TO"
 DEFAULT_ALERT_TO = "k2-oncall@localhost"

@@ -18,11 +18,13 @@ from k2.config import (
     ALERT_TO_ENV,
     DEFAULT_ALERT_TO,
     DEFAULT_TABLES_FILE,
+    SPARK_POOL,
     ConfigError,
     TableSpec,
     environment_overrides,
     load_tables,
 )
+from k2.intervals import INTERVAL, SCHEDULE_CRON, first_interval_start, last_interval_start  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from airflow.sdk import DAG
@@ -33,9 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STRICT_ENV = "K2_STRICT_DAGS"
-SCHEDULE_CRON = "*/15 * * * *"
-INTERVAL = timedelta(minutes=15)
-SPARK_POOL = "k2_spark"
 # Runs of one table in flight at once; with catch-up the pool bounds the Spark jobs across tables.
 MAX_ACTIVE_RUNS = 4
 SENSOR_POKE_INTERVAL = timedelta(seconds=30)
@@ -91,24 +90,6 @@ def layer_of(spec: TableSpec) -> str:
             f"table {spec.name!r}: name must start with bronze_, silver_ or gold_ (the layer)"
         )
     return prefix
-
-
-def first_interval_start(start_date: datetime) -> datetime:
-    """The first 15-minute boundary at or after start_date: where the first run's interval begins."""
-    start = start_date.astimezone(timezone.utc)
-    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
-    steps, remainder = divmod(start - epoch, INTERVAL)
-    return epoch + (steps + (1 if remainder else 0)) * INTERVAL
-
-
-def last_interval_start(end_date: datetime | None) -> datetime | None:
-    """Airflow's end_date for a table's end_date: the start of the last interval that ends at
-    or before it (a data-interval timetable schedules no interval starting after end_date)."""
-    if end_date is None:
-        return None
-    end = end_date.astimezone(timezone.utc)
-    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
-    return epoch + ((end - epoch) // INTERVAL - 1) * INTERVAL
 
 
 def _doc_md(spec: TableSpec) -> str:

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from k2.local.settings import REPO_ROOT
+from k2.config import REPO_ROOT
 
 ALERT_RULES = REPO_ROOT / "monitoring" / "prometheus" / "rules" / "alerts.yml"
 STATUS_CODE = {"ok": 0, "warning": 1, "critical": 2}

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from k2 import checksum as ck
 from k2 import iceberg as ib
 from k2 import quality
+from k2.intervals import INTERVAL
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
     from k2.config import TableSpec
 
-DEFAULT_INTERVAL = timedelta(minutes=15)
+DEFAULT_INTERVAL = INTERVAL
 
 
 @dataclass

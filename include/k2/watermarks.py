@@ -34,10 +34,19 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from k2.intervals import first_interval_start
+
 if TYPE_CHECKING:
     import psycopg
 
 log = logging.getLogger(__name__)
+
+
+def reoffload_command(table: str, interval_start: datetime) -> str:
+    """The one command that offloads an interval again, e.g. after late rows (`k2 reoffload`:
+    its Spark job replaces the interval in Iceberg and the ledger row is re-committed)."""
+    start = interval_start.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"k2 reoffload --table {table} --interval-start {start}"
 
 WATERMARKS_TABLE = "k2_watermarks"
 LEDGER_TABLE = "k2_offload_ledger"
@@ -780,7 +789,6 @@ def repair_table(
             f"{spec.iceberg_table} is missing or has no snapshot, yet {spec.name} has {len(ledger)} "
             "ledger rows; check the Iceberg catalog settings before repairing"
         )
-    from k2.dag_factory import first_interval_start  # the DAG's initial watermark
 
     plan = plan_repair(
         spec.name,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
-from k2.watermarks import CommitResult, LedgerEntry
+from k2.watermarks import CommitResult, LedgerEntry, reoffload_command
 from k2_provider.operators import watermark_commit as wc
 
 UTC = timezone.utc
@@ -14,11 +14,11 @@ T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def test_reoffload_command_is_k2_reoffload_of_that_interval():
-    assert wc.reoffload_command("silver_trades", T0) == (
+    assert reoffload_command("silver_trades", T0) == (
         "k2 reoffload --table silver_trades --interval-start 2026-03-01T12:00:00Z"
     )
     later = T0.astimezone(timezone(timedelta(hours=2)))  # the same instant in another zone
-    assert wc.reoffload_command("silver_trades", later) == wc.reoffload_command("silver_trades", T0)
+    assert reoffload_command("silver_trades", later) == reoffload_command("silver_trades", T0)
 
 
 def test_reoffload_is_a_cli_command_that_needs_an_interval_start():

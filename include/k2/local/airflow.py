@@ -16,18 +16,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from k2.config import ALERT_TO_ENV, DEFAULT_ALERT_TO, OVERRIDE_ENV
+from k2.config import ALERT_TO_ENV, DEFAULT_ALERT_TO, OVERRIDE_ENV, SPARK_POOL
 from k2.local import monitoring
 from k2.local.daemons import Daemon, http_ok
 from k2.local.processes import StackError
-from k2.local.settings import REPO_ROOT, LocalStack, spark_environment
+from k2.local.settings import CLICKHOUSE_DATABASE, REPO_ROOT, LocalStack, spark_environment
 from k2.runtime_env import ClickHouseSettings, IcebergSettings
 
 ADMIN_USER = "admin"
 # Where deadline-miss emails go on the local stack (the SMTP sink keeps them in .k2/mail).
 ALERT_FROM = "k2-airflow@localhost"
 SPARK_POOL_SLOTS = 2
-CLICKHOUSE_DATABASE = "k2"
 
 
 def _airflow_bin() -> str:
@@ -179,8 +178,6 @@ def prepare(stack: LocalStack, log=print) -> None:
     passwords.write_text(json.dumps({ADMIN_USER: stack.credentials["airflow_admin_password"]}))
     log("airflow: migrating the metadata database")
     run_cli(stack, "db", "migrate")
-    from k2.dag_factory import SPARK_POOL
-
     run_cli(stack, "pools", "set", SPARK_POOL, str(SPARK_POOL_SLOTS), "Bounds concurrent Spark offload jobs")
 
 

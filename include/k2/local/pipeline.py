@@ -19,18 +19,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from k2.config import END_DATE_ENV, START_DATE_ENV
+from k2.intervals import floor_interval
 from k2.local import airflow
 from k2.local import stack as local_stack
 from k2.local.daemons import Daemon
 from k2.local.processes import StackError
 from k2.local.settings import LocalStack
-
-INTERVAL = timedelta(minutes=15)
-
-
-def floor_interval(moment: datetime) -> datetime:
-    seconds = int(moment.timestamp())
-    return datetime.fromtimestamp(seconds - seconds % int(INTERVAL.total_seconds()), tz=timezone.utc)
 
 
 def live_feed(rate: float) -> Daemon:
@@ -57,7 +51,7 @@ class Pipeline:
 
         bounded: the DAGs end at the last interval closed now (K2_END_DATE, set as
         `end_date`), so that a catch-up has a fixed goal however long the start takes."""
-        from k2.cli import clickhouse_client
+        from k2.local.stack import clickhouse_client
         from k2.feed import run_feed
         from k2.schema import apply_schema
 

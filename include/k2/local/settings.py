@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-# include/k2/local/settings.py -> repository root (editable install keeps files in place).
-REPO_ROOT = Path(__file__).resolve().parents[3]
+from k2.config import REPO_ROOT
+
 # Spark's defaults for every job on the local stack (loopback, no UI, quiet logs, a JVM
 # for short jobs): see the file itself.
 SPARK_CONF_DIR = REPO_ROOT / "spark_jobs" / "conf"
+# The ClickHouse database of the local stack's tables.
+CLICKHOUSE_DATABASE = "k2"
 
 
 def spark_environment(host: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ from typing import Callable
 from k2.local import monitoring, postgres
 from k2.local.daemons import Daemon, http_ok
 from k2.local.processes import StackError, tail
-from k2.local.settings import LocalStack
+from k2.local.settings import CLICKHOUSE_DATABASE, LocalStack
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,15 @@ def require_up(stack: LocalStack, names: tuple[str, ...] = ("postgres", "clickho
         raise StackError(
             f"local services not running: {', '.join(down_services)}; start them with `k2 local up`"
         )
+
+
+def clickhouse_client(stack: LocalStack):
+    """A client for the k2 database of the local endpoint (created on first use)."""
+    require_up(stack, ("clickhouse",))
+    bootstrap = stack.clickhouse_client()
+    bootstrap.command(f"CREATE DATABASE IF NOT EXISTS {CLICKHOUSE_DATABASE}")
+    bootstrap.close()
+    return stack.clickhouse_client(database=CLICKHOUSE_DATABASE)
 
 
 def log_tail(stack: LocalStack, service: str) -> str:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
+from k2.watermarks import reoffload_command
+
 if TYPE_CHECKING:
     from airflow.sdk import Connection, Context
     from k2.watermarks import CommitResult, WatermarkStore
@@ -17,14 +19,6 @@ WATERMARKS_CONN_ID = "k2_watermarks"
 INTERVAL_KEYS = ("table", "interval_start", "interval_end", "rows", "checksum", "run_id")
 # Late rows: how many ledgered intervals before the ones just committed are re-counted in ClickHouse.
 LATE_CHECK_INTERVALS = 4
-
-
-def reoffload_command(table: str, interval_start: datetime) -> str:
-    """The one command that offloads an interval again: `k2 reoffload` (its Spark job replaces
-    the interval in Iceberg and the ledger row is re-committed)."""
-    from k2.cli import reoffload_command as command
-
-    return command(table, _utc(interval_start))
 
 
 def late_check_window(first_committed: datetime, step: timedelta, count: int) -> tuple[datetime, datetime]:
