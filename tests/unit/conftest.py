@@ -26,10 +26,11 @@ def spark() -> Iterator[object]:
 
     # py4j logs at INFO from __del__ at interpreter exit, after pytest closed its streams
     logging.getLogger("py4j").setLevel(logging.WARNING)
-    from k2.local.settings import SPARK_CONF_DIR
+    from k2.local.settings import LOOPBACK, spark_environment
 
-    # The local stack's Spark defaults (loopback, a JVM for short jobs), as the jobs get them.
-    os.environ.setdefault("SPARK_CONF_DIR", str(SPARK_CONF_DIR))
+    # The local stack's Spark settings (loopback, a JVM for short jobs), as the jobs get them.
+    for key, value in spark_environment(LOOPBACK).items():
+        os.environ.setdefault(key, value)
     session = (
         SparkSession.builder.master("local[1]")
         .appName("k2-unit-tests")

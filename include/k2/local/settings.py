@@ -16,16 +16,56 @@ from pathlib import Path
 
 from k2.config import REPO_ROOT
 
-# Spark's defaults for every job on the local stack (loopback, no UI, quiet logs, a JVM
-# for short jobs): see the file itself.
+# Spark's settings for every job on the local stack (loopback, no UI, quiet logs, a JVM for
+# short jobs): spark-defaults.conf and log4j2.properties of this folder (see the files).
 SPARK_CONF_DIR = REPO_ROOT / "spark_jobs" / "conf"
+# The driver JVM's class-data archive (AppCDS), made by `make setup` (k2.local.spark_archive):
+# the classes an offload job loads, mapped instead of loaded and verified again per job.
+SPARK_CLASS_ARCHIVE = REPO_ROOT / "spark_jobs" / "cds" / "driver.jsa"
+# spark-submit's launcher puts SPARK_CONF_DIR on the JVM's class path, and the JVM shares
+# classes only if that path holds jars and absent or empty folders. So the local stack points
+# SPARK_CONF_DIR at a folder that does not exist and hands the settings of SPARK_CONF_DIR's
+# files to the JVM as options (SPARK_SUBMIT_OPTS), which SparkConf reads as spark.* properties.
+SPARK_NO_CONF_DIR = SPARK_CLASS_ARCHIVE.parent / "no-conf"
 # The ClickHouse database of the local stack's tables.
 CLICKHOUSE_DATABASE = "k2"
 
 
-def spark_environment(host: str) -> dict[str, str]:
+def spark_java_options(*, archive: str = "use") -> str:
+    """The driver JVM's options for a local job: spark-defaults.conf as -D options, its
+    spark.driver.extraJavaOptions as they are, the log4j2 file, and the class-data archive
+    ("use": when `make setup` made it; "dump": write it at exit; "none")."""
+    options: list[str] = []
+    defaults = SPARK_CONF_DIR / "spark-defaults.conf"
+    for number, raw in enumerate(defaults.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        value = value.strip()
+        if key == "spark.driver.extraJavaOptions":
+            options.extend(value.split())
+        elif not value or any(c.isspace() or c in "\"'" for c in value):
+            raise ValueError(f"{defaults}:{number}: {key} needs one value without spaces or quotes")
+        else:
+            options.append(f"-D{key}={value}")
+    options.append(f"-Dlog4j2.configurationFile={SPARK_CONF_DIR / 'log4j2.properties'}")
+    if archive == "dump":
+        options.append(f"-XX:ArchiveClassesAtExit={SPARK_CLASS_ARCHIVE}.tmp")
+    elif archive == "use" and SPARK_CLASS_ARCHIVE.is_file():
+        options.append(f"-XX:SharedArchiveFile={SPARK_CLASS_ARCHIVE}")
+    return " ".join(options)
+
+
+def spark_environment(host: str, *, archive: str = "use") -> dict[str, str]:
     """What spark-submit needs to run a job on the local stack bound to `host`."""
-    return {"SPARK_LOCAL_IP": host, "SPARK_CONF_DIR": str(SPARK_CONF_DIR)}
+    return {
+        "SPARK_LOCAL_IP": host,
+        "SPARK_CONF_DIR": str(SPARK_NO_CONF_DIR),
+        "SPARK_SUBMIT_OPTS": spark_java_options(archive=archive),
+    }
+
+
 LOOPBACK = "127.0.0.1"
 # Every port of the local stack can be moved with one of these (tests use free ones).
 PORT_ENV_VARS = (
