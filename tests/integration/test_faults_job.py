@@ -5,7 +5,7 @@ rows) and prints the rows lost and duplicated it measured (FAULT lines). ClickHo
 PostgreSQL come from the session `stack`; the Iceberg tables live in catalog names and
 warehouses of this module's own.
 
-Over 4 minutes (about 5 in the suite): each fault needs Spark jobs of its own (a killed
+About 4 minutes in the suite: each fault needs Spark jobs of its own (a killed
 job and its re-run, a full then read-only warehouse and the retry, two schema changes).
 """
 
