@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # The project's checkout: include/k2/config.py is two levels below it.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TABLES_FILE = REPO_ROOT / "include" / "config" / "tables.yaml"
+# The jars every offload job gets (`make setup` fetches them through Maven).
+SPARK_JARS_DIR = REPO_ROOT / "spark_jobs" / "jars"
 # Overrides the config's start_date (e.g. the local stack starts at its feed history).
 START_DATE_ENV = "K2_START_DATE"
 DEADLINE_ENV = "K2_DEADLINE"

@@ -36,6 +36,7 @@ def test_the_archive_is_used_only_when_it_exists_and_dumped_to_a_partial_file(
 ) -> None:
     archive = tmp_path / "cds" / "driver.jsa"
     monkeypatch.setattr(settings, "SPARK_CLASS_ARCHIVE", archive)
+    monkeypatch.setattr(settings, "SPARK_CLASS_ARCHIVE_PARTIAL", archive.with_suffix(".jsa.tmp"))
     assert "SharedArchiveFile" not in settings.spark_java_options()  # not made: a JVM without it
     assert settings.spark_java_options(archive="dump").endswith(f"-XX:ArchiveClassesAtExit={archive}.tmp")
     archive.parent.mkdir()

@@ -22,6 +22,8 @@ SPARK_CONF_DIR = REPO_ROOT / "spark_jobs" / "conf"
 # The driver JVM's class-data archive (AppCDS), made by `make setup` (k2.local.spark_archive):
 # the classes an offload job loads, mapped instead of loaded and verified again per job.
 SPARK_CLASS_ARCHIVE = REPO_ROOT / "spark_jobs" / "cds" / "driver.jsa"
+# Where a dump writes it first: it replaces SPARK_CLASS_ARCHIVE only once complete.
+SPARK_CLASS_ARCHIVE_PARTIAL = SPARK_CLASS_ARCHIVE.with_suffix(".jsa.tmp")
 # spark-submit's launcher puts SPARK_CONF_DIR on the JVM's class path, and the JVM shares
 # classes only if that path holds jars and absent or empty folders. So the local stack points
 # SPARK_CONF_DIR at a folder that does not exist and hands the settings of SPARK_CONF_DIR's
@@ -51,7 +53,7 @@ def spark_java_options(*, archive: str = "use") -> str:
             options.append(f"-D{key}={value}")
     options.append(f"-Dlog4j2.configurationFile={SPARK_CONF_DIR / 'log4j2.properties'}")
     if archive == "dump":
-        options.append(f"-XX:ArchiveClassesAtExit={SPARK_CLASS_ARCHIVE}.tmp")
+        options.append(f"-XX:ArchiveClassesAtExit={SPARK_CLASS_ARCHIVE_PARTIAL}")
     elif archive == "use" and SPARK_CLASS_ARCHIVE.is_file():
         options.append(f"-XX:SharedArchiveFile={SPARK_CLASS_ARCHIVE}")
     return " ".join(options)

@@ -16,20 +16,20 @@ import sys
 import time
 from pathlib import Path
 
-from k2.local.settings import LOOPBACK, REPO_ROOT, SPARK_CLASS_ARCHIVE, spark_environment
+from k2.config import REPO_ROOT, SPARK_JARS_DIR
+from k2.local.settings import LOOPBACK, SPARK_CLASS_ARCHIVE, SPARK_CLASS_ARCHIVE_PARTIAL, spark_environment
 
 WARM_UP_JOB = REPO_ROOT / "spark_jobs" / "class_archive.py"
-JARS_DIR = REPO_ROOT / "spark_jobs" / "jars"
 
 
 def make_archive(log=print) -> Path:
     """Run the warm-up job with -XX:ArchiveClassesAtExit; the archive replaces the old one only
     once complete (a job starting meanwhile maps the old one or none)."""
-    jars = sorted(str(p) for p in JARS_DIR.glob("*.jar"))
+    jars = sorted(str(p) for p in SPARK_JARS_DIR.glob("*.jar"))
     if not jars:
-        raise SystemExit(f"no jars in {JARS_DIR}: run the Maven step of `make setup` first")
+        raise SystemExit(f"no jars in {SPARK_JARS_DIR}: run the Maven step of `make setup` first")
     SPARK_CLASS_ARCHIVE.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(f"{SPARK_CLASS_ARCHIVE}.tmp")
+    partial = SPARK_CLASS_ARCHIVE_PARTIAL
     partial.unlink(missing_ok=True)
     env = {**os.environ, **spark_environment(LOOPBACK, archive="dump"), "PYSPARK_PYTHON": sys.executable}
     argv = [str(Path(sys.executable).with_name("spark-submit")), "--master", "local[2]",

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
+from k2.config import REPO_ROOT, SPARK_JARS_DIR
+
 if TYPE_CHECKING:
     from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
     from airflow.sdk import Connection, Context
@@ -25,10 +27,8 @@ if TYPE_CHECKING:
     from k2.runtime_env import IcebergSettings
     from k2.watermarks import LedgerEntry, WatermarkStore
 
-# plugins/k2_provider/operators/offload.py -> repository root (the package is installed editable).
-REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_APPLICATION = REPO_ROOT / "spark_jobs" / "offload_to_iceberg.py"
-DEFAULT_JARS_DIR = REPO_ROOT / "spark_jobs" / "jars"
+DEFAULT_JARS_DIR = SPARK_JARS_DIR
 ICEBERG_CONN_ID = "iceberg_default"
 WATERMARKS_CONN_ID = "k2_watermarks"
 RESULT_MARKER = "K2_OFFLOAD_RESULT"
