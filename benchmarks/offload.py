@@ -53,10 +53,15 @@ INTERVAL = timedelta(minutes=15)
 TABLE = "bronze_trades_binance"
 MASTER = "local[2]"
 DEFAULT_ROWS = "1000,1000000,2700000"
+# Below this many rows a run is mostly fixed cost (JVM, session, catalog), where a second of
+# noise is a large share: each path runs --repeat times, on intervals of their own, and the
+# median run counts.
+REPEAT_BELOW_ROWS = 100_000
 SAMPLE_SECONDS = 0.2
 PATHS = {  # key: label, in the order they run for each size
     "job_first": "job, first run",
     "job_replace": "job, replace",
+    "job_executors": "job, replace on executors",
     "predecessor": "predecessor (Spark JDBC)",
     "peer": "single process (peer)",
     "export": "export alone",
@@ -276,6 +281,19 @@ class SizeRun:
     end: datetime
     insert_seconds: float = 0.0
     figures: dict[str, Figure] = field(default_factory=dict)
+    repeats: list[SizeRun] = field(default_factory=list)  # when the figures are their medians
+
+    @classmethod
+    def median_of(cls, runs: list[SizeRun]) -> SizeRun:
+        """One size's repeated runs as one: per path the run of median wall time."""
+        if len(runs) == 1:
+            return runs[0]
+        figures = {}
+        for key in runs[0].figures:
+            ordered = sorted((run.figures[key] for run in runs), key=lambda f: f.seconds)
+            figures[key] = ordered[len(ordered) // 2]
+        return cls(runs[0].rows, runs[0].start, runs[-1].end,
+                   sum(run.insert_seconds for run in runs) / len(runs), figures, runs)
 
     def ratio(self, over: str, under: str) -> float | None:
         a, b = self.figures.get(over), self.figures.get(under)
@@ -286,6 +304,7 @@ RATIOS = {  # key: (label, numerator path, denominator path)
     "job_first_over_predecessor": ("job first run / predecessor", "job_first", "predecessor"),
     "job_replace_over_job_first": ("job replace / job first run", "job_replace", "job_first"),
     "job_first_over_peer": ("job first run / single-process peer", "job_first", "peer"),
+    "job_executors_over_predecessor": ("job on executors / predecessor", "job_executors", "predecessor"),
 }
 
 
@@ -316,7 +335,14 @@ def report(runs: list[SizeRun]) -> dict[str, Any]:
     print("wall s and CPU s: the whole process tree (JVM or interpreter start included), for\n"
           "the two 'alone' rows the operation alone; peak RSS: the process tree's; others CPU s:\n"
           "what the rest of the machine used meanwhile (besides the ClickHouse endpoint): other\n"
-          "work on the same cores, which inflates the wall times")
+          "work on the same cores, which inflates the wall times. 'job, replace on executors':\n"
+          "the same job with --driver-max-rows 0, the path a cluster takes for a large interval")
+    for run in runs:
+        if run.repeats:
+            print(f"{run.rows:,} rows: the median of {len(run.repeats)} runs per path, each on an "
+                  "interval of its own; wall s of each: " + "; ".join(
+                      f"{PATHS[key]} " + ", ".join(secs(r.figures[key].seconds) for r in run.repeats)
+                      for key in ("job_first", "job_replace", "predecessor")))
 
     print()
     print(f"{'ratio of wall times':<40}" + "".join(f"{run.rows:>13,}" for run in runs))
@@ -343,7 +369,10 @@ def report(runs: list[SizeRun]) -> dict[str, Any]:
         "runs": [{"rows": run.rows, "interval_start": run.start.isoformat(),
                   "interval_end": run.end.isoformat(),
                   "insert_seconds": round(run.insert_seconds, 3),
-                  "paths": {key: figure.to_dict() for key, figure in run.figures.items()}}
+                  "paths": {key: figure.to_dict() for key, figure in run.figures.items()},
+                  "repeats": [{"interval_start": r.start.isoformat(),
+                               "paths": {key: f.to_dict() for key, f in r.figures.items()}}
+                              for r in run.repeats]}
                  for run in runs],
     }
 
@@ -453,6 +482,8 @@ class Benchmark:
                 str(REPO / "spark_jobs" / "offload_to_iceberg.py"), "--table", TABLE,
                 *self.interval_args(run), "--interval-step", "15m",
                 "--run-id", f"bench_{key}_{run.rows}"]
+        if key == "job_executors":
+            argv += ["--driver-max-rows", "0"]
         result = self.time_path(run, key, argv)
         lines = result_lines(result.stdout, "K2_OFFLOAD_RESULT")
         if len(lines) != 1:
@@ -508,6 +539,7 @@ class Benchmark:
         self.insert(run)
         self.job(run, "job_first")
         self.job(run, "job_replace")
+        self.job(run, "job_executors")
         self.predecessor(run)
         for key in ("peer", "export", "parquet"):
             self.single_process(run, key)
@@ -518,6 +550,9 @@ def main() -> None:
     parser.add_argument("--rows", type=parse_rows, default=parse_rows(DEFAULT_ROWS),
                         help=f"interval sizes, comma-separated (default {DEFAULT_ROWS})")
     parser.add_argument("--json", type=Path, help="also write all figures and ratios here")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help=f"runs per path for sizes under {REPEAT_BELOW_ROWS:,} rows, the median "
+                             "counts (default 3)")
     args = parser.parse_args()
 
     job_jars(), bench_jars()  # before anything starts
@@ -526,8 +561,13 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     end = datetime.now(timezone.utc).replace(second=0, microsecond=0)
     end -= timedelta(minutes=end.minute % 15)
-    runs = [SizeRun(rows, end - (len(args.rows) - i) * INTERVAL, end - (len(args.rows) - i - 1) * INTERVAL)
-            for i, rows in enumerate(args.rows)]
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    sizes = [[rows] * (args.repeat if rows < REPEAT_BELOW_ROWS else 1) for rows in args.rows]
+    count = sum(len(group) for group in sizes)
+    starts = iter(end - (count - i) * INTERVAL for i in range(count))
+    groups = [[SizeRun(rows, start, start + INTERVAL) for rows, start in zip(group, starts)]
+              for group in sizes]
     started = datetime.now(timezone.utc)
     with throwaway_stack("k2-bench-offload-") as (stack, home, env):
         from k2.local import stack as local_stack
@@ -535,9 +575,10 @@ def main() -> None:
         logs = home / "bench"
         logs.mkdir()
         bench = Benchmark(stack, env, logs, local_stack.CLICKHOUSE.pid(stack))
-        for run in runs:
-            bench.measure(run)
-        figures = report(runs)
+        for group in groups:
+            for run in group:
+                bench.measure(run)
+        figures = report([SizeRun.median_of(group) for group in groups])
         if args.json:
             figures = {
                 "measured_at": started.isoformat(timespec="seconds"),

@@ -3,7 +3,8 @@
     spark-submit --jars <iceberg-spark-runtime>,<postgresql> spark_jobs/offload_to_iceberg.py \\
         --table bronze_trades_binance \\
         --interval-start 2026-11-26T10:00:00+00:00 --interval-end 2026-11-26T11:00:00+00:00 \\
-        [--interval-step 15m] --run-id <airflow run id> [--tables-config path] [--slices N]
+        [--interval-step 15m] --run-id <airflow run id> [--tables-config path] [--slices N] \\
+        [--driver-max-rows N]
 
 Connection settings come from the environment (k2.runtime_env: K2_CLICKHOUSE_*,
 K2_ICEBERG_*), never from the command line.
@@ -39,16 +40,22 @@ How it works (step 1 and the Spark session once per job, steps 2-5 per interval 
    interval before it is read - for the first interval, while the Spark session starts,
    before it is used (an interval must hold one row per key to be replaceable); they are an
    upstream fault, not a bad row.
-3. The executors read the interval as Arrow (clickhouse-connect, ArrowStream) in N
-   time slices through mapInArrow - one task and one ClickHouse connection per
-   slice; no JDBC, no rows on the driver - and write it themselves, as it streams, as
-   Parquet data files of the table (make_slice_writer: one file per partition value and
-   slice, the table's field ids in the Parquet schema, the table's codec): no Spark
-   rows, no shuffle, no pass of their own. Each slice reports the rows it read through
-   an accumulator keyed by slice (a slice read twice counts once); only the files' names
-   and figures reach the driver. A table whose partition transforms or sort order the
-   executors do not evaluate (_native_plan), and an interval with rows to quarantine,
-   are read into a DataFrame and written by Spark's Iceberg writer instead.
+3. The interval is read as Arrow (clickhouse-connect, ArrowStream) in time slices - one
+   task and one ClickHouse connection per slice (one slice per 250k rows up to Spark's
+   default parallelism, or --slices); no JDBC, no Spark rows - and written, as it
+   streams, as Parquet data files of the table (make_slice_writer: one file per
+   partition value and slice, the table's field ids in the Parquet schema, the table's
+   codec): no shuffle, no pass of its own, at most 512k rows buffered per slice. Where
+   the slices run (_run_slices): on the executors, through mapInArrow, with the rows
+   each slice read counted in an accumulator keyed by slice (a slice read twice counts
+   once) and only the files' names and figures coming back to the driver; or, for an
+   interval of at most --driver-max-rows rows (default: any interval on a local master,
+   whose executors share this machine's cores; 500k on a cluster), in the driver's own
+   threads, running the same function on the same Arrow batches without starting a
+   Python worker per executor, which costs more than such an interval's write. A table
+   whose partition transforms or sort order the writer does not evaluate
+   (_native_plan), and an interval with rows to quarantine, are read into a DataFrame
+   on the executors and written by Spark's Iceberg writer instead.
 3b. Quarantine (only for tables with checks that can fail, and only when the interval
    has bad rows now or had some before): the read is persisted, and the bad rows, with
    the reasons of every check they fail (k2_reason), the interval, the run id and the
@@ -73,9 +80,12 @@ How it works (step 1 and the Spark session once per job, steps 2-5 per interval 
      k2.run-id / k2.rows / k2.checksum / k2.quarantined-rows / k2.attempt-id (k2.rows and
      k2.checksum are the good rows'). Readers do not see it.
    - audit: the staged snapshot's interval is read back by id; its count and checksum
-     must equal ClickHouse's good rows', the rows Spark read must equal ClickHouse's
-     count (every slice read), and rows read = written + quarantined. Any difference
-     fails the job naming the figures; main is left exactly as it was.
+     must equal ClickHouse's good rows', the rows read must equal ClickHouse's count
+     (every slice read), and rows read = written + quarantined. Any difference fails the
+     job naming the figures; main is left exactly as it was. The read-back
+     (stored_checksums) is Spark SQL on the snapshot (VERSION AS OF), or, for an
+     interval the driver wrote, the driver reading the data files Iceberg plans for the
+     interval in that snapshot (by field id, rows outside the interval skipped).
    - publish: main is fast-forwarded to the staged snapshot in one metadata commit, which
      Iceberg only makes while main still points at the snapshot's parent. A commit that
      landed in between (a concurrent run of the interval, a compaction) makes it fail, and
@@ -92,7 +102,8 @@ Deployment: the driver imports the `k2` package (installed in the submitting
 virtualenv; in cluster deploy mode ship it with --py-files); the executors only need
 pyarrow and clickhouse-connect - the slice reader and writer are defined here and travel
 by value - and a path to the warehouse that pyarrow's filesystems open (a local or shared
-path, or an object store's URI).
+path, or an object store's URI); so does the driver, which writes and reads back the
+intervals of at most --driver-max-rows rows itself.
 
 Exit status: 0 done, 2 bad arguments or settings, 1 anything else; the reason is the
 line starting with "offload_to_iceberg: error:" (written to stderr, which spark-submit's
@@ -126,6 +137,12 @@ PARTIAL_FILE = "Cannot delete file where some, but not all, rows match filter"
 OP_COLUMN = "__k2_op"
 EPOCH_DAY = date(1970, 1, 1)
 MAX_STEPS = 1000  # a guard against a typo such as --interval-step 1s over a day
+# On a cluster, an interval of at most this many rows is read, written and audited by the
+# driver's threads: a Python worker on each executor costs more to start than such a write.
+DRIVER_MAX_ROWS = 500_000
+# Without --slices, a range is read in one slice per this many rows, up to Spark's default
+# parallelism: each slice costs a ClickHouse query and a data file per partition value.
+SLICE_ROWS = 250_000
 
 log = logging.getLogger("k2.offload")
 
@@ -166,11 +183,18 @@ def _step(text: str) -> timedelta:
     return value
 
 
-def _positive(text: str) -> int:
+def _count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
     if not 1 <= value <= 1024:
         raise argparse.ArgumentTypeError(f"{value} is outside 1..1024")
     return value
@@ -193,6 +217,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tables-config", default=None, help="tables.yaml (default: the bundled one)")
     parser.add_argument("--slices", type=_positive, default=None,
                         help="parallel ClickHouse reads (default: Spark's default parallelism)")
+    parser.add_argument("--driver-max-rows", type=_count, default=None,
+                        help="intervals of at most this many rows are read, written and audited "
+                             "by the driver itself, the larger ones by the executors (default: "
+                             f"every interval on a local master, else {DRIVER_MAX_ROWS:,})")
     args = parser.parse_args(argv)
     if args.interval_end <= args.interval_start:
         raise UsageError("--interval-end must be after --interval-start")
@@ -275,6 +303,16 @@ def _slices(descriptors: Iterator[Any]) -> Iterator[tuple[int, int, int]]:
                        batch.column("end_ms").to_pylist())
 
 
+class LocalCounts:
+    """{slice: rows read} when the slices run in the driver's threads (_run_slices)."""
+
+    def __init__(self) -> None:
+        self.value: dict[int, int] = {}
+
+    def add(self, term: dict[int, int]) -> None:
+        self.value.update(term)  # one slice per call; dict.update holds the GIL
+
+
 class SliceCounts:
     """AccumulatorParam of {slice: rows read}: merging keeps one figure per slice, so a
     slice read again (a retried task, a recomputed partition) is not counted twice."""
@@ -328,8 +366,17 @@ ROW_GROUP_ROWS = 1 << 19  # rows a task buffers (all its partitions) before writ
 # What the slice writer yields per file: Arrow types on the executors, Spark's DDL for mapInArrow
 FILE_FIELDS = [("slice", "int32"), ("path", "string"), ("bytes", "int64"), ("rows", "int64"),
                ("partition", "string")]
+# A slice as a task gets it
+SLICE_FIELDS = [("slice", "int32"), ("start_ms", "int64"), ("end_ms", "int64")]
 _SPARK_DDL = {"int32": "int", "int64": "long", "string": "string"}
-FILE_SCHEMA = ", ".join(f"{name} {_SPARK_DDL[kind]}" for name, kind in FILE_FIELDS)
+
+
+def spark_ddl(fields: list[tuple[str, str]]) -> str:
+    """Spark's DDL of FILE_FIELDS-like (name, Arrow type) pairs."""
+    return ", ".join(f"{name} {_SPARK_DDL[kind]}" for name, kind in fields)
+
+
+FILE_SCHEMA = spark_ddl(FILE_FIELDS)
 _US_PER = {"day": 86_400_000_000, "hour": 3_600_000_000}
 
 
@@ -754,6 +801,10 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
         create_quarantine_sql=ib.create_quarantine_table_sql(ice_settings, spec, columns),
         quarantine_columns=ib.quarantine_columns(columns),
         native=None,
+        fixed_slices=args.slices is not None,
+        driver_max_rows=(args.driver_max_rows if args.driver_max_rows is not None
+                         else sys.maxsize if spark.sparkContext.master.startswith("local")
+                         else DRIVER_MAX_ROWS),
     )
     job = job._replace(native=_native_plan(spark, target, job.schema_ipc))
     t = _phase("write plan" + ("" if job.native else " (Spark's Iceberg writer)"), t)
@@ -803,17 +854,15 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
 def _prepare_table(spark: Any, ice_settings: Any, spec: Any, columns: list[Any], target: str) -> None:
     """Namespace and table (schema derived from ClickHouse's DESCRIBE): created when
     missing, evolved with ClickHouse's schema drift, refused when incompatible."""
-    from pyspark.errors import AnalysisException
 
     from k2 import iceberg as ib
 
     namespace = spec.iceberg_table.split(".")[0]
-    try:
-        schema = spark.table(target).schema
-    except AnalysisException:  # not there yet
+    schema = _table_schema(spark, target)
+    if schema is None:  # not there yet
         spark.sql(f"CREATE NAMESPACE IF NOT EXISTS `{ib.catalog_name(ice_settings)}`.`{namespace}`")
         spark.sql(ib.create_table_sql(ice_settings, spec, columns))
-        schema = spark.table(target).schema
+        schema = _table_schema(spark, target)
     evolution = ib.schema_evolution(columns, schema)
     if evolution.refused:  # before any ALTER: a refused schema changes nothing
         raise OffloadError(
@@ -824,7 +873,7 @@ def _prepare_table(spark: Any, ice_settings: Any, spec: Any, columns: list[Any],
     for statement in statements:
         log.warning("schema evolution of %s: %s", spec.iceberg_table, statement)
         spark.sql(statement)
-    problems = ib.schema_differences(columns, spark.table(target).schema if statements else schema)
+    problems = ib.schema_differences(columns, _table_schema(spark, target) if statements else schema)
     if problems:
         raise OffloadError(
             f"Iceberg table {spec.iceberg_table} does not match ClickHouse {spec.source}: "
@@ -852,6 +901,18 @@ class _Job(NamedTuple):
     create_quarantine_sql: str
     quarantine_columns: list[Any]
     native: dict[str, Any] | None  # _native_plan: None when Spark's Iceberg writer must write
+    driver_max_rows: int  # intervals up to this many rows: slices run in the driver's threads
+    fixed_slices: bool  # --slices given: every range in `slices` slices, whatever its size
+
+    def slices_for(self, rows: int) -> int:
+        """How many slices a range of `rows` rows is read in."""
+        if self.fixed_slices:
+            return self.slices
+        return max(1, min(self.slices, -(-rows // SLICE_ROWS)))
+
+    def on_driver(self, rows: int) -> bool:
+        """Whether the slices of a range of `rows` rows run on the driver (_run_slices)."""
+        return rows <= self.driver_max_rows
 
 
 def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) -> dict[str, Any]:
@@ -886,15 +947,14 @@ def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) 
 
         def write(wap_id: str) -> _Read:
             if source is None:
-                return _write_range(job, start, end, properties, wap_id)
+                return _write_range(job, start, end, properties, wap_id, expected.rows_read)
             good = source.where(f"NOT {quality.spark_bad_sql(job.rules)}")
             _replace_interval(job, good, F.expr(in_interval), start, end)
             return read
 
         def audit(snapshot_id: int, written: _Read) -> None:
-            stored = ck.spark_checksum(
-                spark.sql(f"SELECT * FROM {target} VERSION AS OF {snapshot_id} WHERE {in_interval}"),
-                job.key_cols)
+            stored = stored_checksums(job, snapshot_id, start, end, end - start,
+                                      expected.rows_read).get(0, ck.IntervalChecksum(0, 0))
             problems = written.problems(expected.rows_read, stored.rows, expected.quarantined.rows)
             if stored != expected.good:
                 problems.append(f"the snapshot holds {stored}, ClickHouse {expected.good} good rows")
@@ -955,14 +1015,15 @@ class _Read(NamedTuple):
         return problems
 
 
-def _slice_descriptors(spark: Any, bounds: list[tuple[int, int, int]]) -> Any:
-    """One row per slice, a slice per task: a local relation, scanned by the JVM (a
-    parallelized Python RDD would start a Python worker per task only to hand over three
-    numbers, beside the one the slice's mapInArrow needs). Spark spreads a local relation
-    over at most defaultParallelism tasks; more slices than that are repartitioned."""
-    frame = spark.createDataFrame(bounds, "slice int, start_ms long, end_ms long")
-    if len(bounds) > spark.sparkContext.defaultParallelism:
-        frame = frame.repartition(len(bounds))
+def _descriptor_frame(spark: Any, descriptors: list[Any], fields: list[tuple[str, str]]) -> Any:
+    """One row per descriptor (a slice, a file), one descriptor per task: a local relation,
+    scanned by the JVM (a parallelized Python RDD would start a Python worker per task only
+    to hand over a few values, beside the one the task's mapInArrow needs). Spark spreads a
+    local relation over at most defaultParallelism tasks; more rows than that are
+    repartitioned."""
+    frame = spark.createDataFrame(descriptors, spark_ddl(fields))
+    if len(descriptors) > spark.sparkContext.defaultParallelism:
+        frame = frame.repartition(len(descriptors))
     return frame
 
 
@@ -975,7 +1036,7 @@ def _read_source(job: _Job, start: datetime, end: datetime) -> tuple[Any, _Read]
     spark = job.spark
     bounds = slice_bounds(ck.to_epoch_ms(start), ck.to_epoch_ms(end), job.slices)
     counts = spark.sparkContext.accumulator({}, SliceCounts())
-    descriptors = _slice_descriptors(spark, bounds)
+    descriptors = _descriptor_frame(spark, bounds, SLICE_FIELDS)
     source = descriptors.mapInArrow(
         make_slice_reader(job.client_kwargs, job.select_sql, job.schema_ipc, counts), job.struct)
     return source, _Read(bounds, counts)
@@ -1000,22 +1061,11 @@ def _offload_batch(job: _Job, intervals: list[tuple[datetime, datetime]], expect
         spec, [ib.IntervalFigures(s, e, x.good.rows, x.good.checksum, x.quarantined.rows)
                for (s, e), x in zip(intervals, expected)],
         run_id=job.run_id, attempt_id=attempt_id)
-    in_range = interval_predicate(None, spec.event_time_column, start, end)
-    # Which interval a row is in: whole steps of microseconds since the range's start
-    start_us, step_us = ck.to_epoch_ms(start) * 1000, step // timedelta(microseconds=1)
-    bucket = f"(unix_micros({_quote(spec.event_time_column)}) - {start_us}) div {step_us}"
-
     def write(wap_id: str) -> _Read:
-        return _write_range(job, start, end, properties, wap_id)
+        return _write_range(job, start, end, properties, wap_id, sum(x.rows_read for x in expected))
 
     def audit(snapshot_id: int, read: _Read) -> None:
-        stored = {
-            int(row["k2_interval"]): ck.spark_checksum_of(row)
-            for row in spark.sql(
-                f"SELECT {bucket} AS k2_interval, {', '.join(ck.spark_checksum_sql(job.key_cols))} "
-                f"FROM {target} VERSION AS OF {snapshot_id} WHERE {in_range} GROUP BY 1"
-            ).collect()
-        }
+        stored = stored_checksums(job, snapshot_id, start, end, step, sum(x.rows_read for x in expected))
         empty = ck.IntervalChecksum(0, 0)
         problems = [
             f"[{s.isoformat()}, {e.isoformat()}): the snapshot holds {stored.get(k, empty)}, "
@@ -1071,7 +1121,7 @@ class AuditError(OffloadError):
 
 
 def _write_range(job: _Job, start: datetime, end: datetime, properties: dict[str, str],
-                 wap_id: str) -> _Read:
+                 wap_id: str, rows: int) -> _Read:
     """Replace [start, end) of the table by ClickHouse's rows in one staged commit carrying
     `properties` and `wap_id`; returns the read's accounting.
 
@@ -1085,7 +1135,7 @@ def _write_range(job: _Job, start: datetime, end: datetime, properties: dict[str
 
     if job.native is not None:
         try:
-            return _write_native(job, start, end, properties, wap_id)
+            return _write_native(job, start, end, properties, wap_id, rows)
         except Exception as exc:
             if PARTIAL_FILE not in "\n".join([*_java_messages(exc), str(exc)]):
                 raise
@@ -1138,9 +1188,8 @@ def _native_plan(spark: Any, target: str, schema_ipc: bytes) -> dict[str, Any] |
             return refuse(f"column {field.name} is not in the table's schema")
         with_ids.append(field.with_nullable(field.nullable and not column["required"])
                         .with_metadata({b"PARQUET:field_id": str(column["id"]).encode()}))
-    location = table.properties().get("write.data.path") or f"{str(table.location()).rstrip('/')}/data"
-    if location.startswith("file:") and not location.startswith("file://"):
-        location = "file://" + location[len("file:"):]
+    location = arrow_uri(table.properties().get("write.data.path")
+                         or f"{str(table.location()).rstrip('/')}/data")
     return {
         "schema_ipc": pa.schema(with_ids).serialize().to_pybytes(),
         "data_location": location,
@@ -1151,7 +1200,7 @@ def _native_plan(spark: Any, target: str, schema_ipc: bytes) -> dict[str, Any] |
 
 
 def _write_native(job: _Job, start: datetime, end: datetime, properties: dict[str, str],
-                  wap_id: str) -> _Read:
+                  wap_id: str, rows: int) -> _Read:
     """The range read from ClickHouse and written as data files by the executors
     (make_slice_writer), then committed by the driver as one staged overwrite of the range:
     Iceberg's OverwriteFiles, which drops the range's files whole, checks that every new
@@ -1166,18 +1215,13 @@ def _write_native(job: _Job, start: datetime, end: datetime, properties: dict[st
     spark, jvm = job.spark, job.spark.sparkContext._jvm
     table = _iceberg_table(spark, job.target)
     base = table.currentSnapshot()
-    bounds = slice_bounds(ck.to_epoch_ms(start), ck.to_epoch_ms(end), job.slices)
-    counts = spark.sparkContext.accumulator({}, SliceCounts())
+    bounds = slice_bounds(ck.to_epoch_ms(start), ck.to_epoch_ms(end), job.slices_for(rows))
+    on_driver = job.on_driver(rows)
+    counts = LocalCounts() if on_driver else spark.sparkContext.accumulator({}, SliceCounts())
     plan = {**job.native, "file_prefix": f"{wap_id}-{uuid.uuid4().hex[:8]}"}
-    descriptors = _slice_descriptors(spark, bounds)
-    files = descriptors.mapInArrow(
-        make_slice_writer(job.client_kwargs, job.select_sql, plan, counts), FILE_SCHEMA).collect()
-
-    expressions = jvm.org.apache.iceberg.expressions.Expressions
-    column = job.spec.event_time_column
-    in_range = getattr(expressions, "and")(  # a Python keyword
-        expressions.greaterThanOrEqual(column, jvm.java.lang.Long(ck.to_epoch_ms(start) * 1000)),
-        expressions.lessThan(column, jvm.java.lang.Long(ck.to_epoch_ms(end) * 1000)))
+    files = _run_slices(job, make_slice_writer(job.client_kwargs, job.select_sql, plan, counts),
+                        [list(b) for b in bounds], SLICE_FIELDS, FILE_SCHEMA, on_driver)
+    in_range = _range_expression(jvm, job.spec.event_time_column, start, end)
     if not files:  # the range is empty in ClickHouse: its rows are deleted, nothing added
         overwrite = table.newDelete().deleteFromRowFilter(in_range)
     else:
@@ -1205,13 +1249,170 @@ def _write_native(job: _Job, start: datetime, end: datetime, properties: dict[st
         for key, value in properties.items():
             overwrite = overwrite.set(key, value)
         overwrite.set(STAGED_WAP_ID, wap_id).stageOnly().commit()
+
     except Exception as exc:
         if "CommitStateUnknownException" not in "\n".join(_java_messages(exc)):
             for file in files:  # written by this attempt, referenced by no snapshot
                 with suppress(Exception):
                     table.io().deleteFile(file["path"])
         raise
-    return _Read(bounds, counts, how=f"{len(files)} data file(s) by the executors")
+    return _Read(bounds, counts, how=f"{len(files)} data file(s) by the "
+                 + ("driver" if on_driver else "executors"))
+
+
+def arrow_uri(location: str) -> str:
+    """An Iceberg location as pyarrow's FileSystem.from_uri takes it (file:/x -> file:///x)."""
+    if location.startswith("file:") and not location.startswith("file://"):
+        return "file://" + location[len("file:"):]
+    return location
+
+
+def stored_checksums(job: _Job, snapshot_id: int, start: datetime, end: datetime, step: timedelta,
+                     rows: int) -> dict[int, Any]:
+    """The count and checksum of snapshot `snapshot_id`'s rows in [start, end), per `step`:
+    {k: IntervalChecksum of [start + k*step, start + (k+1)*step)}, intervals without rows
+    left out. What the audit compares with ClickHouse's figures.
+
+    For a range the driver wrote (job.on_driver) the driver reads it back itself from the
+    data files Iceberg plans for the range in that snapshot (_file_checksums); else, or when
+    a planned file has delete files (rows removed by a row-level MERGE) or lacks a key
+    column, Spark SQL reads the snapshot (VERSION AS OF)."""
+    from k2 import checksum as ck
+
+    if job.on_driver(rows):
+        stored = _file_checksums(job, snapshot_id, start, end, step)
+        if stored is not None:
+            return stored
+    column = _quote(job.spec.event_time_column)
+    # Which interval a row is in: whole steps of microseconds since the range's start
+    bucket = (f"(unix_micros({column}) - {ck.to_epoch_ms(start) * 1000}) "
+              f"div {step // timedelta(microseconds=1)}")
+    return {
+        int(row["k2_interval"]): ck.spark_checksum_of(row)
+        for row in job.spark.sql(
+            f"SELECT {bucket} AS k2_interval, {', '.join(ck.spark_checksum_sql(job.key_cols))} "
+            f"FROM {job.target} VERSION AS OF {snapshot_id} "
+            f"WHERE {interval_predicate(None, job.spec.event_time_column, start, end)} GROUP BY 1"
+        ).collect()
+    }
+
+
+def _file_checksums(job: _Job, snapshot_id: int, start: datetime, end: datetime, step: timedelta
+                    ) -> dict[int, Any] | None:
+    """stored_checksums read by the driver: the data files Iceberg plans for [start, end) in
+    the snapshot, each read (its key and event-time columns, found by Iceberg field id) in
+    a thread of its own, rows outside the range skipped. None when a file cannot be read
+    this way (delete files, a column missing)."""
+    from k2 import checksum as ck
+
+    jvm = job.spark.sparkContext._jvm
+    table = _iceberg_table(job.spark, job.target)
+    schema = table.schema()
+    time_column = job.spec.event_time_column
+    names = list(dict.fromkeys([time_column, *(name for name, _ in job.key_cols)]))
+    field_ids = {int(schema.findField(name).fieldId()): name for name in names}
+    tasks = table.newScan().useSnapshot(snapshot_id) \
+        .filter(_range_expression(jvm, time_column, start, end)).planFiles()
+    paths = []
+    try:
+        iterator = tasks.iterator()
+        while iterator.hasNext():
+            task = iterator.next()
+            if not task.deletes().isEmpty():
+                log.info("the audit reads %s with Spark: a data file has delete files", job.target)
+                return None
+            paths.append(str(task.file().location()))
+    finally:
+        tasks.close()
+    bounds_us = (ck.to_epoch_ms(start) * 1000, ck.to_epoch_ms(end) * 1000, step // timedelta(microseconds=1))
+
+    def one(path: str) -> dict[int, Any] | None:
+        return _file_checksum(arrow_uri(path), field_ids, time_column, job.key_cols, *bounds_us)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(job.slices, len(paths))),
+                            thread_name_prefix="k2-audit") as pool:
+        per_file = list(pool.map(one, paths))
+    if any(figures is None for figures in per_file):
+        log.info("the audit reads %s with Spark: a data file lacks a key column", job.target)
+        return None
+    total: dict[int, Any] = {}
+    for figures in per_file:
+        for k, figure in figures.items():
+            before = total.get(k, ck.IntervalChecksum(0, 0))
+            total[k] = ck.IntervalChecksum(before.rows + figure.rows,
+                                           (before.checksum + figure.checksum) % ck.MODULUS)
+    return total
+
+
+def _file_checksum(uri: str, field_ids: dict[int, str], time_column: str, key_cols: list[Any],
+                   start_us: int, end_us: int, step_us: int) -> dict[int, Any] | None:
+    """{k: IntervalChecksum} of one Parquet data file's rows in [start_us, end_us) (k: the
+    step of the row's event time), streamed by row group; None when the file has no
+    column with one of `field_ids` (a column added to the table after it was written)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from k2 import checksum as ck
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_file(path) as source:
+        parquet = pq.ParquetFile(source)
+        by_id = {int(f.metadata[b"PARQUET:field_id"]): f.name
+                 for f in parquet.schema_arrow if f.metadata and b"PARQUET:field_id" in f.metadata}
+        if not all(field_id in by_id for field_id in field_ids):
+            return None
+        found: dict[int, list[Any]] = {}
+        for batch in parquet.iter_batches(columns=[by_id[i] for i in field_ids], use_threads=False):
+            batch = pa.RecordBatch.from_arrays(batch.columns, names=list(field_ids.values()))
+            micros = batch.column(time_column).cast(pa.int64())
+            keep = pc.and_(pc.greater_equal(micros, start_us), pc.less(micros, end_us))
+            batch, micros = batch.filter(keep), micros.filter(keep)
+            if not batch.num_rows:
+                continue
+            if end_us - start_us <= step_us:
+                found.setdefault(0, []).append(batch)
+                continue
+            steps = pc.divide(pc.subtract(micros, start_us), step_us)  # >= 0: integer division
+            for k in pc.unique(steps).to_pylist():
+                found.setdefault(k, []).append(batch.filter(pc.equal(steps, k)))
+    return {k: ck.arrow_checksum(batches, key_cols) for k, batches in found.items()}
+
+
+def _range_expression(jvm: Any, column: str, start: datetime, end: datetime) -> Any:
+    """Iceberg's expression of [start, end) on a timestamp column."""
+    from k2 import checksum as ck
+
+    expressions = jvm.org.apache.iceberg.expressions.Expressions
+    return getattr(expressions, "and")(  # a Python keyword
+        expressions.greaterThanOrEqual(column, jvm.java.lang.Long(ck.to_epoch_ms(start) * 1000)),
+        expressions.lessThan(column, jvm.java.lang.Long(ck.to_epoch_ms(end) * 1000)))
+
+
+def _run_slices(job: _Job, fn: Callable[[Iterator[Any]], Iterator[Any]], descriptors: list[list[Any]],
+                fields: list[tuple[str, str]], spark_schema: str, on_driver: bool) -> list[dict[str, Any]]:
+    """Run a mapInArrow function `fn` over `descriptors` (one task each: rows of `fields`),
+    returning the rows it yields (small: file names and figures, never table rows).
+
+    On the executors: a local relation of the descriptors, mapInArrow, collect. On the
+    driver: one thread per descriptor calls `fn` itself - the same code on the same Arrow
+    batches, without starting Python workers, for ranges too small to repay them (and on a
+    local master, whose executors are this machine's cores anyway). Arrow and Parquet
+    release the GIL while they decode, cast, compress and write."""
+    import pyarrow as pa
+
+    if not on_driver:
+        frame = _descriptor_frame(job.spark, descriptors, fields)
+        return [row.asDict() for row in frame.mapInArrow(fn, spark_schema).collect()]
+    schema = pa.schema(fields)
+
+    def task(descriptor: list[Any]) -> list[dict[str, Any]]:
+        batch = pa.RecordBatch.from_pylist([dict(zip(schema.names, descriptor))], schema=schema)
+        return [row for out in fn(iter([batch])) for row in out.to_pylist()]
+
+    with ThreadPoolExecutor(max_workers=max(1, len(descriptors)), thread_name_prefix="k2-slice") as pool:
+        return [row for rows in pool.map(task, descriptors) for row in rows]
 
 
 def _replace_interval(job: _Job, good: Any, condition: Any, start: datetime, end: datetime) -> None:
@@ -1260,8 +1461,10 @@ def stage_audit_publish(spark: Any, target: str, attempt_id: str, properties: di
     for attempt in range(1, PUBLISH_ATTEMPTS + 1):
         wap_id = f"{attempt_id}-{attempt}"
         try:
+            t = time.monotonic()
             with _session_conf(spark, {**_snapshot_property_conf(properties), WAP_ID_CONF: wap_id}):
                 written = write(wap_id)
+            t = _phase("write (staged)", t)
             table = _iceberg_table(spark, target)
             staged = _staged_snapshot(table, wap_id) or _stage_marker(table, properties, wap_id)
             snapshot_id = int(staged.snapshotId())
@@ -1272,7 +1475,9 @@ def stage_audit_publish(spark: Any, target: str, attempt_id: str, properties: di
             log.info("staged snapshot %s of %s (parent %s); auditing", snapshot_id, target,
                      staged.parentId())
             audit(snapshot_id, written)
+            t = _phase("audit", t)
             _fast_forward_main(table, snapshot_id)
+            _phase("publish", t)
             summary = staged.summary()
             return (snapshot_id, {key: summary.get(key) for key in ("added-files-size", "total-data-files")},
                     written)
@@ -1303,6 +1508,21 @@ def _snapshot_property_conf(properties: dict[str, str]) -> dict[str, str]:
     from k2.iceberg import snapshot_property_conf
 
     return snapshot_property_conf(properties)
+
+
+def _table_schema(spark: Any, target: str) -> Any:
+    """The Spark schema of an Iceberg table (as spark.table(target).schema has it, without
+    analysing a query), or None when the table does not exist."""
+    from pyspark.errors import AnalysisException
+    from pyspark.sql.types import StructType
+
+    jvm = spark.sparkContext._jvm
+    try:
+        table = _iceberg_table(spark, target)
+    except AnalysisException:  # Iceberg's NoSuchTableException, as pyspark raises it
+        return None
+    return StructType.fromJson(json.loads(
+        jvm.org.apache.iceberg.spark.SparkSchemaUtil.convert(table.schema()).json()))
 
 
 def _iceberg_table(spark: Any, target: str) -> Any:

@@ -129,6 +129,9 @@ def test_first_offload_of_an_interval(filled, ch_client, catalog, job_env):
     assert expected.rows > 1000
     assert (result["rows"], result["checksum"]) == (expected.rows, expected.checksum)
     assert result["table"] == BRONZE.name and result["run_id"].startswith("scheduled__")
+    # a local master: the driver's threads read, write and audit; one slice per 250k rows
+    assert "data file(s) by the driver" in proc.stdout + proc.stderr
+    assert result["slices"] == 1
     assert iceberg_figures(catalog, BRONZE, I0) == expected
     assert_clean(ch_client, catalog, BRONZE, *I0)
 
@@ -150,8 +153,11 @@ def test_first_offload_of_an_interval(filled, ch_client, catalog, job_env):
 
 
 def test_second_interval(filled, ch_client, catalog, job_env):
-    result, _, wall = run_job(job_env, BRONZE.name, I1, "scheduled__2026-11-26T10:15:00+00:00", "--slices", "4")
+    """On the executors (a cluster's path: --driver-max-rows 0), in 4 slices."""
+    result, proc, wall = run_job(job_env, BRONZE.name, I1, "scheduled__2026-11-26T10:15:00+00:00",
+                                 "--slices", "4", "--driver-max-rows", "0")
     assert result["slices"] == 4
+    assert "data file(s) by the executors" in proc.stdout + proc.stderr
     assert_clean(ch_client, catalog, BRONZE, I0[0], I1[1])
     print(f"\nPERF second interval: {result['rows']:,} rows in {wall:.1f} s wall")
 

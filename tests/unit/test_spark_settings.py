@@ -3,10 +3,12 @@ the class-data archive used only where `make setup` made it."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from k2.config import SPARK_JARS_DIR
 from k2.local import settings
 
 
@@ -61,3 +63,15 @@ def test_a_value_the_jvm_options_cannot_carry_is_refused_naming_the_line(
     monkeypatch.setattr(settings, "SPARK_CONF_DIR", _conf_dir(tmp_path, f"# comment\n{line}\n"))
     with pytest.raises(ValueError, match=r"spark-defaults.conf:2: spark\.(app\.name|driver\.host|x)"):
         settings.spark_java_options(archive="none")
+
+
+def test_the_jobs_jars_are_on_the_jvms_own_class_path() -> None:
+    """--jars classes come through Spark's class loader, which no class-data archive holds;
+    the local stack also lists the jars in SPARK_DIST_CLASSPATH, which the launcher puts on
+    the JVM's class path, in one fixed order (an archive only fits the class path it was
+    made with)."""
+    env = settings.spark_environment(settings.LOOPBACK)
+    entries = env["SPARK_DIST_CLASSPATH"].split(os.pathsep)
+    assert entries == sorted(entries)
+    assert {Path(e).name for e in entries} == {p.name for p in SPARK_JARS_DIR.glob("*.jar")}
+    assert any(Path(e).name.startswith("iceberg-spark-runtime") for e in entries)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from k2.config import REPO_ROOT
+from k2.config import REPO_ROOT, SPARK_JARS_DIR
 
 # Spark's settings for every job on the local stack (loopback, no UI, quiet logs, a JVM for
 # short jobs): spark-defaults.conf and log4j2.properties of this folder (see the files).
@@ -60,11 +60,17 @@ def spark_java_options(*, archive: str = "use") -> str:
 
 
 def spark_environment(host: str, *, archive: str = "use") -> dict[str, str]:
-    """What spark-submit needs to run a job on the local stack bound to `host`."""
+    """What spark-submit needs to run a job on the local stack bound to `host`.
+
+    The job's jars (SPARK_JARS_DIR) also go on the JVM's own class path (the launcher adds
+    SPARK_DIST_CLASSPATH to it): classes of --jars come through Spark's own class loader,
+    which the class-data archive cannot hold; found on the class path, Iceberg's and the
+    JDBC driver's classes are mapped from the archive like Spark's."""
     return {
         "SPARK_LOCAL_IP": host,
         "SPARK_CONF_DIR": str(SPARK_NO_CONF_DIR),
         "SPARK_SUBMIT_OPTS": spark_java_options(archive=archive),
+        "SPARK_DIST_CLASSPATH": os.pathsep.join(sorted(str(p) for p in SPARK_JARS_DIR.glob("*.jar"))),
     }
 
 
