@@ -11,6 +11,8 @@ endpoint), creates the schema and, for each size N, inserts N synthetic trades i
                      benchmarks/catchup.py submits it (master local[2], the stack's Spark
                      environment, ClickHouse and Iceberg settings as the operator passes them)
   job, replace       the same interval again
+  job, replace on executors   the same with --driver-max-rows 0: the slices and the audit on
+                     the executors, as a cluster runs a large interval
   predecessor        benchmarks/predecessor_jdbc.py through spark-submit: Spark's JDBC source
                      with the official ClickHouse JDBC driver (spark_jobs/bench-jars, `make
                      setup`), appended to cold.bench_predecessor_<N>; no checks
@@ -26,7 +28,9 @@ run), with the project's table properties. Printed per path: wall seconds and CP
 operation alone), rows/s, the peak RSS of the process tree (the summed RSS of the process
 and its descendants, sampled every 0.2 s), and the CPU seconds the rest of the machine used
 meanwhile (other work on a shared machine inflates wall times; CPU seconds much less); then
-the ratios of wall times. Nothing is asserted: figures, not a test.
+the ratios of wall times. Sizes under 100,000 rows run every path --repeat times (default
+3), each on an interval of its own, and count the run of median wall time. Nothing is
+asserted: figures, not a test.
 """
 
 from __future__ import annotations

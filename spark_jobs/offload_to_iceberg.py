@@ -1327,7 +1327,7 @@ def _file_checksums(job: _Job, snapshot_id: int, start: datetime, end: datetime,
     bounds_us = (ck.to_epoch_ms(start) * 1000, ck.to_epoch_ms(end) * 1000, step // timedelta(microseconds=1))
 
     def one(path: str) -> dict[int, Any] | None:
-        return _file_checksum(arrow_uri(path), field_ids, time_column, job.key_cols, *bounds_us)
+        return _file_checksum(path, field_ids, time_column, job.key_cols, *bounds_us)
 
     with ThreadPoolExecutor(max_workers=max(1, min(job.slices, len(paths))),
                             thread_name_prefix="k2-audit") as pool:
@@ -1344,20 +1344,32 @@ def _file_checksums(job: _Job, snapshot_id: int, start: datetime, end: datetime,
     return total
 
 
-def _file_checksum(uri: str, field_ids: dict[int, str], time_column: str, key_cols: list[Any],
+def open_data_file(location: str) -> Any:
+    """An Iceberg data file's location opened with pyarrow, the path taken as it is: a
+    location keeps the escapes of its partition values (pair=ETH%2FUSD is a folder of that
+    name), which pyarrow's FileSystem.from_uri would decode."""
+    import pyarrow.fs as pafs
+
+    scheme, separator, rest = location.partition(":")
+    if not separator or scheme == "file":
+        return pafs.LocalFileSystem().open_input_file("/" + rest.lstrip("/") if separator else location)
+    authority, _, key = rest.removeprefix("//").partition("/")
+    fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{authority}")
+    return fs.open_input_file(f"{authority}/{key}")
+
+
+def _file_checksum(location: str, field_ids: dict[int, str], time_column: str, key_cols: list[Any],
                    start_us: int, end_us: int, step_us: int) -> dict[int, Any] | None:
     """{k: IntervalChecksum} of one Parquet data file's rows in [start_us, end_us) (k: the
     step of the row's event time), streamed by row group; None when the file has no
     column with one of `field_ids` (a column added to the table after it was written)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     from k2 import checksum as ck
 
-    fs, path = pafs.FileSystem.from_uri(uri)
-    with fs.open_input_file(path) as source:
+    with open_data_file(location) as source:
         parquet = pq.ParquetFile(source)
         by_id = {int(f.metadata[b"PARQUET:field_id"]): f.name
                  for f in parquet.schema_arrow if f.metadata and b"PARQUET:field_id" in f.metadata}

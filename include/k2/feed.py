@@ -380,9 +380,12 @@ class TradeGenerator:
         symbols: Iterable[str] | None = None,
         rate: float = DEFAULT_RATE,
         state: FeedState | None = None,
+        kraken_share: float = KRAKEN_SHARE,
     ) -> None:
         _check_seed(seed)
         _check_rate(rate, "rate")
+        if not 0.0 <= kraken_share <= 1.0:
+            raise ValueError(f"kraken_share must be within [0, 1], got {kraken_share!r}")
         self.seed = seed
         self.rate = float(rate)
         self.assets = resolve_assets(symbols)
@@ -392,8 +395,8 @@ class TradeGenerator:
         base_rate = self.rate / (1.0 + _BURST_EXTRA)
         # calm-period trades/s per asset and exchange
         self._lambda = {
-            a.base: (base_rate * a.weight / total_weight * (1 - KRAKEN_SHARE),
-                     base_rate * a.weight / total_weight * KRAKEN_SHARE)
+            a.base: (base_rate * a.weight / total_weight * (1 - kraken_share),
+                     base_rate * a.weight / total_weight * kraken_share)
             for a in self.assets
         }
         self._asset_state = {
@@ -728,6 +731,8 @@ def run_feed(
     progress: Callable[[str], None] | None = print,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     exchanges: Sequence[str] | None = None,
+    kraken_share: float = KRAKEN_SHARE,
+    live: bool = True,
 ) -> FeedStats:
     """Insert simulated trades into the bronze tables (the views fill silver and gold).
 
@@ -743,6 +748,8 @@ def run_feed(
     end       history's end (aware datetime; default now, UTC)
     exchanges the exchanges whose trades are inserted (default both): the others' feed
               handlers are down, their bronze tables get nothing (K2FeedStopped's case)
+    kraken_share  Kraken's share of the trades (default 1/11: Binance ~10x busier)
+    live      False: the history only, `rate` setting its density
     """
     history_td, rate_f, duration_td = validate_feed_args(history, rate, seed, end, duration, batch_rows)
     tables = feed_tables(exchanges)
@@ -750,7 +757,7 @@ def run_feed(
     started = time.monotonic()
     stats = FeedStats()
     state = FeedState.from_clickhouse(client, assets)
-    generator = TradeGenerator(seed, [a.base for a in assets], rate_f or DEFAULT_RATE, state)
+    generator = TradeGenerator(seed, [a.base for a in assets], rate_f or DEFAULT_RATE, state, kraken_share)
     live_from_ms: int | None = None
 
     try:
@@ -769,7 +776,7 @@ def run_feed(
             meter.tick(force=True)
             live_from_ms = end_ms
 
-        if rate_f is not None:
+        if rate_f is not None and live:
             _run_live(client, generator, stats, live_from_ms, duration_td, progress, tables)
     except KeyboardInterrupt:
         stats.interrupted = True

@@ -196,6 +196,17 @@ def test_average_rate_matches_and_bursts_spike() -> None:
     assert np.median(per_10s) < 1.2 * per_10s.mean(), "but mostly calm"
 
 
+def test_kraken_share_sets_the_exchanges_split() -> None:
+    """The predecessor's day: ~5M Binance trades and ~26k Kraken trades (a share of 0.5 %)."""
+    share = 26_000 / 5_026_000
+    gen = TradeGenerator(5, rate=60.0, kraken_share=share)
+    batch = FeedBatch.concat(list(history_batches(gen, END_MS - 2 * HOUR_MS, END_MS, 50_000)))
+    kraken, total = len(batch.kraken["trade_id"]), batch.total_rows
+    assert abs(kraken / total / share - 1) < 0.35, (kraken, total)
+    with pytest.raises(ValueError, match="kraken_share must be within"):
+        TradeGenerator(5, kraken_share=1.5)
+
+
 def test_busier_assets_trade_more(hour: FeedBatch) -> None:
     counts = np.bincount(hour.binance["symbol_idx"], minlength=len(hour.assets))
     names = [a.base for a in hour.assets]

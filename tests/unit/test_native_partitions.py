@@ -85,3 +85,40 @@ def test_values_as_iceberg_parses_them_and_directory_names(job):
     assert job.partition_path_value({"transform": "year"}, 56) == "2026"
     assert job.partition_path_value({"transform": "hour"}, _iceberg("hour", TIMES[0])) == "2026-12-01-10"
     assert job.partition_path_value(day, None) == "null"
+
+
+def test_the_audit_reads_back_a_file_whose_partition_value_needs_escaping(job, tmp_path):
+    """Kraken's pair partition holds values such as ETH/USD: the writer names the folder
+    pair=ETH%2FUSD, and the driver's read-back (the audit) must open that folder as named,
+    not decode it to pair=ETH/USD."""
+    import pyarrow.fs as pafs
+
+    from k2 import checksum as ck
+
+    schema = pa.schema([
+        pa.field("pair", pa.string(), metadata={b"PARQUET:field_id": b"1"}),
+        pa.field("trade_id", pa.int64(), metadata={b"PARQUET:field_id": b"2"}),
+        pa.field("event_time", pa.timestamp("us", tz="UTC"), metadata={b"PARQUET:field_id": b"3"}),
+    ])
+    start_us = int((TIMES[0] - EPOCH).total_seconds() * 1_000_000)
+    batch = pa.RecordBatch.from_pylist(
+        [{"pair": "ETH/USD", "trade_id": i, "event_time": TIMES[0].replace(second=i)} for i in range(5)],
+        schema=schema)
+    location = f"file:{tmp_path}"
+    plan = {"partition": [{"name": "pair", "source": "pair", "transform": "identity"}],
+            "file_prefix": "test", "data_location": location, "codec": "zstd", "codec_level": None}
+    fs, base = pafs.FileSystem.from_uri(job.arrow_uri(location))
+    file = job._PartitionFile(fs, base, plan, ("ETH/USD",), 0, 0)
+    file.add(batch)
+    written = file.close()
+    assert "/pair=ETH%2FUSD/" in written["path"]
+    keys = [("pair", ck.KeyKind.STRING), ("trade_id", ck.KeyKind.INTEGER)]
+    figures = job._file_checksum(written["path"], {1: "pair", 2: "trade_id", 3: "event_time"},
+                                 "event_time", keys, start_us, start_us + 900_000_000, 900_000_000)
+    assert figures == {0: ck.arrow_checksum([batch], keys)}
+    # rows outside [start, end) are not counted; a column the file lacks is refused
+    later = job._file_checksum(written["path"], {1: "pair", 2: "trade_id", 3: "event_time"},
+                               "event_time", keys, start_us + 2_000_000, start_us + 900_000_000, 900_000_000)
+    assert later == {0: ck.arrow_checksum([batch.slice(2)], keys)}
+    assert job._file_checksum(written["path"], {1: "pair", 9: "missing"}, "pair", keys,
+                              start_us, start_us + 1, 1) is None

@@ -188,18 +188,14 @@ def _last_error(path) -> str:
     return error
 
 
-def wait_until_caught_up(pipeline: Pipeline, start_date: datetime, limit: timedelta) -> str | None:
-    """Wait until every table's watermark reaches the pipeline's end date (else the last
-    interval closed now), then verify.
-
-    Returns None when caught up and verified, else what is wrong.
-    """
+def wait_for_watermarks(stack: LocalStack, target: datetime, limit: timedelta,
+                        log: Callable[[str], None] = print) -> str | None:
+    """Poll until every table's watermark reaches `target`: None, or what went wrong (a
+    failed run, `limit` passed)."""
     from k2.config import load_tables
     from k2.watermarks import WatermarkStore
 
-    stack, log = pipeline.stack, pipeline.log
     specs = load_tables().tables
-    target = pipeline.end_date or floor_interval(datetime.now(timezone.utc))
     store = WatermarkStore(stack.postgres_dsn("k2"))
     deadline = time.monotonic() + limit.total_seconds()
     log(f"waiting for every table to reach {target.isoformat()} (at most {limit})")
@@ -209,7 +205,7 @@ def wait_until_caught_up(pipeline: Pipeline, start_date: datetime, limit: timede
         marks = {row.table_name: row.watermark_ts for row in store.status()}
         behind = [s.name for s in specs if marks.get(s.name) is None or marks[s.name] < target]
         if not behind:
-            break
+            return None
         failed = _failed_runs(stack)
         if failed:
             return (f"offload runs failed: {failed[:5]} (see the Airflow UI or {stack.airflow_home / 'logs'})\n  "
@@ -218,12 +214,29 @@ def wait_until_caught_up(pipeline: Pipeline, start_date: datetime, limit: timede
             return f"not caught up after {limit}: behind {target.isoformat()}: {', '.join(behind)}"
         if time.monotonic() - last_report > 30:
             done = len(specs) - len(behind)
-            log(f"  {done}/{len(specs)} tables caught up; behind: {', '.join(behind)}")
+            lowest = min((marks.get(s.name) for s in specs if marks.get(s.name)), default=None)
+            log(f"  {done}/{len(specs)} tables caught up; lowest watermark "
+                f"{lowest.isoformat() if lowest else 'none yet'}; behind: {', '.join(behind)}")
             last_report = time.monotonic()
         time.sleep(5)
 
+
+def wait_until_caught_up(pipeline: Pipeline, start_date: datetime, limit: timedelta) -> str | None:
+    """Wait until every table's watermark reaches the pipeline's end date (else the last
+    interval closed now), then verify.
+
+    Returns None when caught up and verified, else what is wrong.
+    """
+    from k2.config import load_tables
+
+    stack, log = pipeline.stack, pipeline.log
+    specs = load_tables().tables
+    target = pipeline.end_date or floor_interval(datetime.now(timezone.utc))
+    problem = wait_for_watermarks(stack, target, limit, log)
+    if problem:
+        return problem
     log("all tables caught up; verifying ClickHouse against Iceberg")
-    problems = _verify_all(stack, specs, start_date, target, log)
+    problems = verify_all(stack, specs, start_date, target, log)
     log("checking Prometheus: a watermark gauge for every table and no alert firing")
     problems += _monitoring_problems(stack, [s.name for s in specs], target, log)
     tries = failed_tries(stack)
@@ -232,7 +245,7 @@ def wait_until_caught_up(pipeline: Pipeline, start_date: datetime, limit: timede
     return "\n".join(problems) or None
 
 
-def _verify_all(stack: LocalStack, specs, start_date: datetime, target: datetime, log) -> list[str]:
+def verify_all(stack: LocalStack, specs, start_date: datetime, target: datetime, log) -> list[str]:
     import clickhouse_connect
 
     from k2.iceberg import load_catalog
@@ -259,6 +272,16 @@ def _prometheus_query(url: str, expr: str) -> list[dict]:
         return json.loads(r.read())["data"]["result"]
 
 
+def firing_alerts(stack: LocalStack) -> list[str]:
+    """The alerts firing in the local stack's Prometheus, as `name{table=...}` (OSError when
+    Prometheus cannot be reached)."""
+    from k2.local.monitoring import MonitoringStack
+
+    url = MonitoringStack.for_local_stack(stack).prometheus_url
+    return sorted({f"{row['metric'].get('alertname')}{{table={row['metric'].get('table', '')}}}"
+                   for row in _prometheus_query(url, 'ALERTS{alertstate="firing"}')})
+
+
 def _monitoring_problems(stack: LocalStack, tables: list[str], target: datetime, log) -> list[str]:
     """What the operator would see: every table's watermark gauge in Prometheus at the
     target, and no alert firing - faults and speed alike (lag, slow cycles, deadlines,
@@ -274,10 +297,7 @@ def _monitoring_problems(stack: LocalStack, tables: list[str], target: datetime,
                 row["metric"].get("table"): float(row["value"][1])
                 for row in _prometheus_query(url, metrics.WATERMARK.prometheus)
             }
-            firing = sorted(
-                {f"{row['metric'].get('alertname')}{{table={row['metric'].get('table', '')}}}"
-                 for row in _prometheus_query(url, 'ALERTS{alertstate="firing"}')}
-            )
+            firing = firing_alerts(stack)
         except OSError as exc:
             return [f"Prometheus at {url} unreachable: {exc}"]
         behind = [t for t in tables if marks.get(t, 0.0) < target.timestamp()]
