@@ -20,6 +20,11 @@ number of Spark jobs that published (distinct Airflow runs among the offload sna
 on each table's main branch) and the alerts firing at the end (information: a catch-up
 is allowed to trip the speed alerts). Nothing is asserted: figures, not a test; the exit
 status is 1 when the catch-up failed or verify found differences.
+
+With --hold D the DAGs have no end date: the goal is still the last interval closed when
+Airflow starts, and once it is reached and verified the pipeline keeps running live (the
+feed at the day's average rate, a run every 15 minutes per table) for D, while the script
+checks every 30 s that no alert fires (exit status 1 if one does).
 """
 
 from __future__ import annotations
@@ -70,6 +75,29 @@ def spark_jobs(catalog, specs, start: datetime, end: datetime) -> dict[str, int]
     return jobs
 
 
+def hold(stack, duration: timedelta, firing_alerts) -> int:
+    """Keep the caught-up pipeline running live for `duration`; every 30 s, the alerts
+    firing. Returns 1 when any fired."""
+    print(f"\nholding live for {duration}, checking Prometheus's alerts every 30 s", flush=True)
+    seen: dict[str, str] = {}
+    checks = 0
+    until = time.monotonic() + duration.total_seconds()
+    while time.monotonic() < until:
+        time.sleep(30)
+        now = datetime.now(timezone.utc).strftime("%H:%M:%S")
+        checks += 1
+        for alert in firing_alerts(stack):
+            if alert not in seen:
+                seen[alert] = now
+                print(f"  {now} FIRING {alert}", flush=True)
+        if checks % 10 == 0:
+            print(f"  {now} {checks} checks, {len(seen)} alert(s) fired so far", flush=True)
+    print(f"held {duration} live after the catch-up: {checks} checks, "
+          + (f"alerts fired: {', '.join(f'{a} (first at {t})' for a, t in seen.items())}"
+             if seen else "no alert fired"))
+    return 1 if seen else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hours", type=float, default=24.0, help="hours of backlog (default 24)")
@@ -77,6 +105,9 @@ def main() -> int:
     parser.add_argument("--kraken-per-day", type=int, default=26_000)
     parser.add_argument("--limit", default="60m", help="give up after this long (default 60m)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--hold", default=None,
+                        help="then keep the pipeline running live this long (e.g. 60m), checking "
+                             "every 30 s that no alert fires")
     args = parser.parse_args()
     if args.hours <= 0 or args.binance_per_day <= 0 or args.kraken_per_day < 0:
         parser.error("--hours and --binance-per-day must be positive, --kraken-per-day not negative")
@@ -118,9 +149,10 @@ def main() -> int:
         client.close()
 
         started = time.monotonic()
-        start_date = pipeline.start(history=history, rate=rate, seed=args.seed, bounded=True)
+        goal = floor_interval(datetime.now(timezone.utc))
+        start_date = pipeline.start(history=history, rate=rate, seed=args.seed, bounded=not args.hold)
         airflow_up = time.monotonic() - started
-        target = pipeline.end_date
+        target = pipeline.end_date or goal
         problem = wait_for_watermarks(stack, target, parse_duration(args.limit), progress)
         caught_up = time.monotonic() - started
         if problem:
@@ -155,6 +187,8 @@ def main() -> int:
         if problems:
             print("\n".join(problems))
             return 1
+        if args.hold:
+            return hold(stack, parse_duration(args.hold), firing_alerts)
         return 0
     finally:
         pipeline.stop()

@@ -990,7 +990,7 @@ def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) 
 
 
 class _Read(NamedTuple):
-    """The slices of one read and the rows Spark read in each (an accumulator)."""
+    """The slices of one read and the rows read in each (an accumulator, or LocalCounts on the driver)."""
 
     bounds: list[tuple[int, int, int]]
     counts: Any
@@ -1008,7 +1008,7 @@ class _Read(NamedTuple):
         if len(slices_read) != len(self.bounds):
             problems.append(f"{len(slices_read)} of {len(self.bounds)} slices were read")
         if rows_read != clickhouse_rows:
-            problems.append(f"Spark read {rows_read} rows, ClickHouse counts {clickhouse_rows} "
+            problems.append(f"the job read {rows_read} rows, ClickHouse counts {clickhouse_rows} "
                             "(rows changed during the read?)")
         if written + quarantined != rows_read:
             problems.append(f"rows read {rows_read} != written {written} + quarantined {quarantined}")

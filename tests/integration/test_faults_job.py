@@ -238,7 +238,7 @@ def test_failed_audit_publishes_nothing_and_the_retry_publishes_once(filled, ch_
     # The interval that changed is named with both figures; the read is one row over.
     assert f"[{I2[0].isoformat()}, {I2[1].isoformat()}): the snapshot holds {first['rows'] + 1} rows" in error, error
     assert f"ClickHouse {first['rows']} rows" in error, error
-    read, counted = map(int, re.search(r"Spark read (\d+) rows, ClickHouse counts (\d+)", error).groups())
+    read, counted = map(int, re.search(r"the job read (\d+) rows, ClickHouse counts (\d+)", error).groups())
     assert read == counted + 1, error
     assert f"[{I3[0].isoformat()}" not in error, "I3 did not change and is not named"
     # nothing visible changed: main's history, the interval's rows, the interval's snapshot
