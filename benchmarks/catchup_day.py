@@ -30,6 +30,7 @@ checks every 30 s that no alert fires (exit status 1 if one does).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from datetime import datetime, timedelta, timezone
@@ -112,6 +113,8 @@ def main() -> int:
     if args.hours <= 0 or args.binance_per_day <= 0 or args.kraken_per_day < 0:
         parser.error("--hours and --binance-per-day must be positive, --kraken-per-day not negative")
 
+    # SIGTERM ends the run like Ctrl-C: what it started is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     home = use_throwaway_home("k2-bench-day-")
     import shutil
 

@@ -258,6 +258,9 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
     :param application: the PySpark job (templated); default spark_jobs/offload_to_iceberg.py.
     :param jars: comma-separated jars (templated); default every jar in ``jars_dir``.
     :param jars_dir: folder whose jars are used when ``jars`` is not given.
+    :param driver_max_rows: the job's ``--driver-max-rows``: intervals of at most this many
+        rows are written by the Spark driver itself, larger ones by the executors (default:
+        the job's own, every interval on a local master and 500k rows on a cluster).
     :param kwargs: everything else goes to SparkSubmitOperator (conn_id, conf, driver_memory...).
     """
 
@@ -284,12 +287,15 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         jars: str | None = None,
         jars_dir: str | os.PathLike[str] = DEFAULT_JARS_DIR,
         name: str | None = None,
+        driver_max_rows: int | None = None,
         **kwargs: Any,
     ) -> None:
         if "application_args" in kwargs:
             raise TypeError("OffloadToIcebergOperator builds its application_args itself")
         if max_intervals_per_job is not None and max_intervals_per_job < 1:
             raise ValueError(f"max_intervals_per_job must be >= 1, got {max_intervals_per_job}")
+        if driver_max_rows is not None and driver_max_rows < 0:
+            raise ValueError(f"driver_max_rows must be >= 0, got {driver_max_rows}")
         super().__init__(
             application=str(application),
             jars=jars,
@@ -312,6 +318,7 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         self.interval_start = interval_start
         self.interval_end = interval_end
         self.max_intervals_per_job = max_intervals_per_job
+        self.driver_max_rows = driver_max_rows
         self.clickhouse_conn_id = clickhouse_conn_id
         self.iceberg_conn_id = iceberg_conn_id
         self.postgres_conn_id = postgres_conn_id
@@ -530,7 +537,7 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         step = plan.intervals[0][1] - plan.intervals[0][0]
         if step % timedelta(seconds=1):
             raise ValueError(f"interval length {step} is not a whole number of seconds")
-        return [
+        arguments = [
             "--table",
             self.table,
             "--interval-start",
@@ -542,6 +549,9 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
             "--run-id",
             run_id,
         ]
+        if self.driver_max_rows is not None:
+            arguments += ["--driver-max-rows", str(self.driver_max_rows)]
+        return arguments
 
     def _offload(
         self,
