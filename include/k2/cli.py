@@ -494,7 +494,7 @@ def run(
     history_span = _duration(history)
     pipeline = Pipeline(_stack())
     try:
-        start_date = pipeline.start(history=history_span, rate=rate, seed=seed, bounded=until_caught_up)
+        start_date = pipeline.start(history=history_span, rate=rate, seed=seed)
         typer.echo(pipeline.banner(start_date))
         wait_for_interrupt()
     except StackError as exc:
