@@ -32,6 +32,8 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from k2.config import identifier
+
 if TYPE_CHECKING:  # heavy imports stay lazy so DAG parsing and the CLI start fast
     import pyarrow as pa
     from pyspark.sql import Column, DataFrame
@@ -42,7 +44,6 @@ KEY_SEPARATOR = "\x1f"
 NULL_TOKEN = "\\N"
 MODULUS = 1 << 64
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class KeyKind(str, Enum):
@@ -72,9 +73,7 @@ class IntervalChecksum:
 
 
 def _ident(name: str) -> str:
-    if not _IDENTIFIER.match(name):
-        raise ChecksumError(f"{name!r} is not a plain identifier")
-    return name
+    return identifier(name, error=ChecksumError)
 
 
 def key_columns(spec: TableSpec, kinds: Mapping[str, KeyKind]) -> list[tuple[str, KeyKind]]:

@@ -62,10 +62,22 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=int(match["n"]) * _UNIT_SECONDS[match["unit"]])
 
 
-def _identifier(value: str) -> str:
+def identifier(value: str, what: str = "", error: type[Exception] = ValueError) -> str:
+    """value when it is a plain SQL identifier; else ``error`` naming it (and ``what`` it is).
+
+    The one check every SQL identifier passes (table specs, the hook's queries, checksums,
+    quality checks, Iceberg names): no SQL ever comes from run-time input.
+    """
     if not isinstance(value, str) or not IDENTIFIER.match(value):
-        raise ValueError(f"{value!r} is not a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*)")
+        label = f"{what} " if what else ""
+        raise error(f"{label}{value!r} is not a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*)")
     return value
+
+
+def quote_identifier(value: str) -> str:
+    """A checked identifier in backquotes (ClickHouse and Spark SQL)."""
+    return f"`{identifier(value)}`"
+
 
 
 class Completeness(BaseModel):
@@ -73,7 +85,7 @@ class Completeness(BaseModel):
     table: str
     column: str
 
-    _check = field_validator("table", "column")(_identifier)
+    _check = field_validator("table", "column")(identifier)
 
 
 # Row-quality checks (tables.yaml `quality_checks`; k2.quality renders them per engine).
@@ -126,7 +138,7 @@ def _one_check(item: Any, event_time_column: str | None) -> list[QualityCheck]:
         columns = [args] if isinstance(args, str) else args
         if not isinstance(columns, list) or not columns:
             raise ValueError(f"{name!r} needs a column or a list of columns, e.g. {_EXAMPLES[name]}")
-        return [QualityCheck(check=name, columns=(_identifier(c),)) for c in columns]
+        return [QualityCheck(check=name, columns=(identifier(c),)) for c in columns]
     if name == CHECK_ALLOWED_VALUES:
         if not isinstance(args, dict) or not args:
             raise ValueError(f"{name!r} needs a mapping column -> values, e.g. {_EXAMPLES[name]}")
@@ -140,7 +152,7 @@ def _one_check(item: Any, event_time_column: str | None) -> list[QualityCheck]:
                         f"{name!r} of {column!r}: {value!r} is not a string of 1-128 printable "
                         "characters without quotes or backslashes"
                     )
-            checks.append(QualityCheck(check=name, columns=(_identifier(column),), values=tuple(values)))
+            checks.append(QualityCheck(check=name, columns=(identifier(column),), values=tuple(values)))
         return checks
     # not_in_future
     if not isinstance(args, dict) or "reference" not in args:
@@ -152,8 +164,8 @@ def _one_check(item: Any, event_time_column: str | None) -> list[QualityCheck]:
     if column is None:
         raise ValueError(f"{name!r} needs a column")
     tolerance = parse_duration(args.get("tolerance", "0s"))
-    return [QualityCheck(check=name, columns=(_identifier(column),),
-                         reference=_identifier(args["reference"]), tolerance=tolerance)]
+    return [QualityCheck(check=name, columns=(identifier(column),),
+                         reference=identifier(args["reference"]), tolerance=tolerance)]
 
 
 _EXAMPLES = {
@@ -192,12 +204,12 @@ class TableSpec(BaseModel):
     @field_validator("clickhouse_table", "read_from", "event_time_column")
     @classmethod
     def _plain_identifier(cls, value: str | None) -> str | None:
-        return None if value is None else _identifier(value)
+        return None if value is None else identifier(value)
 
     @field_validator("unique_key")
     @classmethod
     def _key_identifiers(cls, value: list[str]) -> list[str]:
-        return [_identifier(v) for v in value]
+        return [identifier(v) for v in value]
 
     @field_validator("iceberg_table")
     @classmethod
@@ -206,7 +218,7 @@ class TableSpec(BaseModel):
         if len(parts) != 2:
             raise ValueError(f"{value!r} must be namespace.table")
         for part in parts:
-            _identifier(part)
+            identifier(part)
         return value
 
     @field_validator("partition_by")

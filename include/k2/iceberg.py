@@ -44,6 +44,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
+
+from k2.config import identifier
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -85,7 +87,6 @@ TABLE_PROPERTIES = {
     "write.wap.enabled": "true",
 }
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class UnsupportedType(ValueError):
@@ -97,9 +98,7 @@ class SchemaMismatch(RuntimeError):
 
 
 def _ident(name: str, what: str = "identifier") -> str:
-    if not isinstance(name, str) or not _IDENTIFIER.match(name):
-        raise ValueError(f"{what} {name!r} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)")
-    return name
+    return identifier(name, what)
 
 
 # --------------------------------------------------------------------------------------

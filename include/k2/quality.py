@@ -37,6 +37,7 @@ from k2.config import (
     CHECK_KEY_NOT_NULL,
     CHECK_NOT_IN_FUTURE,
     CHECK_POSITIVE,
+    identifier,
 )
 
 if TYPE_CHECKING:
@@ -55,7 +56,6 @@ QUARANTINE_COLUMNS = (REASON_COLUMN, INTERVAL_START_COLUMN, INTERVAL_END_COLUMN,
                       QUARANTINED_AT_COLUMN)
 REASON_SEPARATOR = ","
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NUMERIC = re.compile(r"^(U?Int(8|16|32|64|128|256)|Float(32|64)|Decimal(32|64|128|256)?\(.*\))$")
 _STRING = re.compile(r"^(String|FixedString\(\d+\))$")
 _TIME = re.compile(r"^DateTime(64)?(\(.*\))?$")
@@ -66,9 +66,7 @@ class QualityError(ValueError):
 
 
 def _ident(name: str) -> str:
-    if not _IDENTIFIER.match(name):
-        raise QualityError(f"{name!r} is not a plain identifier")
-    return name
+    return identifier(name, error=QualityError)
 
 
 def quarantine_table_name(spec: TableSpec) -> str:

@@ -1,7 +1,9 @@
-"""ClickHouse connection -> clickhouse-connect kwargs, and the provider's connection-type declaration."""
+"""ClickHouse connection -> clickhouse-connect kwargs through the official provider's hook, and
+the provider registering no connection type of its own."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -12,11 +14,8 @@ from airflow.sdk import Connection
 
 from k2.runtime_env import CLICKHOUSE_PASSWORD, ClickHouseSettings
 from k2_provider.get_provider_info import get_provider_info
-from k2_provider.hooks.clickhouse import (
-    ClickHouseHook,
-    client_kwargs_from_connection,
-    quote_identifier,
-)
+from k2.config import quote_identifier
+from k2_provider.hooks.clickhouse import K2ClickHouseHook, client_kwargs_from_connection
 
 
 def _conn(extra: dict[str, Any] | str | None = None, **fields: Any) -> Connection:
@@ -32,6 +31,7 @@ def test_defaults_for_a_bare_connection() -> None:
         "username": "default",
         "password": "",
         "secure": False,
+        "verify": True,
     }
 
 
@@ -55,6 +55,7 @@ def test_full_connection() -> None:
         "password": "s3cret",
         "database": "k2",
         "secure": False,
+        "verify": True,
         "settings": {"max_execution_time": 60, "readonly": 1},
         "connect_timeout": 5,
         "send_receive_timeout": 120,
@@ -81,11 +82,25 @@ def test_settings_may_be_a_json_string() -> None:
     assert kwargs["settings"] == {"max_threads": 2}
 
 
+def test_official_session_settings_win_over_the_legacy_settings_extra() -> None:
+    extra = {"settings": {"max_threads": 2, "readonly": 1}, "session_settings": {"max_threads": 4}}
+    assert client_kwargs_from_connection(_conn(extra))["settings"] == {"max_threads": 4, "readonly": 1}
+
+
+@pytest.mark.parametrize(("verify", "expected"), [("false", False), ("0", False), (None, True)])
+def test_verify_is_read_as_a_boolean(verify: Any, expected: bool) -> None:
+    # the official hook's bool("false") would be True: a string from a form or an env var
+    extra = {} if verify is None else {"verify": verify}
+    assert client_kwargs_from_connection(_conn(extra))["verify"] is expected
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         ({"secure": "maybe"}, "'secure'"),
         ({"settings": [1, 2]}, "'settings' must be an object"),
+        ({"session_settings": "{nope"}, "'session_settings' is not JSON"),
+        ({"verify": "perhaps"}, "'verify'"),
         ({"settings": "{nope"}, "'settings' is not JSON"),
         ({"connect_timeout": "soon"}, "'connect_timeout'"),
         ({"send_receive_timeout": 0}, "must be positive"),
@@ -98,8 +113,8 @@ def test_bad_extra_is_explained(extra: dict[str, Any], message: str) -> None:
 
 def test_hook_maps_its_connection_and_settings_for_spark() -> None:
     conn = _conn({"secure": True}, host="ch", login="k2", password="pw", schema="hot")
-    with mock.patch.object(ClickHouseHook, "get_connection", return_value=conn) as get_connection:
-        hook = ClickHouseHook(clickhouse_conn_id="ch")
+    with mock.patch.object(K2ClickHouseHook, "get_connection", return_value=conn) as get_connection:
+        hook = K2ClickHouseHook(clickhouse_conn_id="ch")
         settings = hook.settings_for_spark()
     get_connection.assert_called_once_with("ch")
     assert settings == ClickHouseSettings(
@@ -109,27 +124,46 @@ def test_hook_maps_its_connection_and_settings_for_spark() -> None:
     assert "pw" not in repr(settings)
 
 
-def test_get_conn_passes_the_kwargs_to_clickhouse_connect() -> None:
-    conn = _conn({"settings": {"max_threads": 2}}, host="ch", schema="hot")
+def test_client_passes_the_official_and_own_kwargs_to_clickhouse_connect() -> None:
+    conn = _conn(
+        {"settings": {"max_threads": 2}, "compress": False, "client_name": "k2"},
+        host="ch", schema="hot",
+    )
     with (
-        mock.patch.object(ClickHouseHook, "get_connection", return_value=conn),
+        mock.patch.object(K2ClickHouseHook, "get_connection", return_value=conn),
         mock.patch("clickhouse_connect.get_client") as get_client,
     ):
-        hook = ClickHouseHook()
-        assert hook.get_conn() is hook.get_conn()  # made once
-    get_client.assert_called_once_with(
-        host="ch",
-        port=8123,
-        username="default",
-        password="",
-        database="hot",
-        secure=False,
-        settings={"max_threads": 2},
-    )
+        hook = K2ClickHouseHook(session_settings={"readonly": 1})
+        assert hook.client is hook.client  # made once
+    get_client.assert_called_once()
+    kwargs = get_client.call_args.kwargs
+    assert kwargs.pop("client_name").startswith("apache-airflow/")  # the official hook's
+    assert kwargs == {
+        "host": "ch",
+        "port": 8123,
+        "username": "default",
+        "password": "",
+        "database": "hot",
+        "secure": False,
+        "verify": True,
+        "compress": False,
+        "settings": {"max_threads": 2, "readonly": 1},
+    }
+
+
+def test_get_conn_is_the_official_db_api_connection() -> None:
+    from airflow.providers.clickhousedb.hooks.clickhouse import ClickHouseConnection
+
+    conn = _conn(host="ch")
+    with (
+        mock.patch.object(K2ClickHouseHook, "get_connection", return_value=conn),
+        mock.patch("clickhouse_connect.get_client"),
+    ):
+        assert isinstance(K2ClickHouseHook().get_conn(), ClickHouseConnection)
 
 
 def test_watermark_is_max_minus_lateness_and_none_when_empty() -> None:
-    hook = ClickHouseHook()
+    hook = K2ClickHouseHook()
     client = mock.Mock()
     hook._client = client
     client.query.return_value.first_row = (datetime(2026, 1, 1, 0, 10),)  # naive UTC, as returned
@@ -143,7 +177,7 @@ def test_watermark_is_max_minus_lateness_and_none_when_empty() -> None:
 
 @pytest.mark.parametrize("name", ["a b", "t; DROP TABLE x", "`x`", "1abc", "", "db.table"])
 def test_identifiers_are_validated_before_any_query(name: str) -> None:
-    hook = ClickHouseHook()
+    hook = K2ClickHouseHook()
     hook._client = mock.Mock()
     with pytest.raises(ValueError, match="plain SQL identifier"):
         hook.watermark(name, "event_time", timedelta(0))
@@ -153,18 +187,10 @@ def test_identifiers_are_validated_before_any_query(name: str) -> None:
     assert quote_identifier("silver_trades") == "`silver_trades`"
 
 
-def test_provider_info_declares_the_clickhouse_connection_type() -> None:
+def test_provider_info_declares_no_connection_type() -> None:
     info = get_provider_info()
     assert info["package-name"] == "k2-cold-tier"  # must equal the distribution name
-    [conn_type] = info["connection-types"]
-    assert conn_type["connection-type"] == "clickhouse"
-    assert conn_type["hook-class-name"] == "k2_provider.hooks.clickhouse.ClickHouseHook"
-    assert set(conn_type["conn-fields"]) == {"secure", "connect_timeout", "send_receive_timeout"}
-    assert conn_type["conn-fields"]["secure"]["schema"]["type"] == ["boolean", "null"]
-    behaviour = conn_type["ui-field-behaviour"]
-    assert behaviour["relabeling"]["schema"] == "Database"
-    assert {"hidden-fields", "relabeling", "placeholders"} <= behaviour.keys()
-    assert ClickHouseHook.get_ui_field_behaviour()["relabeling"] == behaviour["relabeling"]
+    assert "connection-types" not in info  # clickhouse is the official provider's
 
 
 def test_provider_info_matches_airflow_runtime_schema() -> None:
@@ -175,28 +201,25 @@ def test_provider_info_matches_airflow_runtime_schema() -> None:
 
     info = get_provider_info()
     _create_provider_info_schema_validator().validate(info)
-    module, _, cls = info["connection-types"][0]["hook-class-name"].rpartition(".")
-    hook_class = getattr(importlib.import_module(module), cls)
-    assert (hook_class.conn_type, hook_class.default_conn_name) == (
-        "clickhouse",
-        "clickhouse_default",
-    )
     for kind in ("hooks", "sensors", "triggers", "operators"):
         for entry in info[kind]:
             for module in entry["python-modules"]:
                 importlib.import_module(module)
 
 
-def test_providers_manager_registers_the_connection_form() -> None:
-    """What Airflow itself builds from the installed entry point (conn-fields, ui-field-behaviour)."""
+def test_providers_manager_has_one_clickhouse_type_the_official_one() -> None:
+    """What Airflow itself builds from the installed entry points: one ``clickhouse`` type,
+    the official provider's hook and form; this provider is registered without a type."""
     from airflow.providers_manager import ProvidersManager
     from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
 
     manager = ProvidersManager()
     assert "k2-cold-tier" in manager.providers
+    assert "apache-airflow-providers-clickhousedb" in manager.providers
     hook = ProvidersManagerTaskRuntime().hooks["clickhouse"]
-    assert (
-        hook is not None and hook.hook_class_name == "k2_provider.hooks.clickhouse.ClickHouseHook"
-    )
+    assert hook is not None
+    assert hook.hook_class_name == "airflow.providers.clickhousedb.hooks.clickhouse.ClickHouseHook"
+    assert hook.package_name == "apache-airflow-providers-clickhousedb"
+    assert issubclass(K2ClickHouseHook, importlib.import_module(
+        "airflow.providers.clickhousedb.hooks.clickhouse").ClickHouseHook)
     assert manager.field_behaviours["clickhouse"]["relabeling"]["schema"] == "Database"
-    assert "extra__clickhouse__secure" in manager.connection_form_widgets

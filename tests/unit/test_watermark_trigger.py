@@ -17,8 +17,8 @@ from k2_provider.triggers.clickhouse_watermark import ClickHouseWatermarkTrigger
 
 TARGET = datetime(2026, 1, 1, 0, 15, tzinfo=timezone.utc)
 # The path the trigger and the sensor use (they import the hook into their modules).
-TRIGGER_QUERY = "k2_provider.triggers.clickhouse_watermark.ClickHouseHook.watermark"
-SENSOR_QUERY = "k2_provider.sensors.clickhouse_watermark.ClickHouseHook.watermark"
+TRIGGER_QUERY = "k2_provider.triggers.clickhouse_watermark.K2ClickHouseHook.watermark"
+SENSOR_QUERY = "k2_provider.sensors.clickhouse_watermark.K2ClickHouseHook.watermark"
 
 
 def _trigger(**overrides: Any) -> ClickHouseWatermarkTrigger:

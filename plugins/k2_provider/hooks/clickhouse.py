@@ -1,38 +1,44 @@
-"""ClickHouse hook: an Airflow connection of type ``clickhouse`` -> a clickhouse-connect client.
+"""The project's ClickHouse hook: the official provider's hook plus what the offload needs.
 
-Connection fields:
+The connection type ``clickhouse`` belongs to ``apache-airflow-providers-clickhousedb``
+(its :class:`~airflow.providers.clickhousedb.hooks.clickhouse.ClickHouseHook`, clickhouse-connect
+over HTTP, a ``DbApiHook`` that ``SQLExecuteQueryOperator`` uses). This provider registers no
+connection type of its own: :class:`K2ClickHouseHook` subclasses the official hook and adds
 
-- host, port (default 8123, or 8443 when secure), login (default ``default``), password
-- schema: the database (default: the user's default database)
-- extra: ``secure`` (bool), ``settings`` (object of ClickHouse settings sent with every
-  query), ``connect_timeout`` and ``send_receive_timeout`` (seconds)
+- stricter reading of the connection's extra (a boolean written as ``"false"`` is false, a
+  timeout must be a positive integer: a bad value fails naming the field), the HTTPS default
+  port 8443 when ``secure`` is set, and the extra names of earlier releases of this project
+  (``settings``, ``extra__clickhouse__<name>``);
+- one cached clickhouse-connect client per hook (:attr:`client`);
+- the completeness watermark of a table (:meth:`watermark`), and the connection as the Spark
+  job's settings (:meth:`settings_for_spark`).
 
-The mapping connection -> client kwargs is a pure function (:func:`client_kwargs_from_connection`)
-so it is tested without a server; clickhouse-connect is imported only when a client is made.
+Connection fields: host, port, login, password, schema (the database), and the official
+extra fields (``secure``, ``verify``, ``connect_timeout``, ``send_receive_timeout``,
+``compress``, ``client_name``, ``session_settings``, ``client_kwargs``). ``settings`` (this
+project's name before the official provider) is read as ``session_settings``.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseHook
+from airflow.providers.clickhousedb.hooks.clickhouse import ClickHouseHook
+
+from k2.config import quote_identifier
+from k2.runtime_env import ClickHouseSettings
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
 
     from airflow.sdk import Connection
-    from k2.runtime_env import ClickHouseSettings
 
 HTTP_PORT = 8123
 HTTPS_PORT = 8443
-CONN_TYPE = "clickhouse"
-
-# Same rule as the table specs (k2.config.IDENTIFIER); repeated here so the hook can be used
-# without loading the table config. Identifiers are checked, then backquoted.
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+CONN_TYPE = ClickHouseHook.conn_type
+LEGACY_SETTINGS = "settings"  # this project's extra before the official provider
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -44,9 +50,9 @@ def _extra_field(extra: dict[str, Any], name: str) -> Any:
     return extra.get(f"extra__{CONN_TYPE}__{name}")
 
 
-def _as_bool(value: Any, field: str) -> bool:
+def _as_bool(value: Any, field: str, default: bool) -> bool:
     if value is None:
-        return False
+        return default
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -71,35 +77,43 @@ def _as_int(value: Any, field: str) -> int | None:
     return number
 
 
-def _as_settings(value: Any) -> dict[str, Any]:
+def _as_settings(value: Any, field: str) -> dict[str, Any]:
     if value is None or value == "":
         return {}
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"clickhouse connection extra 'settings' is not JSON: {exc}") from None
+            raise ValueError(f"clickhouse connection extra {field!r} is not JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ValueError(
-            "clickhouse connection extra 'settings' must be an object of ClickHouse settings"
+            f"clickhouse connection extra {field!r} must be an object of ClickHouse settings"
         )
     return dict(value)
 
 
 def client_kwargs_from_connection(conn: Connection) -> dict[str, Any]:
-    """Keyword arguments for ``clickhouse_connect.get_client`` from an Airflow connection."""
+    """The connection's own part of ``clickhouse_connect.get_client`` kwargs, validated.
+
+    Pure (no server, no Airflow lookup): what :meth:`K2ClickHouseHook._get_client_kwargs`
+    lays over the official hook's mapping.
+    """
     extra = conn.extra_dejson or {}
-    secure = _as_bool(_extra_field(extra, "secure"), "secure")
+    secure = _as_bool(_extra_field(extra, "secure"), "secure", False)
     kwargs: dict[str, Any] = {
         "host": conn.host or "localhost",
         "port": int(conn.port) if conn.port else (HTTPS_PORT if secure else HTTP_PORT),
         "username": conn.login or "default",
         "password": conn.password or "",
         "secure": secure,
+        "verify": _as_bool(_extra_field(extra, "verify"), "verify", True),
     }
     if conn.schema:
         kwargs["database"] = conn.schema
-    settings = _as_settings(_extra_field(extra, "settings"))
+    settings = {
+        **_as_settings(_extra_field(extra, LEGACY_SETTINGS), LEGACY_SETTINGS),
+        **_as_settings(_extra_field(extra, "session_settings"), "session_settings"),
+    }
     if settings:
         kwargs["settings"] = settings
     for field in ("connect_timeout", "send_receive_timeout"):
@@ -107,13 +121,6 @@ def client_kwargs_from_connection(conn: Connection) -> dict[str, Any]:
         if number is not None:
             kwargs[field] = number
     return kwargs
-
-
-def quote_identifier(name: str) -> str:
-    """Backquote a plain identifier; anything else is refused (no SQL from run-time input)."""
-    if not isinstance(name, str) or not _IDENTIFIER.match(name):
-        raise ValueError(f"{name!r} is not a plain SQL identifier ([A-Za-z_][A-Za-z0-9_]*)")
-    return f"`{name}`"
 
 
 def _to_utc(value: datetime) -> datetime:
@@ -125,70 +132,49 @@ def _to_utc(value: datetime) -> datetime:
     )
 
 
-class ClickHouseHook(BaseHook):
+class K2ClickHouseHook(ClickHouseHook):
+    """The official ClickHouse hook with the offload's queries and a stricter connection reader.
+
+    :param clickhouse_conn_id: the ``clickhouse`` connection (default ``clickhouse_default``).
     """
-    Interact with ClickHouse over its HTTP interface through clickhouse-connect.
 
-    :param clickhouse_conn_id: The :ref:`clickhouse connection id <howto/connection:clickhouse>`.
-    """
-
-    conn_name_attr = "clickhouse_conn_id"
-    default_conn_name = "clickhouse_default"
-    conn_type = CONN_TYPE
-    hook_name = "ClickHouse"
-
-    def __init__(self, clickhouse_conn_id: str = default_conn_name, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.clickhouse_conn_id = clickhouse_conn_id
+    def __init__(self, clickhouse_conn_id: str = ClickHouseHook.default_conn_name,
+                 **kwargs: Any) -> None:
+        super().__init__(clickhouse_conn_id=clickhouse_conn_id, **kwargs)
         self._connection: Connection | None = None
         self._client: Client | None = None
+        # The official mapping looks the connection up on every call; a task's lookup goes
+        # to the API server, so this hook's instance answers it from one lookup.
+        self.get_connection = self._get_connection_once  # type: ignore[method-assign]
 
-    # Connection form (Airflow < 3.2 only; newer versions read get_provider_info's conn-fields)
-
-    @classmethod
-    def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        from k2_provider.get_provider_info import CLICKHOUSE_UI_FIELD_BEHAVIOUR as behaviour
-
-        return {
-            "hidden_fields": list(behaviour["hidden-fields"]),
-            "relabeling": dict(behaviour["relabeling"]),
-            "placeholders": dict(behaviour["placeholders"]),
-        }
-
-    @classmethod
-    def get_connection_form_widgets(cls) -> dict[str, Any]:
-        try:
-            from wtforms import BooleanField, IntegerField
-            from wtforms.validators import NumberRange, Optional
-        except ImportError:  # the form libraries are not installed on Airflow 3 workers
-            return {}
-        return {
-            "secure": BooleanField("Secure (HTTPS)", default=False),
-            "connect_timeout": IntegerField(
-                "Connect timeout (s)", validators=[Optional(), NumberRange(min=1)], default=10
-            ),
-            "send_receive_timeout": IntegerField(
-                "Send/receive timeout (s)", validators=[Optional(), NumberRange(min=1)], default=300
-            ),
-        }
-
-    # Connection and client
+    def _get_connection_once(self, conn_id: str) -> Connection:
+        if conn_id != self.get_conn_id():
+            return type(self).get_connection(conn_id)
+        return self.connection
 
     @property
     def connection(self) -> Connection:
         if self._connection is None:
-            self._connection = self.get_connection(self.clickhouse_conn_id)
+            self._connection = type(self).get_connection(self.get_conn_id())
         return self._connection
 
-    def client_kwargs(self) -> dict[str, Any]:
-        return client_kwargs_from_connection(self.connection)
+    def _get_client_kwargs(self) -> dict[str, Any]:
+        # The official mapping (client_name, compress, client_kwargs, session settings passed
+        # to the constructor) with this project's validated reading of the connection on top.
+        kwargs = super()._get_client_kwargs()
+        own = client_kwargs_from_connection(self.connection)
+        settings = {**own.pop("settings", {}), **self.session_settings}
+        kwargs.update(own)
+        kwargs.setdefault("database", "default")
+        if settings:
+            kwargs["settings"] = settings
+        return kwargs
 
-    def get_conn(self) -> Client:
-        """A clickhouse-connect client, made once per hook."""
+    @property
+    def client(self) -> Client:
+        """A clickhouse-connect client, made once per hook (closed by :meth:`close`)."""
         if self._client is None:
-            import clickhouse_connect
-
-            self._client = clickhouse_connect.get_client(**self.client_kwargs())
+            self._client = self.get_client()
         return self._client
 
     def close(self) -> None:
@@ -196,36 +182,22 @@ class ClickHouseHook(BaseHook):
             self._client.close()
             self._client = None
 
-    def test_connection(self) -> tuple[bool, str]:
-        """The UI's "Test" button: one round trip to the server."""
-        try:
-            version = self.get_conn().server_version
-        except Exception as exc:
-            return False, f"{type(exc).__name__}: {exc}"
-        finally:
-            self.close()
-        return True, f"Connected to ClickHouse {version}"
-
     def settings_for_spark(self) -> ClickHouseSettings:
         """The connection as the offload job's environment contract (k2.runtime_env)."""
-        from k2.runtime_env import ClickHouseSettings
-
-        kwargs = self.client_kwargs()
+        kwargs = self._get_client_kwargs()
         return ClickHouseSettings(
             host=kwargs["host"],
             port=kwargs["port"],
             user=kwargs["username"],
             password=kwargs["password"],
-            database=kwargs.get("database") or "default",
+            database=kwargs["database"],
             secure=kwargs["secure"],
         )
-
-    # Queries
 
     def max_event_time(self, table: str, column: str) -> datetime | None:
         """max(column) of table as an aware UTC datetime, None when the table is empty."""
         sql = f"SELECT maxOrNull({quote_identifier(column)}) FROM {quote_identifier(table)}"
-        value = self.get_conn().query(sql).first_row[0]
+        value = self.client.query(sql).first_row[0]
         if value is None:
             return None
         if not isinstance(value, datetime):

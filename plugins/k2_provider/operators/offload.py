@@ -343,9 +343,9 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         from airflow.sdk.log import mask_secret
 
         from k2.runtime_env import SECRET_VARIABLES
-        from k2_provider.hooks.clickhouse import ClickHouseHook
+        from k2_provider.hooks.clickhouse import K2ClickHouseHook
 
-        clickhouse = ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id).settings_for_spark()
+        clickhouse = K2ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id).settings_for_spark()
         iceberg = iceberg_settings_from_connection(BaseHook.get_connection(self.iceberg_conn_id))
         env = {**clickhouse.to_env(), **iceberg.to_env()}
         for name in SECRET_VARIABLES:
@@ -486,11 +486,11 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         return facts
 
     def _read_hot_watermark(self, spec: TableSpec, facts: _Facts) -> None:
-        from k2_provider.hooks.clickhouse import ClickHouseHook
+        from k2_provider.hooks.clickhouse import K2ClickHouseHook
 
         completeness = spec.completeness
         assert completeness is not None
-        hook = ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id)
+        hook = K2ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id)
         try:
             facts.hot_watermark = hook.watermark(
                 completeness.table, completeness.column, spec.allowed_lateness

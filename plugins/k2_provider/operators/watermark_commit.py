@@ -241,7 +241,7 @@ class WatermarkCommitOperator(BaseOperator):
         from k2 import metrics
         from k2.config import load_tables
         from k2.verify import late_rows
-        from k2_provider.hooks.clickhouse import ClickHouseHook
+        from k2_provider.hooks.clickhouse import K2ClickHouseHook
 
         step = first.interval_end - first.interval_start
         start, end = late_check_window(first.interval_start, step, self.late_check_intervals)
@@ -249,9 +249,9 @@ class WatermarkCommitOperator(BaseOperator):
         if not entries:
             return
         spec = load_tables().get(self.table)
-        hook = ClickHouseHook(self.clickhouse_conn_id)
+        hook = K2ClickHouseHook(self.clickhouse_conn_id)
         try:
-            late = late_rows(hook.get_conn(), spec, {(e.interval_start, e.interval_end): e.rows for e in entries})
+            late = late_rows(hook.client, spec, {(e.interval_start, e.interval_end): e.rows for e in entries})
         finally:
             hook.close()
         for (s, e), extra in sorted(late.items()):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout
 
-from k2_provider.hooks.clickhouse import ClickHouseHook
+from k2_provider.hooks.clickhouse import K2ClickHouseHook
 from k2_provider.triggers.clickhouse_watermark import ClickHouseWatermarkTrigger, is_unreachable
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class ClickHouseWatermarkSensor(BaseSensorOperator):
         column: str,
         lateness: timedelta | float = timedelta(0),
         target: datetime | str = "{{ data_interval_end | ts }}",
-        clickhouse_conn_id: str = ClickHouseHook.default_conn_name,
+        clickhouse_conn_id: str = K2ClickHouseHook.default_conn_name,
         deferrable: bool = True,
         poke_interval: timedelta | float = 30,
         timeout: timedelta | float = timedelta(hours=1),
@@ -79,8 +79,8 @@ class ClickHouseWatermarkSensor(BaseSensorOperator):
         self._last_watermark: datetime | None = None
         self._last_error: str | None = None
 
-    def _hook(self) -> ClickHouseHook:
-        return ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id)
+    def _hook(self) -> K2ClickHouseHook:
+        return K2ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id)
 
     def _stopped_message(
         self,

@@ -9,7 +9,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from k2_provider.hooks.clickhouse import ClickHouseHook
+from k2_provider.hooks.clickhouse import K2ClickHouseHook
 
 
 def _aware(value: datetime | str, name: str) -> datetime:
@@ -82,7 +82,7 @@ class ClickHouseWatermarkTrigger(BaseTrigger):
         column: str,
         target: datetime | str,
         lateness_seconds: float = 0.0,
-        clickhouse_conn_id: str = ClickHouseHook.default_conn_name,
+        clickhouse_conn_id: str = K2ClickHouseHook.default_conn_name,
         poke_interval: float = 30.0,
         timeout_at: datetime | str | None = None,
         max_consecutive_errors: int = 5,
@@ -134,7 +134,7 @@ class ClickHouseWatermarkTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        hook = ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id)
+        hook = K2ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id)
         lateness = timedelta(seconds=self.lateness_seconds)
         watermark: datetime | None = None
         errors = 0
