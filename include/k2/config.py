@@ -12,6 +12,7 @@ import re
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -312,10 +313,14 @@ class TablesConfig(BaseModel):
         raise ConfigError(f"unknown table {name!r}; tables.yaml has: {known}")
 
 
-def _error_message(path: Path, raw_tables: list[Any], err: ValidationError) -> str:
+def _error_message(path: Path, raw_tables: list[Any], err: ValidationError,
+                   index: int | None = None) -> str:
+    """ConfigError text naming table and key; ``index``: err is of that one entry alone."""
     lines = [f"{path}: invalid table spec"]
     for detail in err.errors():
         loc = list(detail["loc"])
+        if index is not None:
+            loc = ["tables", index, *loc]
         where = "tables.yaml"
         if len(loc) >= 2 and loc[0] == "tables" and isinstance(loc[1], int):
             index = loc[1]
@@ -327,9 +332,8 @@ def _error_message(path: Path, raw_tables: list[Any], err: ValidationError) -> s
     return "\n".join(lines)
 
 
-def load_tables(path: Path | str | None = None) -> TablesConfig:
-    """Load and validate tables.yaml. Raises ConfigError naming the table and key."""
-    path = Path(path) if path else DEFAULT_TABLES_FILE
+def _read_tables_file(path: Path) -> tuple[dict[str, Any], list[Any]]:
+    """(defaults, raw table entries) of tables.yaml. Raises ConfigError naming the file."""
     try:
         document = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -339,11 +343,22 @@ def load_tables(path: Path | str | None = None) -> TablesConfig:
     unknown = set(document) - {"defaults", "tables"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}")
-    defaults = dict(document.get("defaults") or {})
-    raw_tables = document["tables"]
-    merged = [{**defaults, **entry} if isinstance(entry, dict) else entry for entry in raw_tables]
-    merged = [{**e, **environment_overrides(e.get("clickhouse_table"))} if isinstance(e, dict) else e
-              for e in merged]
+    return dict(document.get("defaults") or {}), document["tables"]
+
+
+def _with_defaults_and_overrides(entry: Any, defaults: dict[str, Any]) -> Any:
+    """A table entry as validated: the file's defaults, the entry, the environment's overrides."""
+    if not isinstance(entry, dict):
+        return entry
+    merged = {**defaults, **entry}
+    return {**merged, **environment_overrides(merged.get("clickhouse_table"))}
+
+
+def load_tables(path: Path | str | None = None) -> TablesConfig:
+    """Load and validate tables.yaml. Raises ConfigError naming the table and key."""
+    path = Path(path) if path else DEFAULT_TABLES_FILE
+    defaults, raw_tables = _read_tables_file(path)
+    merged = [_with_defaults_and_overrides(entry, defaults) for entry in raw_tables]
     try:
         config = TablesConfig(tables=merged)
     except ValidationError as err:
@@ -357,6 +372,45 @@ def load_tables(path: Path | str | None = None) -> TablesConfig:
         if unknown:
             raise ConfigError(f"{env} names tables that {path} does not list: {unknown}")
     return config
+
+
+def load_table_specs(
+    path: Path | str | None = None,
+    *,
+    strict: bool = True,
+    on_error: Callable[[str], None] | None = None,
+) -> list[TableSpec]:
+    """The table specs of tables.yaml. Strict: as :func:`load_tables` (any error raises).
+    Lenient: an entry that fails is reported through ``on_error`` and left out; the others
+    are read exactly as the strict path reads them (defaults, environment overrides)."""
+    path = Path(path) if path else DEFAULT_TABLES_FILE
+    try:
+        return list(load_tables(path).tables)
+    except ConfigError as exc:
+        if strict or on_error is None:
+            raise
+        on_error(str(exc))
+    try:
+        defaults, raw_tables = _read_tables_file(path)
+    except ConfigError as exc:  # the file as a whole is unusable: nothing to salvage
+        on_error(f"no tables: {exc}")
+        return []
+    specs: list[TableSpec] = []
+    for index, entry in enumerate(raw_tables):
+        name = entry.get("clickhouse_table", f"#{index + 1}") if isinstance(entry, dict) else f"#{index + 1}"
+        try:
+            spec = TableSpec.model_validate(_with_defaults_and_overrides(entry, defaults))
+        except ValidationError as err:
+            on_error(_error_message(path, raw_tables, err, index=index))
+            continue
+        except (ValueError, ConfigError) as exc:
+            on_error(f"{path}: table {name!r}: {exc}")
+            continue
+        if any(s.name == spec.name for s in specs):
+            on_error(f"{path}: table {spec.name!r} is listed twice: the first entry is kept")
+            continue
+        specs.append(spec)
+    return specs
 
 
 def _per_table_values(env: str) -> dict[str | None, str]:

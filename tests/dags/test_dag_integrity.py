@@ -11,15 +11,14 @@ from typing import Any
 import pytest
 import yaml
 
-from k2.config import OVERRIDE_ENV, ConfigError, load_tables
-from k2.dag_factory import (
+from k2.config import OVERRIDE_ENV, SPARK_POOL, ConfigError, load_tables
+from k2.intervals import first_interval_start
+from k2_dag_factory import (
     MAX_ACTIVE_RUNS,
-    SPARK_POOL,
     TASK_COMMIT,
     TASK_OFFLOAD,
     TASK_SENSOR,
     build_dags,
-    first_interval_start,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -262,7 +261,7 @@ def test_non_strict_mode_skips_only_the_bad_table(
         _entry("bronze_good"),  # a duplicate is skipped too
         _entry("silver_also_good"),
     )
-    with caplog.at_level(logging.ERROR, logger="k2.dag_factory"):
+    with caplog.at_level(logging.ERROR, logger="k2_dag_factory"):
         dags = build_dags(path, strict=False)
     assert sorted(dags) == ["k2_offload_bronze_good", "k2_offload_silver_also_good"]
     assert "bronze_bad" in caplog.text and "partition_by" in caplog.text
@@ -275,7 +274,7 @@ def test_non_strict_mode_skips_a_dag_that_fails_to_build(
     path = _write_tables(
         tmp_path, _entry("bronze_good"), _entry("platinum_table")
     )  # no layer prefix
-    with caplog.at_level(logging.ERROR, logger="k2.dag_factory"):
+    with caplog.at_level(logging.ERROR, logger="k2_dag_factory"):
         dags = build_dags(path, strict=False)
     assert list(dags) == ["k2_offload_bronze_good"]
     assert "platinum_table" in caplog.text
@@ -291,7 +290,7 @@ def test_non_strict_mode_keeps_the_environment_overrides(
                          _entry("silver_also_good"))
     monkeypatch.setenv("K2_START_DATE", "2026-11-30T18:00:00Z,silver_also_good=2026-11-30T12:00:00Z")
     monkeypatch.setenv("K2_DEADLINE", "7m")
-    with caplog.at_level(logging.ERROR, logger="k2.dag_factory"):
+    with caplog.at_level(logging.ERROR, logger="k2_dag_factory"):
         dags = build_dags(path, strict=False)
     assert sorted(dags) == ["k2_offload_bronze_good", "k2_offload_silver_also_good"]
     assert dags["k2_offload_bronze_good"].start_date.isoformat() == "2026-11-30T18:00:00+00:00"

@@ -29,7 +29,7 @@ import psycopg
 import pytest
 
 from k2.config import load_tables
-from k2.dag_factory import TASK_COMMIT
+from k2_dag_factory import TASK_COMMIT
 from k2.local.monitoring import MonitoringStack
 from k2.watermarks import WatermarkStore
 from tests.integration.conftest import INTERVAL

@@ -271,7 +271,7 @@ def _runs(stack, dag_id: str, interval_start: datetime) -> list[dict[str, Any]]:
 def _activity(stack, dag_id: str) -> str:
     """The DAG's unfinished runs with their task states, and who holds the Spark pool: what a
     failed wait should show."""
-    from k2.dag_factory import SPARK_POOL
+    from k2.config import SPARK_POOL
 
     with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
         runs = conn.execute(

@@ -142,7 +142,7 @@ def test_health_reports_components_and_lag(stack, airflow_running, start_date):
     import sys
     from pathlib import Path
 
-    from k2.dag_factory import first_interval_start
+    from k2.intervals import first_interval_start
 
     k2 = str(Path(sys.executable).with_name("k2"))
     store = WatermarkStore(stack.postgres_dsn("k2"))

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from k2.config import ALERT_TO_ENV, load_tables
-from k2.dag_factory import ALERT_FROM_ENV, SMTP_CONN_ID, build_dag
+from k2_dag_factory import ALERT_FROM_ENV, SMTP_CONN_ID, build_dag
 from k2_provider.notifications.task_failure import (
     FAILURE_SUBJECT,
     NO_EXCEPTION,

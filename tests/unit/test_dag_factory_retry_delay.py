@@ -1,4 +1,4 @@
-"""k2.dag_factory.default_args_from_env: the tests-only K2_RETRY_DELAY override."""
+"""k2_dag_factory.default_args_from_env: the tests-only K2_RETRY_DELAY override."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from k2.dag_factory import DEFAULT_ARGS, RETRY_DELAY_ENV, default_args_from_env
+from k2_dag_factory import DEFAULT_ARGS, RETRY_DELAY_ENV, default_args_from_env
 
 
 def test_without_the_variable_the_defaults_stand(monkeypatch):

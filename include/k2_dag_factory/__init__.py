@@ -1,6 +1,8 @@
 """tables.yaml -> one offload DAG per table: wait_for_hot_data >> offload_to_iceberg >> commit_watermark.
 
-`dags/k2_offload.py` calls :func:`build_dags` and nothing else. A bad table spec
+The DAG factory is the layer between the provider (k2_provider: the sensor and operators
+it chains) and the DAG bundle: `dags/k2_offload.py` calls :func:`build_dags` and nothing
+else. A bad table spec
 fails parsing with the ConfigError message (naming the table and the key) when
 strict - ``K2_STRICT_DAGS=1``, as in the tests - and otherwise is logged and
 skipped, so one bad entry does not take the other tables' DAGs down.
@@ -12,7 +14,9 @@ import logging
 import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from airflow.sdk import DAG, AsyncCallback, CronDataIntervalTimetable, DeadlineAlert, DeadlineReference
 
 from k2.config import (
     ALERT_TO_ENV,
@@ -21,16 +25,14 @@ from k2.config import (
     SPARK_POOL,
     ConfigError,
     TableSpec,
-    environment_overrides,
-    load_tables,
+    load_table_specs,
 )
-from k2.intervals import INTERVAL, SCHEDULE_CRON, first_interval_start, last_interval_start  # noqa: F401 (re-exported)
-
-if TYPE_CHECKING:
-    from airflow.sdk import DAG
-    from airflow.sdk.definitions.deadline import DeadlineAlert
-
-    from k2_provider.notifications.task_failure import TaskFailureNotifier
+from k2.intervals import SCHEDULE_CRON, first_interval_start, last_interval_start
+from k2_provider.notifications.deadline import DeadlineMissNotifier
+from k2_provider.notifications.task_failure import TaskFailureNotifier
+from k2_provider.operators.offload import OffloadToIcebergOperator
+from k2_provider.operators.watermark_commit import WatermarkCommitOperator
+from k2_provider.sensors.clickhouse_watermark import ClickHouseWatermarkSensor
 
 log = logging.getLogger(__name__)
 
@@ -148,18 +150,12 @@ def alert_sender() -> str:
 def failure_notifier() -> TaskFailureNotifier:
     """The on_failure_callback of every offload task: one email per task that failed for good
     (Airflow calls on_retry_callback, not this, for a try that will be retried)."""
-    from k2_provider.notifications.task_failure import TaskFailureNotifier
-
     return TaskFailureNotifier(
         to=alert_recipients(), from_email=alert_sender(), smtp_conn_id=SMTP_CONN_ID
     )
 
 
 def _deadline_alert(spec: TableSpec) -> DeadlineAlert:
-    from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference
-
-    from k2_provider.notifications.deadline import DeadlineMissNotifier
-
     # The triggerer awaits DeadlineMissNotifier(**kwargs, context=...) with a small context:
     # dag_run (the run's API fields) and deadline (id, deadline_time). Only those are templated.
     return DeadlineAlert(
@@ -188,12 +184,6 @@ def _deadline_alert(spec: TableSpec) -> DeadlineAlert:
 
 def build_dag(spec: TableSpec) -> DAG:
     """The offload DAG of one table."""
-    from airflow.sdk import DAG, CronDataIntervalTimetable
-
-    from k2_provider.operators.offload import OffloadToIcebergOperator
-    from k2_provider.operators.watermark_commit import WatermarkCommitOperator
-    from k2_provider.sensors.clickhouse_watermark import ClickHouseWatermarkSensor
-
     completeness = spec.completeness
     assert completeness is not None  # filled in by TableSpec
     with DAG(
@@ -240,54 +230,15 @@ def build_dag(spec: TableSpec) -> DAG:
     return dag
 
 
-def _specs_one_by_one(path: Path) -> list[TableSpec]:
-    """Non-strict fallback: validate each entry alone so the good ones still get their DAG."""
-    import yaml
-    from pydantic import ValidationError
-
-    try:
-        document = yaml.safe_load(path.read_text())
-        defaults = dict(document.get("defaults") or {})
-        entries = list(document["tables"])
-    except Exception as exc:  # the file as a whole is unusable: nothing to salvage
-        log.error("k2: %s is unreadable, no offload DAGs: %s", path, exc)
-        return []
-    specs: list[TableSpec] = []
-    seen: set[str] = set()
-    for index, entry in enumerate(entries):
-        name = (
-            entry.get("clickhouse_table", f"#{index + 1}")
-            if isinstance(entry, dict)
-            else f"#{index + 1}"
-        )
-        try:
-            if not isinstance(entry, dict):
-                raise ValueError("entry is not a mapping")
-            spec = TableSpec.model_validate({**defaults, **entry, **environment_overrides(name)})
-        except (ValidationError, ValueError, ConfigError) as exc:
-            log.error("k2: skipping table %r of %s: %s", name, path, exc)
-            continue
-        if spec.name in seen:
-            log.error("k2: skipping table %r of %s: listed twice", spec.name, path)
-            continue
-        seen.add(spec.name)
-        specs.append(spec)
-    return specs
-
-
 def build_dags(
     config_path: Path | str | None = None, *, strict: bool | None = None
 ) -> dict[str, DAG]:
     """One DAG per table spec, keyed by dag_id (put them into the DAG file's globals())."""
     strict = strict_from_env() if strict is None else strict
     path = Path(config_path) if config_path else DEFAULT_TABLES_FILE
-    try:
-        specs = list(load_tables(path).tables)
-    except ConfigError as exc:
-        if strict:
-            raise
-        log.error("k2: %s", exc)
-        specs = _specs_one_by_one(path)
+    # Lenient: a bad entry is logged and left out, so one bad table does not take the other
+    # tables' DAGs down; the entries kept are read exactly as the strict path reads them.
+    specs = load_table_specs(path, strict=strict, on_error=lambda msg: log.error("k2: %s", msg))
 
     dags: dict[str, DAG] = {}
     for spec in specs:
