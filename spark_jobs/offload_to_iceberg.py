@@ -123,6 +123,8 @@ from contextlib import contextmanager, suppress
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, NamedTuple
 
+from k2.intervals import parse_utc
+
 STARTED = time.monotonic()
 RESULT_PREFIX = "K2_OFFLOAD_RESULT"
 SOURCE_VIEW = "k2_offload_rows"
@@ -161,11 +163,9 @@ class OffloadError(Exception):
 
 def _utc_time(text: str) -> datetime:
     try:
-        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO-8601 time") from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} has no timezone (e.g. 2026-11-26T10:00:00+00:00)")
+        value = parse_utc(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if value.microsecond % 1000:
         raise argparse.ArgumentTypeError(f"{text!r} is finer than milliseconds")
     return value.astimezone(timezone.utc)

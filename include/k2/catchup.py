@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
+
+from k2.intervals import parse_utc
 
 Interval = tuple[datetime, datetime]
 
@@ -30,9 +32,7 @@ _LOCK_NAMESPACE = "k2.offload:"
 
 
 def _utc(value: datetime, what: str) -> datetime:
-    if value.tzinfo is None:
-        raise ValueError(f"{what} {value!r} has no timezone")
-    return value.astimezone(timezone.utc)
+    return parse_utc(value, what)
 
 
 def _run_type(run_type: Any) -> str:

@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from k2.intervals import parse_utc
+
 app = typer.Typer(
     help="K2 cold-tier offload: ClickHouse hot tier to Iceberg, orchestrated by Airflow.",
     no_args_is_help=True,
@@ -57,10 +59,9 @@ def _timestamp(value: Optional[str]) -> Optional[datetime]:
     if value is None:
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not an ISO-8601 time like 2026-11-26T10:00:00Z") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        return parse_utc(value, naive_is_utc=True)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def clickhouse_client(stack=None):

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from k2.intervals import parse_utc
 
 # The project's checkout: include/k2/config.py is two levels below it.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -241,11 +243,7 @@ class TableSpec(BaseModel):
     @field_validator("start_date", "end_date", mode="before")
     @classmethod
     def _utc(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        if isinstance(value, datetime) and value.tzinfo is None:
-            raise ValueError(f"{value!r} needs a timezone (write it with Z for UTC)")
-        return value
+        return value if value is None else parse_utc(value)
 
     @field_validator("quality_checks", mode="before")
     @classmethod
@@ -451,6 +449,3 @@ def environment_overrides(table: str | None) -> dict[str, str]:
 def cached_tables(path: str | None = None) -> TablesConfig:
     return load_tables(path)
 
-
-def utc(dt: datetime) -> datetime:
-    return dt.astimezone(timezone.utc)

@@ -46,6 +46,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from k2.config import identifier
+from k2.intervals import parse_utc
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -504,10 +505,9 @@ def _parse_iso(text: str | None) -> datetime | None:
     if not text:
         return None
     try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
+        return parse_utc(text)
+    except ValueError:  # not a time this project wrote
         return None
-    return value.astimezone(timezone.utc) if value.tzinfo else None
 
 
 def snapshot_properties(spec: TableSpec, start: datetime, end: datetime, *, run_id: str,

@@ -31,3 +31,26 @@ def last_interval_start(end_date: datetime | None) -> datetime | None:
     if end_date is None:
         return None
     return floor_interval(end_date) - INTERVAL
+
+
+def parse_utc(value: datetime | str, what: str = "time", *, naive_is_utc: bool = False) -> datetime:
+    """A time as an aware UTC datetime, from a datetime or ISO-8601 text (``Z`` allowed).
+
+    The one parser of times the project reads (config, CLI options, task arguments, XCom,
+    the Spark job's arguments, snapshot summaries). A time without a timezone is refused,
+    naming ``what``, unless ``naive_is_utc`` (what ClickHouse and Airflow hand over naive
+    is UTC).
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+        except ValueError:
+            raise ValueError(f"{what} {text!r} is not an ISO-8601 time like 2026-11-26T10:00:00Z") from None
+    if not isinstance(value, datetime):
+        raise TypeError(f"{what} must be a datetime or ISO-8601 text, got {type(value).__name__}")
+    if value.tzinfo is None:
+        if not naive_is_utc:
+            raise ValueError(f"{what} {value.isoformat()} has no timezone (write it with Z for UTC)")
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)

@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from k2.intervals import first_interval_start
+from k2.intervals import first_interval_start, parse_utc
 
 if TYPE_CHECKING:
     import psycopg
@@ -191,9 +191,7 @@ class TableStatus:
 def _utc(value: datetime, what: str = "timestamp") -> datetime:
     if not isinstance(value, datetime):
         raise TypeError(f"{what} must be a datetime, got {type(value).__name__}")
-    if value.tzinfo is None:
-        raise ValueError(f"{what} {value!r} has no timezone; pass an aware UTC datetime")
-    return value.astimezone(timezone.utc)
+    return parse_utc(value, what)
 
 
 def _contiguous_end(start: datetime, intervals: Sequence[tuple[datetime, datetime]]) -> datetime:

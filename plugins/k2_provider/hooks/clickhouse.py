@@ -22,12 +22,13 @@ project's name before the official provider) is read as ``session_settings``.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.clickhousedb.hooks.clickhouse import ClickHouseHook
 
 from k2.config import quote_identifier
+from k2.intervals import parse_utc
 from k2.runtime_env import ClickHouseSettings
 
 if TYPE_CHECKING:
@@ -123,15 +124,6 @@ def client_kwargs_from_connection(conn: Connection) -> dict[str, Any]:
     return kwargs
 
 
-def _to_utc(value: datetime) -> datetime:
-    # clickhouse-connect returns naive UTC for DateTime64(3, 'UTC') by default (tz_mode naive_utc).
-    return (
-        value.replace(tzinfo=timezone.utc)
-        if value.tzinfo is None
-        else value.astimezone(timezone.utc)
-    )
-
-
 class K2ClickHouseHook(ClickHouseHook):
     """The official ClickHouse hook with the offload's queries and a stricter connection reader.
 
@@ -202,7 +194,8 @@ class K2ClickHouseHook(ClickHouseHook):
             return None
         if not isinstance(value, datetime):
             raise TypeError(f"{table}.{column} is not a DateTime column (max returned {value!r})")
-        return _to_utc(value)
+        # clickhouse-connect returns naive UTC for DateTime64(3, 'UTC') (tz_mode naive_utc)
+        return parse_utc(value, naive_is_utc=True)
 
     def watermark(self, table: str, column: str, lateness: timedelta) -> datetime | None:
         """Completeness watermark: max(column) - lateness. None when the table holds no rows.

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
 from k2.config import REPO_ROOT, SPARK_JARS_DIR
+from k2.intervals import parse_utc
 
 if TYPE_CHECKING:
     from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
@@ -71,13 +72,7 @@ def iceberg_settings_from_connection(conn: Connection) -> IcebergSettings:
 
 
 def _parse_time(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        parsed = value
-    else:
-        parsed = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+    return parse_utc(value if isinstance(value, datetime) else str(value), naive_is_utc=True)
 
 
 def normalize_result(raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
+from k2.intervals import parse_utc
 from k2.watermarks import reoffload_command
 
 if TYPE_CHECKING:
@@ -62,14 +63,7 @@ def postgres_dsn_from_connection(conn: Connection) -> str:
 
 
 def _utc(value: Any) -> datetime:
-    parsed = (
-        value
-        if isinstance(value, datetime)
-        else datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    )
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+    return parse_utc(value if isinstance(value, datetime) else str(value), naive_is_utc=True)
 
 
 class WatermarkCommitOperator(BaseOperator):
@@ -282,7 +276,7 @@ class WatermarkCommitOperator(BaseOperator):
 def _aware(moment: Any) -> datetime | None:
     if not isinstance(moment, datetime):
         return None
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+    return parse_utc(moment, naive_is_utc=True)
 
 
 def _started_in_a_backlog(started: datetime, context: Context) -> bool:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout
 
+from k2.intervals import parse_utc
+
 from k2_provider.hooks.clickhouse import K2ClickHouseHook
 from k2_provider.triggers.clickhouse_watermark import ClickHouseWatermarkTrigger, is_unreachable
 
@@ -17,11 +19,7 @@ if TYPE_CHECKING:
 
 
 def _parse_target(value: datetime | str) -> datetime:
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    if value.tzinfo is None:
-        raise ValueError(f"target {value.isoformat()} has no timezone")
-    return value.astimezone(timezone.utc)
+    return parse_utc(value, "target")
 
 
 class ClickHouseWatermarkSensor(BaseSensorOperator):

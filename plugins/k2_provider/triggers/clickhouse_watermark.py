@@ -9,19 +9,13 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from k2.intervals import parse_utc
+
 from k2_provider.hooks.clickhouse import K2ClickHouseHook
 
 
 def _aware(value: datetime | str, name: str) -> datetime:
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if not isinstance(value, datetime):
-        raise TypeError(
-            f"{name} must be a datetime or an ISO-8601 string, got {type(value).__name__}"
-        )
-    if value.tzinfo is None:
-        raise ValueError(f"{name} {value.isoformat()} has no timezone")
-    return value.astimezone(timezone.utc)
+    return parse_utc(value, name)
 
 
 def is_unreachable(exc: BaseException) -> bool:
