@@ -25,13 +25,11 @@ TABLE = "bronze_trades_binance"
 
 
 def submit(env: dict[str, str], start: datetime, end: datetime, run_id: str) -> float:
-    jars = ",".join(str(p) for p in sorted((REPO / "spark_jobs" / "jars").glob("*.jar")))
-    argv = [
-        str(Path(sys.executable).with_name("spark-submit")), "--master", "local[2]", "--jars", jars,
-        str(REPO / "spark_jobs" / "offload_to_iceberg.py"), "--table", TABLE,
-        "--interval-start", start.isoformat(), "--interval-end", end.isoformat(),
-        "--interval-step", "15m", "--run-id", run_id,
-    ]
+    from k2.intervals import split_range
+    from k2.offload import job_arguments, job_jars, spark_submit_command
+
+    argv = spark_submit_command(job_arguments(TABLE, split_range(start, end), run_id),
+                                master="local[2]", jars=job_jars())
     started = time.monotonic()
     result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:

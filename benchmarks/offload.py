@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_stack import throwaway_stack
+from k2.offload import job_arguments, spark_submit_command
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -396,7 +397,9 @@ def parse_rows(text: str) -> list[int]:
 
 
 def jars(folder: Path) -> list[str]:
-    found = sorted(str(p) for p in folder.glob("*.jar"))
+    from k2.offload import job_jars as jars_in
+
+    found = jars_in(folder)
     if not found:
         sys.exit(f"no jars in {folder}: run `make setup`")
     return found
@@ -422,7 +425,6 @@ class Benchmark:
         self.spec = load_tables().get(TABLE)
         self.client = stack.clickhouse_client(database=airflow.CLICKHOUSE_DATABASE)
         self.catalog = ib.load_catalog(airflow.iceberg_settings(stack))
-        self.spark_submit = str(Path(sys.executable).with_name("spark-submit"))
         self.job_jars, self.bench_jars = job_jars(), bench_jars()
         self.hot_tier = psutil.Process(hot_tier_pid)
         self.inserted = 0
@@ -482,12 +484,9 @@ class Benchmark:
                  f"(others' CPU meanwhile {figure.others_cpu_seconds:.1f} s)")
 
     def job(self, run: SizeRun, key: str) -> None:
-        argv = [self.spark_submit, "--master", MASTER, "--jars", ",".join(self.job_jars),
-                str(REPO / "spark_jobs" / "offload_to_iceberg.py"), "--table", TABLE,
-                *self.interval_args(run), "--interval-step", "15m",
-                "--run-id", f"bench_{key}_{run.rows}"]
-        if key == "job_executors":
-            argv += ["--driver-max-rows", "0"]
+        arguments = job_arguments(TABLE, [(run.start, run.end)], f"bench_{key}_{run.rows}",
+                                  driver_max_rows=0 if key == "job_executors" else None)
+        argv = spark_submit_command(arguments, master=MASTER, jars=self.job_jars)
         result = self.time_path(run, key, argv)
         lines = result_lines(result.stdout, "K2_OFFLOAD_RESULT")
         if len(lines) != 1:
@@ -511,10 +510,9 @@ class Benchmark:
 
     def predecessor(self, run: SizeRun) -> None:
         table = self.bench_table("predecessor", run.rows)
-        argv = [self.spark_submit, "--master", MASTER,
-                "--jars", ",".join(self.job_jars + self.bench_jars),
-                str(BENCH / "predecessor_jdbc.py"), "--table", TABLE, "--iceberg-table", table,
-                *self.interval_args(run)]
+        argv = spark_submit_command(
+            ["--table", TABLE, "--iceberg-table", table, *self.interval_args(run)],
+            master=MASTER, jars=self.job_jars + self.bench_jars, application=BENCH / "predecessor_jdbc.py")
         result = self.time_path(run, "predecessor", argv)
         written = self.catalog.load_table(table).scan().count()  # it checks nothing itself
         self.record(run, "predecessor", self.figure(result, written, {}))

@@ -124,9 +124,10 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, NamedTuple
 
 from k2.intervals import parse_utc
+from k2.intervals import split_range as intervals_of
+from k2.offload import result_line
 
 STARTED = time.monotonic()
-RESULT_PREFIX = "K2_OFFLOAD_RESULT"
 SOURCE_VIEW = "k2_offload_rows"
 QUARANTINE_VIEW = "k2_quarantine_rows"
 PUBLISH_ATTEMPTS = 3  # a staged write that lost a race with another commit is redone on the new state
@@ -231,23 +232,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def split_range(start: datetime, end: datetime, step: timedelta | None) -> list[tuple[datetime, datetime]]:
-    """[start, end) as consecutive intervals of `step` (None: 15 minutes, or the whole range
-    as one interval when it is not a multiple of 15 minutes - a single interval as before)."""
-    from k2.intervals import INTERVAL
-
-    if step is None:
-        step = INTERVAL if (end - start) % INTERVAL == timedelta(0) else end - start
-    if step % timedelta(milliseconds=1):
+    """[start, end) as consecutive intervals of `step` (k2.intervals.split_range), within the
+    job's limits: whole milliseconds, at most MAX_STEPS intervals."""
+    if step is not None and step % timedelta(milliseconds=1):
         raise UsageError(f"--interval-step {step} is finer than milliseconds")
-    steps, remainder = divmod(end - start, step)
-    if remainder:
-        raise UsageError(
-            f"[--interval-start, --interval-end) is {end - start}, not a whole number of "
-            f"--interval-step {step} steps"
-        )
-    if steps > MAX_STEPS:
-        raise UsageError(f"the range holds {steps} intervals of {step}; at most {MAX_STEPS} per job")
-    return [(start + i * step, start + (i + 1) * step) for i in range(steps)]
+    try:
+        intervals = intervals_of(start, end, step, step_name="--interval-step")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if len(intervals) > MAX_STEPS:
+        raise UsageError(f"the range holds {len(intervals)} intervals of {intervals[0][1] - intervals[0][0]}; "
+                         f"at most {MAX_STEPS} per job")
+    return intervals
 
 
 # --------------------------------------------------------------------------------------
@@ -1772,7 +1768,7 @@ def main(argv: list[str] | None = None) -> int:
              results[0]["interval_start"], last["interval_end"], last["seconds"],
              ", ".join(str(r["snapshot_id"]) for r in results))
     # Printed together at the end, so that they are the last lines of the output.
-    print("\n".join(f"{RESULT_PREFIX} {json.dumps(r, sort_keys=True)}" for r in results), flush=True)
+    print("\n".join(result_line(r) for r in results), flush=True)
     return 0
 
 

@@ -170,21 +170,24 @@ def feed(
     typer.echo(f"feed done: {stats}")
 
 
-def _targets():
+def _targets(with_spark: bool = False):
     """ClickHouse and Iceberg settings: from K2_* environment variables when set (a real
-    deployment), else the local stack's."""
+    deployment), else the local stack's. ``with_spark``: also the environment spark-submit
+    needs (the local stack's Spark settings; nothing for a real deployment)."""
     import os
 
     from k2 import runtime_env
     from k2.local import airflow as local_airflow
-
-    if os.environ.get(runtime_env.CLICKHOUSE_HOST) and os.environ.get(runtime_env.ICEBERG_CATALOG_URI):
-        return runtime_env.ClickHouseSettings.from_env(), runtime_env.IcebergSettings.from_env()
-    stack = _stack()
+    from k2.local.settings import spark_environment
     from k2.local.stack import require_up
 
+    if os.environ.get(runtime_env.CLICKHOUSE_HOST) and os.environ.get(runtime_env.ICEBERG_CATALOG_URI):
+        targets = runtime_env.ClickHouseSettings.from_env(), runtime_env.IcebergSettings.from_env()
+        return (*targets, {}) if with_spark else targets
+    stack = _stack()
     require_up(stack)
-    return local_airflow.clickhouse_settings(stack), local_airflow.iceberg_settings(stack)
+    targets = local_airflow.clickhouse_settings(stack), local_airflow.iceberg_settings(stack)
+    return (*targets, spark_environment(stack.host)) if with_spark else targets
 
 
 def _watermark_dsn() -> str:
@@ -310,33 +313,47 @@ def reoffload(
 ) -> None:
     """Offload one interval again, e.g. after late rows: one Spark job replaces the interval in
     Iceberg (exactly one copy of each row, late rows included) under the table's offload lock,
-    then its ledger row is re-committed with the new count, checksum and snapshot."""
+    then its ledger row is re-committed with the new count, checksum and snapshot.
+
+    The same library function as the Airflow task (k2.offload.offload_range), with
+    spark-submit run here instead of by Airflow's SparkSubmitHook."""
     import logging
     import os
 
     import clickhouse_connect
     import psycopg
 
+    from k2.iceberg import spark_conf
     from k2.intervals import INTERVAL, first_interval_start, is_boundary
     from k2.local.processes import StackError
+    from k2.offload import (
+        OffloadResultError,
+        SparkSubmitError,
+        hot_watermark,
+        job_jars,
+        offload_range,
+        run_spark_submit,
+        spark_submit_command,
+    )
     from k2.verify import late_rows
-    from k2.watermarks import WatermarkStore
-    from k2_provider.operators.offload import offload_lock
+    from k2.watermarks import WatermarkStore, offload_lock
 
     (spec,) = _tables(table)
     start = _timestamp(interval_start)
     assert start is not None
-    start = start.astimezone(timezone.utc)
     if not is_boundary(start):
         raise typer.BadParameter(f"{interval_start!r} is not the start of a 15-minute interval")
     end = start + INTERVAL
     try:
-        ch_settings, ice_settings = _targets()
+        ch_settings, ice_settings, spark_env = _targets(with_spark=True)
     except StackError as exc:
         _fail(str(exc))
+    jars = job_jars()
+    if not jars:
+        _fail("no jars in spark_jobs/jars: run `make setup`")
     client = clickhouse_connect.get_client(**ch_settings.client_kwargs())
     try:
-        hot = _hot_watermark(client, spec)
+        hot = hot_watermark(client, spec)
         if hot is None or hot < end:
             _fail(f"{spec.name} [{start.isoformat()}, {end.isoformat()}) is not complete in ClickHouse yet "
                   f"(max {spec.completeness.table}.{spec.completeness.column} - {spec.allowed_lateness} "
@@ -353,69 +370,36 @@ def reoffload(
     run_id = f"reoffload__{start:%Y-%m-%dT%H:%M:%SZ}__{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     log = logging.getLogger("k2.reoffload")
+    # Connection settings go through the environment, never the command line (secrets).
+    env = {**spark_env, **ch_settings.to_env(), **ice_settings.to_env()}
+    master = master or os.environ.get("K2_SPARK_MASTER") or "local[2]"
+
+    def submit(arguments: list[str]) -> list[str]:
+        argv = spark_submit_command(arguments, master=master, jars=jars, conf=spark_conf(ice_settings))
+        return run_spark_submit(argv, env, log=log)
+
     with offload_lock(dsn, spec.name, holder=run_id, log=log):
-        result = _run_offload_job(spec.name, start, end, run_id, ch_settings, ice_settings,
-                                  master or os.environ.get("K2_SPARK_MASTER") or "local[2]")
+        try:
+            done = offload_range(spec, [(start, end)], run_id, iceberg=ice_settings, submit=submit, log=log)
+        except (SparkSubmitError, OffloadResultError) as exc:
+            _fail(f"the offload job for [{start.isoformat()}, {end.isoformat()}) failed; nothing was "
+                  f"re-committed: {exc}")
+        (result,) = done.results
         store.initialize(spec.name, first_interval_start(spec.start_date))
-        store.commit_with_retry(spec.name, start, end, int(result["rows"]), int(result["checksum"]),
-                                int(result["snapshot_id"]), run_id)
+        store.commit_with_retry(spec.name, start, end, result["rows"], result["checksum"],
+                                result["snapshot_id"], run_id)
     client = clickhouse_connect.get_client(**ch_settings.client_kwargs())
     try:
-        still_late = late_rows(client, spec, {(start, end): int(result["rows"])}).get((start, end), 0)
+        still_late = late_rows(client, spec, {(start, end): result["rows"]}).get((start, end), 0)
     finally:
         client.close()
     was = f"{before.rows:,} rows before" if before else "not ledgered before"
     typer.echo(
-        f"{spec.name} [{start.isoformat()}, {end.isoformat()}) re-offloaded: {int(result['rows']):,} rows "
-        f"({was}), snapshot {result['snapshot_id']}, run {run_id}; late rows now {still_late}.\n"
+        f"{spec.name} [{start.isoformat()}, {end.isoformat()}) re-offloaded: {result['rows']:,} rows "
+        f"({was}), snapshot {result['snapshot_id']}, run {run_id} in {done.wall_seconds:.0f} s; "
+        f"late rows now {still_late}.\n"
         f"check: k2 verify --table {spec.name} --from {start:%Y-%m-%dT%H:%M:%SZ} --to {end:%Y-%m-%dT%H:%M:%SZ}"
     )
-
-
-def _hot_watermark(client, spec) -> Optional[datetime]:
-    """What the sensor waits for: max event time of the completeness table minus the lateness."""
-    completeness = spec.completeness
-    latest = client.query(
-        f"SELECT maxOrNull(`{completeness.column}`) FROM `{completeness.table}`"
-    ).first_row[0]
-    if latest is None:
-        return None
-    if latest.tzinfo is None:
-        latest = latest.replace(tzinfo=timezone.utc)
-    return latest.astimezone(timezone.utc) - spec.allowed_lateness
-
-
-def _run_offload_job(table: str, start: datetime, end: datetime, run_id: str, ch_settings, ice_settings,
-                     master: str) -> dict:
-    """spark-submit of spark_jobs/offload_to_iceberg.py for [start, end); its result line."""
-    import os
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    from k2_provider.operators.offload import DEFAULT_APPLICATION, DEFAULT_JARS_DIR, parse_result_line
-
-    jars = sorted(str(p) for p in Path(DEFAULT_JARS_DIR).glob("*.jar"))
-    if not jars:
-        _fail(f"no jars in {DEFAULT_JARS_DIR}: run `make setup`")
-    venv_bin = Path(sys.executable).parent
-    submit = shutil.which("spark-submit", path=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}")
-    if submit is None:
-        _fail("spark-submit not found (pyspark is not installed in this environment)")
-    # Connection settings go through the environment, never the command line (secrets).
-    env = {**os.environ, **ch_settings.to_env(), **ice_settings.to_env()}
-    env.setdefault("PYSPARK_PYTHON", sys.executable)
-    env.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    argv = [submit, "--master", master, "--conf", "spark.ui.enabled=false", "--jars", ",".join(jars),
-            str(DEFAULT_APPLICATION), "--table", table, "--interval-start", start.isoformat(),
-            "--interval-end", end.isoformat(), "--run-id", run_id]
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
-    result = parse_result_line(proc.stdout.splitlines()) if proc.returncode == 0 else None
-    if result is None:
-        sys.stderr.write(proc.stderr[-6000:])
-        _fail(f"the offload job for [{start.isoformat()}, {end.isoformat()}) failed "
-              f"(exit {proc.returncode}); nothing was re-committed")
-    return result
 
 
 watermark_app = typer.Typer(help="Per-table watermarks and the offload ledger.", no_args_is_help=True)

@@ -33,6 +33,22 @@ def last_interval_start(end_date: datetime | None) -> datetime | None:
     return floor_interval(end_date) - INTERVAL
 
 
+def split_range(start: datetime, end: datetime, step: timedelta | None = None, *,
+                step_name: str = "step") -> list[tuple[datetime, datetime]]:
+    """[start, end) as consecutive intervals of ``step``. None: 15 minutes, or the whole range
+    as one interval when it is not a whole number of 15 minutes. ValueError when the range is
+    not a whole number of steps."""
+    if step is None:
+        step = INTERVAL if (end - start) % INTERVAL == timedelta(0) else end - start
+    if step <= timedelta(0):
+        raise ValueError(f"{step_name} {step} must be positive")
+    steps, remainder = divmod(end - start, step)
+    if remainder:
+        raise ValueError(f"[{start.isoformat()}, {end.isoformat()}) is {end - start}, not a whole "
+                         f"number of {step_name} {step} steps")
+    return [(start + i * step, start + (i + 1) * step) for i in range(steps)]
+
+
 def parse_utc(value: datetime | str, what: str = "time", *, naive_is_utc: bool = False) -> datetime:
     """A time as an aware UTC datetime, from a datetime or ISO-8601 text (``Z`` allowed).
 

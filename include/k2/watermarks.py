@@ -31,9 +31,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from logging import Logger
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from k2.catchup import lock_key_parts, offload_lock_key
 from k2.intervals import first_interval_start, parse_utc
 
 if TYPE_CHECKING:
@@ -799,3 +801,77 @@ def repair_table(
     if not dry_run and plan.changed:
         store.apply_repair(plan)
     return plan
+
+
+# --------------------------------------------------------------------------------------
+# The per-table offload lock
+
+
+@contextmanager
+def offload_lock(
+    dsn: str,
+    table: str,
+    *,
+    holder: str,
+    log: Logger,
+    poll_interval: float = 5.0,
+    report_every: float = 60.0,
+) -> Iterator[None]:
+    """Hold the table's PostgreSQL advisory lock (a session lock) for the block.
+
+    Offloads of one table never overlap: they would conflict in Iceberg's optimistic
+    commits, and a catching-up batch must not be planned while another one runs. The lock
+    lives as long as its connection, so a task that is killed - or whose host vanishes
+    (server-side TCP keepalives below) - releases it. While another session holds it, this
+    polls with pg_try_advisory_lock and logs who holds it; the wait is bounded by the task's
+    execution_timeout like any other step.
+    """
+    import psycopg  # psycopg is imported on use throughout this module
+
+    key = offload_lock_key(table)
+    classid, objid = lock_key_parts(key)
+    conn = psycopg.connect(dsn, autocommit=True, application_name=f"k2 offload {holder}"[:63])
+    try:
+        # A vanished worker's session (and lock) is dropped after ~2 min instead of ~2 h.
+        conn.execute("SET tcp_keepalives_idle = 60")
+        conn.execute("SET tcp_keepalives_interval = 10")
+        conn.execute("SET tcp_keepalives_count = 6")
+        waited_since = time.monotonic()
+        reported = None
+        while not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+            now = time.monotonic()
+            if reported is None or now - reported >= report_every:
+                reported = now
+                row = conn.execute(
+                    """
+                    SELECT a.application_name, a.pid, a.backend_start, a.client_addr
+                    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                    WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s
+                      AND l.objid = %s AND l.objsubid = 1
+                    """,
+                    (classid, objid),
+                ).fetchone()
+                who = (
+                    f"{row[0] or 'a session'} (PostgreSQL pid {row[1]}, connected {row[2]:%Y-%m-%d %H:%M:%S%z}"
+                    f"{f' from {row[3]}' if row[3] else ''})"
+                    if row
+                    else "another session"
+                )
+                log.info(
+                    "waiting for the offload lock of %s, held by %s: offloads of one table run "
+                    "one at a time (waited %.0f s so far)",
+                    table,
+                    who,
+                    now - waited_since,
+                )
+            time.sleep(poll_interval)
+        if reported is not None:
+            log.info(
+                "got the offload lock of %s after %.0f s", table, time.monotonic() - waited_since
+            )
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+    finally:
+        conn.close()

@@ -8,20 +8,36 @@ from pathlib import Path
 
 import pytest
 
+from k2.config import SPARK_JARS_DIR
+from k2.intervals import split_range
 from k2.local.settings import spark_environment
+from k2.offload import DEFAULT_APPLICATION as JOB
+from k2.offload import job_arguments, job_jars, spark_submit_command
 from k2.runtime_env import ClickHouseSettings, IcebergSettings
 
-REPO = Path(__file__).resolve().parents[2]
-JOB = REPO / "spark_jobs" / "offload_to_iceberg.py"
-JARS_DIR = REPO / "spark_jobs" / "jars"
 
-
-def spark_jars() -> str:
-    """The `--jars` value: every jar `make setup` copied (fails the test if Iceberg's is missing)."""
-    jars = sorted(str(p) for p in JARS_DIR.glob("*.jar"))
+def spark_jars() -> list[str]:
+    """Every jar `make setup` copied (fails the test if Iceberg's is missing)."""
+    jars = job_jars()
     if not any("iceberg-spark-runtime" in j for j in jars):
-        pytest.fail(f"no iceberg-spark-runtime jar in {JARS_DIR}: run `make setup`")
-    return ",".join(jars)
+        pytest.fail(f"no iceberg-spark-runtime jar in {SPARK_JARS_DIR}: run `make setup`")
+    return jars
+
+
+def submit_argv(application: Path | str, *arguments: str, master: str = "local[2]") -> list[str]:
+    """spark-submit of an application with the job's jars, as k2.offload builds it."""
+    return spark_command(list(arguments), master=master, application=application)
+
+
+def spark_command(arguments: list[str], *, master: str = "local[2]",
+                  application: Path | str = JOB) -> list[str]:
+    return spark_submit_command(arguments, master=master, jars=spark_jars(), application=application)
+
+
+def job_argv(table: str, start, end, run_id: str, *extra: str, master: str = "local[2]") -> list[str]:
+    """spark-submit of the offload job for [start, end) in 15-minute intervals (one interval
+    when the range is not a whole number of them), the arguments as the operator's."""
+    return spark_command([*job_arguments(table, split_range(start, end), run_id), *extra], master=master)
 
 
 def clickhouse_settings(stack, database: str) -> ClickHouseSettings:

@@ -30,7 +30,7 @@ from k2.config import load_tables
 from k2.feed import run_feed
 from k2.schema import apply_schema
 from k2.verify import verify_table
-from tests.integration.spark_job import JOB, clickhouse_settings, iceberg_settings, spark_jars
+from tests.integration.spark_job import JOB, clickhouse_settings, iceberg_settings, job_argv
 from tests.integration.spark_job import job_env as spark_job_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -91,18 +91,7 @@ def ledger_dsn(stack):
 
 
 def submit(env, table, start, end, run_id, *extra, expect=0):
-    argv = [
-        str(Path(sys.executable).with_name("spark-submit")),
-        "--master", "local[2]",
-        "--conf", "spark.ui.enabled=false",
-        "--jars", spark_jars(),
-        str(JOB),
-        "--table", table,
-        "--interval-start", start.isoformat(),
-        "--interval-end", end.isoformat(),
-        "--run-id", run_id,
-        *extra,
-    ]
+    argv = job_argv(table, start, end, run_id, *extra)
     started = time.monotonic()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     wall = time.monotonic() - started
@@ -261,7 +250,7 @@ class _Lines(logging.Handler):
 
 
 def test_offload_lock_serializes_and_says_who_holds_it(ledger_dsn):
-    from k2_provider.operators.offload import offload_lock
+    from k2.watermarks import offload_lock
 
     log = logging.getLogger("k2.test.lock")
     lines = _Lines()
@@ -297,7 +286,7 @@ def test_a_killed_holder_releases_the_lock(ledger_dsn):
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import logging, sys, time\n"
-         "from k2_provider.operators.offload import offload_lock\n"
+         "from k2.watermarks import offload_lock\n"
          f"with offload_lock({ledger_dsn!r}, 'silver_trades', holder='doomed', log=logging.getLogger()):\n"
          "    print('locked', flush=True)\n"
          "    time.sleep(600)\n"],
@@ -491,7 +480,7 @@ def test_operators_catch_up_a_backlog_with_one_spark_job(
     assert commit_b["recommit"] is True and commit_b["watermark_ts"] == runs[-1][1].isoformat()
 
     # Run C waits for the lock held by someone else, then finds its interval in the ledger.
-    from k2_provider.operators.offload import offload_lock
+    from k2.watermarks import offload_lock
 
     c = _context(runs[2])
     outcome: dict[str, Any] = {}

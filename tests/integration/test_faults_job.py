@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -29,7 +28,7 @@ from k2.config import load_tables
 from k2.feed import run_feed
 from k2.schema import apply_schema
 from k2.verify import late_rows, verify_table
-from tests.integration.spark_job import JOB, clickhouse_settings, iceberg_settings, spark_jars
+from tests.integration.spark_job import clickhouse_settings, iceberg_settings, job_argv
 from tests.integration.spark_job import job_env as spark_job_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -79,12 +78,7 @@ def filled(ch_client):
 
 
 def _argv(table, interval, run_id):
-    return [
-        str(Path(sys.executable).with_name("spark-submit")), "--master", "local[2]",
-        "--conf", "spark.ui.enabled=false", "--jars", spark_jars(), str(JOB),
-        "--table", table, "--interval-start", interval[0].isoformat(),
-        "--interval-end", interval[1].isoformat(), "--run-id", run_id,
-    ]
+    return job_argv(table, interval[0], interval[1], run_id)
 
 
 def run_job(env, table, interval, run_id, expect=0):

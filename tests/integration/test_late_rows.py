@@ -156,7 +156,7 @@ def _iceberg_trade_ids(settings, ids: list[int]) -> list[int]:
 def _commit(result: dict, interval, capsys) -> tuple[dict, str]:
     """commit_watermark's execute, as the task runs it, with the offload's XCom; returns its
     result and what its task logger wrote."""
-    from k2_provider.operators.offload import normalize_result
+    from k2.offload import normalize_result
     from k2_provider.operators.watermark_commit import WatermarkCommitOperator
 
     op = WatermarkCommitOperator(task_id="commit_watermark", table=SPEC.name, initial_watermark=I0[0])

@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import textwrap
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
@@ -27,7 +25,7 @@ from k2.config import load_tables
 from k2.feed import run_feed
 from k2.schema import apply_schema
 from k2.verify import verify_table
-from tests.integration.spark_job import JOB, clickhouse_settings, iceberg_settings, spark_jars
+from tests.integration.spark_job import JOB, clickhouse_settings, iceberg_settings, job_argv, submit_argv
 from tests.integration.spark_job import job_env as spark_job_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -69,18 +67,7 @@ def filled(ch_client):
 
 
 def run_job(env, table, interval, run_id, *extra, expect=0):
-    argv = [
-        str(Path(sys.executable).with_name("spark-submit")),
-        "--master", "local[2]",
-        "--conf", "spark.ui.enabled=false",
-        "--jars", spark_jars(),
-        str(JOB),
-        "--table", table,
-        "--interval-start", interval[0].isoformat(),
-        "--interval-end", interval[1].isoformat(),
-        "--run-id", run_id,
-        *extra,
-    ]
+    argv = job_argv(table, interval[0], interval[1], run_id, *extra)
     started = time.monotonic()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     wall = time.monotonic() - started
@@ -205,8 +192,7 @@ def _spark_sql(env, statements, tmp_path):
         spark.stop()
     """))
     proc = subprocess.run(
-        [str(Path(sys.executable).with_name("spark-submit")), "--master", "local[2]",
-         "--conf", "spark.ui.enabled=false", "--jars", spark_jars(), str(script)],
+        submit_argv(script),
         env=env, capture_output=True, text=True, timeout=600,
     )
     if proc.returncode != 0:

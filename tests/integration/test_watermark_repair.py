@@ -19,6 +19,7 @@ import pytest
 
 from k2.local import airflow as local_airflow
 from k2.watermarks import WatermarkStore
+from tests.integration.spark_job import job_argv
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,13 +49,9 @@ def offloaded(stack, hot_data, start_date, env):
     job_env = dict(env)
     job_env.update(local_airflow.clickhouse_settings(stack).to_env())
     job_env.update(local_airflow.iceberg_settings(stack).to_env())
-    jars = ",".join(sorted(str(p) for p in (REPO / "spark_jobs" / "jars").glob("*.jar")))
     end = start_date + 2 * STEP
     proc = subprocess.run(
-        [_bin("spark-submit"), "--master", "local[1]", "--conf", "spark.ui.enabled=false", "--jars", jars,
-         str(REPO / "spark_jobs" / "offload_to_iceberg.py"), "--table", TABLE,
-         "--interval-start", start_date.isoformat(), "--interval-end", end.isoformat(),
-         "--interval-step", "15m", "--run-id", "repair-test"],
+        job_argv(TABLE, start_date, end, "repair-test", master="local[1]"),
         env=job_env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 from k2.config import REPO_ROOT, SPARK_JARS_DIR
+from k2.offload import job_jars
 
 # Spark's settings for every job on the local stack (loopback, no UI, quiet logs, a JVM for
 # short jobs): spark-defaults.conf and log4j2.properties of this folder (see the files).
@@ -70,7 +71,7 @@ def spark_environment(host: str, *, archive: str = "use") -> dict[str, str]:
         "SPARK_LOCAL_IP": host,
         "SPARK_CONF_DIR": str(SPARK_NO_CONF_DIR),
         "SPARK_SUBMIT_OPTS": spark_java_options(archive=archive),
-        "SPARK_DIST_CLASSPATH": os.pathsep.join(sorted(str(p) for p in SPARK_JARS_DIR.glob("*.jar"))),
+        "SPARK_DIST_CLASSPATH": os.pathsep.join(job_jars(SPARK_JARS_DIR)),
     }
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from k2.config import REPO_ROOT, SPARK_JARS_DIR
 from k2.local.settings import LOOPBACK, SPARK_CLASS_ARCHIVE, SPARK_CLASS_ARCHIVE_PARTIAL, spark_environment
+from k2.offload import job_jars, spark_submit_command
 
 WARM_UP_JOB = REPO_ROOT / "spark_jobs" / "class_archive.py"
 
@@ -25,15 +26,14 @@ WARM_UP_JOB = REPO_ROOT / "spark_jobs" / "class_archive.py"
 def make_archive(log=print) -> Path:
     """Run the warm-up job with -XX:ArchiveClassesAtExit; the archive replaces the old one only
     once complete (a job starting meanwhile maps the old one or none)."""
-    jars = sorted(str(p) for p in SPARK_JARS_DIR.glob("*.jar"))
+    jars = job_jars(SPARK_JARS_DIR)
     if not jars:
         raise SystemExit(f"no jars in {SPARK_JARS_DIR}: run the Maven step of `make setup` first")
     SPARK_CLASS_ARCHIVE.parent.mkdir(parents=True, exist_ok=True)
     partial = SPARK_CLASS_ARCHIVE_PARTIAL
     partial.unlink(missing_ok=True)
     env = {**os.environ, **spark_environment(LOOPBACK, archive="dump"), "PYSPARK_PYTHON": sys.executable}
-    argv = [str(Path(sys.executable).with_name("spark-submit")), "--master", "local[2]",
-            "--jars", ",".join(jars), str(WARM_UP_JOB)]
+    argv = spark_submit_command([], master="local[2]", jars=jars, application=WARM_UP_JOB)
     log_file = SPARK_CLASS_ARCHIVE.parent / "archive.log"
     started = time.monotonic()
     with log_file.open("w") as out:

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.clickhousedb.hooks.clickhouse import ClickHouseHook
 
-from k2.config import quote_identifier
-from k2.intervals import parse_utc
+from k2.offload import max_event_time
 from k2.runtime_env import ClickHouseSettings
 
 if TYPE_CHECKING:
@@ -188,14 +187,7 @@ class K2ClickHouseHook(ClickHouseHook):
 
     def max_event_time(self, table: str, column: str) -> datetime | None:
         """max(column) of table as an aware UTC datetime, None when the table is empty."""
-        sql = f"SELECT maxOrNull({quote_identifier(column)}) FROM {quote_identifier(table)}"
-        value = self.client.query(sql).first_row[0]
-        if value is None:
-            return None
-        if not isinstance(value, datetime):
-            raise TypeError(f"{table}.{column} is not a DateTime column (max returned {value!r})")
-        # clickhouse-connect returns naive UTC for DateTime64(3, 'UTC') (tz_mode naive_utc)
-        return parse_utc(value, naive_is_utc=True)
+        return max_event_time(self.client, table, column)
 
     def watermark(self, table: str, column: str, lateness: timedelta) -> datetime | None:
         """Completeness watermark: max(column) - lateness. None when the table holds no rows.

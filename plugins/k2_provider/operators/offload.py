@@ -3,21 +3,25 @@ it - from ClickHouse to Iceberg with one spark-submit."""
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from logging import Logger
-from pathlib import Path
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
-from k2.config import REPO_ROOT, SPARK_JARS_DIR
+from k2.config import SPARK_JARS_DIR
 from k2.intervals import parse_utc
+from k2.offload import (
+    DEFAULT_APPLICATION,
+    RESULT_MARKER,
+    OffloadResultError,
+    job_jars,
+    normalize_result,
+    offload_range,
+)
+from k2.watermarks import offload_lock
 
 if TYPE_CHECKING:
     from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
@@ -28,24 +32,9 @@ if TYPE_CHECKING:
     from k2.runtime_env import IcebergSettings
     from k2.watermarks import LedgerEntry, WatermarkStore
 
-DEFAULT_APPLICATION = REPO_ROOT / "spark_jobs" / "offload_to_iceberg.py"
 DEFAULT_JARS_DIR = SPARK_JARS_DIR
 ICEBERG_CONN_ID = "iceberg_default"
 WATERMARKS_CONN_ID = "k2_watermarks"
-RESULT_MARKER = "K2_OFFLOAD_RESULT"
-RESULT_KEYS = (
-    "table",
-    "interval_start",
-    "interval_end",
-    "run_id",
-    "rows",
-    "checksum",
-    "snapshot_id",
-)
-
-
-class OffloadResultError(RuntimeError):
-    """The offload job finished but its result cannot be found or does not match the run."""
 
 
 def iceberg_settings_from_connection(conn: Connection) -> IcebergSettings:
@@ -69,120 +58,6 @@ def iceberg_settings_from_connection(conn: Connection) -> IcebergSettings:
         password=conn.password or "",
         warehouse=warehouse,
     )
-
-
-def _parse_time(value: Any) -> datetime:
-    return parse_utc(value if isinstance(value, datetime) else str(value), naive_is_utc=True)
-
-
-def normalize_result(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """The XCom shape of an offload result, from the job's stdout JSON or an OffloadSnapshot dict."""
-    missing = [key for key in RESULT_KEYS if raw.get(key) is None]
-    if missing:
-        raise OffloadResultError(f"offload result lacks {missing}: {dict(raw)!r}")
-    return {
-        "table": str(raw["table"]),
-        "interval_start": _parse_time(raw["interval_start"]).isoformat(),
-        "interval_end": _parse_time(raw["interval_end"]).isoformat(),
-        "run_id": str(raw["run_id"]),
-        "rows": int(raw["rows"]),
-        "checksum": int(raw["checksum"]),
-        "snapshot_id": int(raw["snapshot_id"]),
-        # rows of the interval set aside in the quarantine table (None: not known here)
-        "quarantined_rows": None if raw.get("quarantined_rows") is None else int(raw["quarantined_rows"]),
-    }
-
-
-def parse_result_lines(lines: Sequence[str]) -> list[dict[str, Any]]:
-    """Every ``K2_OFFLOAD_RESULT {json}`` line of the job's output, raw, in output order."""
-    results = []
-    for line in lines:
-        _, marker, payload = line.partition(RESULT_MARKER)
-        if marker and payload.strip().startswith("{"):
-            results.append(json.loads(payload.strip()))
-    return results
-
-
-def parse_result_line(lines: Sequence[str]) -> dict[str, Any] | None:
-    """The last ``K2_OFFLOAD_RESULT {json}`` line of the job's output, if any."""
-    results = parse_result_lines(lines)
-    return normalize_result(results[-1]) if results else None
-
-
-# --------------------------------------------------------------------------------------
-# The per-table offload lock
-
-
-@contextmanager
-def offload_lock(
-    dsn: str,
-    table: str,
-    *,
-    holder: str,
-    log: Logger,
-    poll_interval: float = 5.0,
-    report_every: float = 60.0,
-) -> Iterator[None]:
-    """Hold the table's PostgreSQL advisory lock (a session lock) for the block.
-
-    Offloads of one table never overlap: they would conflict in Iceberg's optimistic
-    commits, and a catching-up batch must not be planned while another one runs. The lock
-    lives as long as its connection, so a task that is killed - or whose host vanishes
-    (server-side TCP keepalives below) - releases it. While another session holds it, this
-    polls with pg_try_advisory_lock and logs who holds it; the wait is bounded by the task's
-    execution_timeout like any other step.
-    """
-    import psycopg
-
-    from k2.catchup import lock_key_parts, offload_lock_key
-
-    key = offload_lock_key(table)
-    classid, objid = lock_key_parts(key)
-    conn = psycopg.connect(dsn, autocommit=True, application_name=f"k2 offload {holder}"[:63])
-    try:
-        # A vanished worker's session (and lock) is dropped after ~2 min instead of ~2 h.
-        conn.execute("SET tcp_keepalives_idle = 60")
-        conn.execute("SET tcp_keepalives_interval = 10")
-        conn.execute("SET tcp_keepalives_count = 6")
-        waited_since = time.monotonic()
-        reported = None
-        while not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
-            now = time.monotonic()
-            if reported is None or now - reported >= report_every:
-                reported = now
-                row = conn.execute(
-                    """
-                    SELECT a.application_name, a.pid, a.backend_start, a.client_addr
-                    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                    WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s
-                      AND l.objid = %s AND l.objsubid = 1
-                    """,
-                    (classid, objid),
-                ).fetchone()
-                who = (
-                    f"{row[0] or 'a session'} (PostgreSQL pid {row[1]}, connected {row[2]:%Y-%m-%d %H:%M:%S%z}"
-                    f"{f' from {row[3]}' if row[3] else ''})"
-                    if row
-                    else "another session"
-                )
-                log.info(
-                    "waiting for the offload lock of %s, held by %s: offloads of one table run "
-                    "one at a time (waited %.0f s so far)",
-                    table,
-                    who,
-                    now - waited_since,
-                )
-            time.sleep(poll_interval)
-        if reported is not None:
-            log.info(
-                "got the offload lock of %s after %.0f s", table, time.monotonic() - waited_since
-            )
-        try:
-            yield
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-    finally:
-        conn.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -325,11 +200,10 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
     # Settings
 
     def _default_jars(self) -> str | None:
-        folder = Path(self.jars_dir)
-        jars = sorted(str(p) for p in folder.glob("*.jar")) if folder.is_dir() else []
+        jars = job_jars(self.jars_dir)
         if not jars:
             self.log.warning(
-                "no jars in %s; run `make setup` (mvn dependency:copy-dependencies)", folder
+                "no jars in %s; run `make setup` (mvn dependency:copy-dependencies)", self.jars_dir
             )
         return ",".join(jars) or None
 
@@ -406,7 +280,7 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         from k2.watermarks import WatermarkStore
 
         spec = cached_tables().get(self.table)
-        own = (_parse_time(self.interval_start), _parse_time(self.interval_end))
+        own = (parse_utc(self.interval_start, naive_is_utc=True), parse_utc(self.interval_end, naive_is_utc=True))
         run_id = str(context["run_id"])
         dag_run = context.get("dag_run")
         ti = context.get("ti")
@@ -527,27 +401,6 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         )
         return {**result, "intervals": [dict(result)], "skipped": True}
 
-    def _job_arguments(self, plan: CatchupPlan, run_id: str) -> list[str]:
-        start, end = plan.range
-        step = plan.intervals[0][1] - plan.intervals[0][0]
-        if step % timedelta(seconds=1):
-            raise ValueError(f"interval length {step} is not a whole number of seconds")
-        arguments = [
-            "--table",
-            self.table,
-            "--interval-start",
-            start.isoformat(),
-            "--interval-end",
-            end.isoformat(),
-            "--interval-step",
-            f"{int(step.total_seconds())}s",
-            "--run-id",
-            run_id,
-        ]
-        if self.driver_max_rows is not None:
-            arguments += ["--driver-max-rows", str(self.driver_max_rows)]
-        return arguments
-
     def _offload(
         self,
         context: Context,
@@ -566,17 +419,25 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         # spark-submit through its environment (client mode) and does not log them.
         self.env_vars = {**(self.env_vars or {}), **env}
         self.conf = {**spark_conf(iceberg), **(self.conf or {})}
-        self.application_args = self._job_arguments(plan, run_id)
         if not self.jars:
             self.jars = self._default_jars()
-        self._hook = None  # built by super().execute() from the arguments above
-        self._result_lines.clear()
-        self._stage = "spark"
-        started = time.monotonic()
-        super().execute(context)
-        wall = time.monotonic() - started
-        self._stage = "result"
-        results, extras, data_files = self._offload_results(iceberg, spec, plan.intervals, run_id)
+
+        def submit(arguments: list[str]) -> list[str]:
+            self.application_args = arguments
+            self._hook = None  # built by super().execute() from the arguments above
+            self._result_lines.clear()
+            self._stage = "spark"
+            super(OffloadToIcebergOperator, self).execute(context)
+            self._stage = "result"
+            return self._result_lines or list(
+                getattr(self._hook, "_last_submit_log_lines", None) or []
+            )
+
+        done = offload_range(
+            spec, plan.intervals, run_id, iceberg=iceberg, submit=submit, log=self.log,
+            driver_max_rows=self.driver_max_rows,
+        )
+        results, extras, data_files, wall = done.results, done.raw, done.data_files, done.wall_seconds
 
         self._stage = "metrics"
         for result, extra in zip(results, extras):
@@ -618,67 +479,6 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
             ),
         )
         return {**results[0], "intervals": results, "skipped": False}
-
-    def _offload_results(
-        self, iceberg: IcebergSettings, spec: TableSpec, intervals: Sequence[Interval], run_id: str
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int | None]:
-        """Each interval's committed offload (normalized), its raw record, and the table's
-        data-file count: from the Iceberg snapshots, else from the job's result lines."""
-        from k2.iceberg import load_catalog, offload_snapshots_of, summary_int
-
-        snapshots: dict[tuple[datetime, datetime], OffloadSnapshot] = {}
-        data_files = None
-        try:
-            table = load_catalog(iceberg).load_table(spec.iceberg_table)
-            snapshots = offload_snapshots_of(table, spec, intervals)
-            current = table.current_snapshot()
-            if current is not None and current.summary is not None:
-                data_files = summary_int(current.summary.additional_properties, "total-data-files")
-        except Exception as exc:  # the job's own output below is the same evidence (client mode)
-            self.log.warning("cannot read the Iceberg snapshots of %s: %s", self.table, exc)
-
-        lines = self._result_lines or list(
-            getattr(self._hook, "_last_submit_log_lines", None) or []
-        )
-        printed = {
-            (_parse_time(raw["interval_start"]), _parse_time(raw["interval_end"])): raw
-            for raw in parse_result_lines(lines)
-            if raw.get("interval_start") and raw.get("interval_end")
-        }
-        results, extras, missing = [], [], []
-        for start, end in intervals:
-            snapshot = snapshots.get((start, end))
-            raw = snapshot.to_dict() if snapshot is not None else printed.get((start, end))
-            if raw is None:
-                missing.append(f"[{start.isoformat()}, {end.isoformat()})")
-                continue
-            result = normalize_result(raw)
-            if (result["table"], _parse_time(result["interval_start"]), _parse_time(result["interval_end"])) != (
-                self.table,
-                start,
-                end,
-            ):
-                raise OffloadResultError(f"offload result is for another interval or table: {result!r}")
-            if result["run_id"] != run_id:
-                # Another run of the same interval committed after this one (a writer outside
-                # this Airflow): the newest commit is what Iceberg holds, so that is recorded.
-                self.log.warning(
-                    "the newest commit of [%s, %s) is run %s's, not %s's",
-                    start.isoformat(),
-                    end.isoformat(),
-                    result["run_id"],
-                    run_id,
-                )
-            results.append(result)
-            extras.append(raw)
-        if missing:
-            raise OffloadResultError(
-                f"the offload of {self.table} finished but left no Iceberg snapshot and no "
-                f"K2_OFFLOAD_RESULT line for {', '.join(missing)}"
-            )
-        if data_files is None and extras:
-            data_files = extras[-1].get("total_data_files")
-        return results, extras, data_files
 
     def _emit_backlog(
         self,
