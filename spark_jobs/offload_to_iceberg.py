@@ -115,6 +115,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import posixpath
 import sys
 import time
 import uuid
@@ -122,10 +123,18 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, NamedTuple
+from urllib.parse import quote
 
+from k2 import checksum as ck
+from k2 import iceberg as ib
+from k2 import quality
+from k2.config import ConfigError, load_tables, parse_duration
+from k2.iceberg import snapshot_property_conf, spark_conf, spark_secret_conf
 from k2.intervals import parse_utc
 from k2.intervals import split_range as intervals_of
 from k2.offload import result_line
+from k2.quality import INTERVAL_START_COLUMN
+from k2.runtime_env import ClickHouseSettings, IcebergSettings, MissingSetting
 
 STARTED = time.monotonic()
 SOURCE_VIEW = "k2_offload_rows"
@@ -173,15 +182,10 @@ def _utc_time(text: str) -> datetime:
 
 
 def _step(text: str) -> timedelta:
-    from k2.config import parse_duration
-
     try:
-        value = parse_duration(text)
+        return parse_duration(text, positive=True)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    if value <= timedelta(0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
-    return value
 
 
 def _count(text: str) -> int:
@@ -517,9 +521,6 @@ class _PartitionFile:
 
     def __init__(self, fs: Any, base: str, plan: dict[str, Any], key: tuple[Any, ...],
                  slice_id: int, index: int) -> None:
-        import posixpath
-        from urllib.parse import quote
-
         directory = posixpath.join(base, *(
             f"{quote(field['name'], safe='')}={quote(partition_path_value(field, value), safe='')}"
             for field, value in zip(plan["partition"], key)))
@@ -629,8 +630,6 @@ def build_spark(iceberg_settings: Any, app_name: str) -> Any:
     from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
-    from k2.iceberg import spark_conf, spark_secret_conf
-
     submitted = SparkConf()  # what spark-submit / the Airflow operator already set wins
     builder = SparkSession.builder.appName(app_name)
     for key, value in spark_conf(iceberg_settings).items():
@@ -653,11 +652,6 @@ def _phase(name: str, since: float) -> float:
 
 def offload(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Offload every interval of args.intervals in order; one result dict per interval."""
-    from k2 import iceberg as ib
-    from k2 import quality
-    from k2.config import ConfigError, load_tables
-    from k2.runtime_env import ClickHouseSettings, IcebergSettings, MissingSetting
-
     try:
         spec = load_tables(args.tables_config).get(args.table)
         ch_settings = ClickHouseSettings.from_env()
@@ -679,8 +673,6 @@ def offload(args: argparse.Namespace) -> list[dict[str, Any]]:
     import clickhouse_connect  # noqa: F401
     import pyspark.sql  # noqa: F401
     import pyspark.sql.types  # noqa: F401
-
-    from k2 import checksum  # noqa: F401
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-clickhouse") as pool:
         facts = pool.submit(_source_facts, client_kwargs, ch_settings, spec, intervals[0])
@@ -708,9 +700,6 @@ def _source_facts(client_kwargs: dict[str, Any], ch_settings: Any, spec: Any,
                   interval: tuple[datetime, datetime]) -> tuple[Any, ...]:
     """ClickHouse's DESCRIBE of the source (columns, types, Spark struct), the table's
     quality rules and ClickHouse's figures for `interval`."""
-    from k2 import iceberg as ib
-    from k2 import quality
-
     t = time.monotonic()
     with _clickhouse(client_kwargs, ch_settings) as ch:
         columns = ib.describe_source(ch, spec)
@@ -745,9 +734,6 @@ def clickhouse_figures(client_kwargs: dict[str, Any], ch_settings: Any, spec: An
                        types: dict[str, str], rules: Any, start: datetime, end: datetime) -> Any:
     """ClickHouse's count and checksum of the interval's good and bad rows (k2.quality's
     SplitChecksum); refuses duplicate unique keys among the rows that have a whole key."""
-    from k2 import checksum as ck
-    from k2 import quality
-
     with _clickhouse(client_kwargs, ch_settings) as ch:
         expected = quality.clickhouse_split_checksum(ch, spec, rules, types, start, end)
         duplicates = ch.query(
@@ -772,9 +758,6 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
                         types: dict[str, str], struct: Any, rules: Any, first: Any, t: float
                         ) -> list[dict[str, Any]]:
     from pyspark.sql.pandas.types import to_arrow_schema
-
-    from k2 import checksum as ck
-    from k2 import iceberg as ib
 
     target = ib.spark_table_name(ice_settings, spec)
 
@@ -851,8 +834,6 @@ def _prepare_table(spark: Any, ice_settings: Any, spec: Any, columns: list[Any],
     """Namespace and table (schema derived from ClickHouse's DESCRIBE): created when
     missing, evolved with ClickHouse's schema drift, refused when incompatible."""
 
-    from k2 import iceberg as ib
-
     namespace = spec.iceberg_table.split(".")[0]
     schema = _table_schema(spark, target)
     if schema is None:  # not there yet
@@ -915,10 +896,6 @@ def _offload_interval(job: _Job, start: datetime, end: datetime, expected: Any) 
     """Read, write (staged), audit and publish one interval: one Iceberg snapshot."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
-
-    from k2 import checksum as ck
-    from k2 import iceberg as ib
-    from k2 import quality
 
     spark, spec, target = job.spark, job.spec, job.target
     attempt_id = uuid.uuid4().hex  # finds this interval's commit among the job's
@@ -1027,8 +1004,6 @@ def _read_source(job: _Job, start: datetime, end: datetime) -> tuple[Any, _Read]
     """[start, end) of the source as a DataFrame: a parallel Arrow read on the executors,
     one task and one ClickHouse connection per time slice, straight into the write (no
     pass of its own)."""
-    from k2 import checksum as ck
-
     spark = job.spark
     bounds = slice_bounds(ck.to_epoch_ms(start), ck.to_epoch_ms(end), job.slices)
     counts = spark.sparkContext.accumulator({}, SliceCounts())
@@ -1045,9 +1020,6 @@ def _offload_batch(job: _Job, intervals: list[tuple[datetime, datetime]], expect
     whose summary carries each interval's figures (k2.iceberg.batch_snapshot_properties),
     so that every interval is found, verified and ledgered as if it had a commit of its
     own. A catch-up's intervals cost one Spark write instead of one each."""
-    from k2 import checksum as ck
-    from k2 import iceberg as ib
-
     spark, spec, target = job.spark, job.spec, job.target
     start, end = intervals[0][0], intervals[-1][1]
     step = intervals[0][1] - intervals[0][0]
@@ -1127,8 +1099,6 @@ def _write_range(job: _Job, start: datetime, end: datetime, properties: dict[str
     then MERGEs)."""
     from pyspark.sql import functions as F
 
-    from k2 import quality
-
     if job.native is not None:
         try:
             return _write_native(job, start, end, properties, wap_id, rows)
@@ -1206,8 +1176,6 @@ def _write_native(job: _Job, start: datetime, end: datetime, properties: dict[st
     reach the driver, never rows. A file holding rows of the range and others (after a
     compaction) makes the commit fail with PARTIAL_FILE; the new files are then deleted
     (no snapshot references them) and the caller writes the range another way."""
-    from k2 import checksum as ck
-
     spark, jvm = job.spark, job.spark.sparkContext._jvm
     table = _iceberg_table(spark, job.target)
     base = table.currentSnapshot()
@@ -1273,8 +1241,6 @@ def stored_checksums(job: _Job, snapshot_id: int, start: datetime, end: datetime
     data files Iceberg plans for the range in that snapshot (_file_checksums); else, or when
     a planned file has delete files (rows removed by a row-level MERGE) or lacks a key
     column, Spark SQL reads the snapshot (VERSION AS OF)."""
-    from k2 import checksum as ck
-
     if job.on_driver(rows):
         stored = _file_checksums(job, snapshot_id, start, end, step)
         if stored is not None:
@@ -1299,8 +1265,6 @@ def _file_checksums(job: _Job, snapshot_id: int, start: datetime, end: datetime,
     the snapshot, each read (its key and event-time columns, found by Iceberg field id) in
     a thread of its own, rows outside the range skipped. None when a file cannot be read
     this way (delete files, a column missing)."""
-    from k2 import checksum as ck
-
     jvm = job.spark.sparkContext._jvm
     table = _iceberg_table(job.spark, job.target)
     schema = table.schema()
@@ -1363,8 +1327,6 @@ def _file_checksum(location: str, field_ids: dict[int, str], time_column: str, k
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from k2 import checksum as ck
-
     with open_data_file(location) as source:
         parquet = pq.ParquetFile(source)
         by_id = {int(f.metadata[b"PARQUET:field_id"]): f.name
@@ -1390,8 +1352,6 @@ def _file_checksum(location: str, field_ids: dict[int, str], time_column: str, k
 
 def _range_expression(jvm: Any, column: str, start: datetime, end: datetime) -> Any:
     """Iceberg's expression of [start, end) on a timestamp column."""
-    from k2 import checksum as ck
-
     expressions = jvm.org.apache.iceberg.expressions.Expressions
     return getattr(expressions, "and")(  # a Python keyword
         expressions.greaterThanOrEqual(column, jvm.java.lang.Long(ck.to_epoch_ms(start) * 1000)),
@@ -1513,8 +1473,6 @@ def _session_conf(spark: Any, conf: dict[str, str]) -> Iterator[None]:
 
 
 def _snapshot_property_conf(properties: dict[str, str]) -> dict[str, str]:
-    from k2.iceberg import snapshot_property_conf
-
     return snapshot_property_conf(properties)
 
 
@@ -1593,8 +1551,6 @@ def quarantine_merge_sql(target: str, names: list[str], interval_start: datetime
     inserted), in one commit - a re-run replaces the interval's quarantined rows. Each
     target row matches at most one source row (the single 'D'), as MERGE requires.
     """
-    from k2.quality import INTERVAL_START_COLUMN
-
     cols = ", ".join(_quote(c) for c in names)
     return (
         f"MERGE INTO {target} t USING {QUARANTINE_VIEW} s "
@@ -1609,8 +1565,6 @@ def _quarantine_due(job: _Job, start: datetime, end: datetime, quarantined: list
     """Whether the quarantine table needs a commit for [start, end): ClickHouse has bad rows
     in it now (`quarantined`: the intervals' figures), or the table held some for an
     interval in it before (a re-run must delete them)."""
-    from k2 import quality
-
     if not job.rules:
         return False
     if any(figures.rows for figures in quarantined):
@@ -1629,10 +1583,6 @@ def _quarantine(job: _Job, source: Any, start: datetime, end: datetime, expected
     (staged, audited against ClickHouse's bad-row figures, then published); returns the
     snapshot id."""
     from pyspark.sql import functions as F
-
-    from k2 import checksum as ck
-    from k2 import iceberg as ib
-    from k2 import quality
 
     spark, target = job.spark, job.quarantine_target
     at_start = f"t.{_quote(quality.INTERVAL_START_COLUMN)} = {_ts_literal(start)}"

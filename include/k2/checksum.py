@@ -90,22 +90,17 @@ def key_columns(spec: TableSpec, kinds: Mapping[str, KeyKind]) -> list[tuple[str
 # Kinds from each engine's types
 
 
-def _strip_wrappers(ch_type: str) -> tuple[str, bool]:
-    t = ch_type.strip()
-    nullable = False
-    changed = True
-    while changed:
-        changed = False
-        for wrapper in ("LowCardinality(", "Nullable("):
-            if t.startswith(wrapper) and t.endswith(")"):
-                nullable = nullable or wrapper == "Nullable("
-                t = t[len(wrapper) : -1].strip()
-                changed = True
+def clickhouse_base_type(ch_type: str) -> tuple[str, bool]:
+    """A ClickHouse type without its LowCardinality/Nullable wrappers, and whether it is nullable."""
+    t, nullable = ch_type.strip(), False
+    while (m := re.fullmatch(r"(LowCardinality|Nullable)\((.*)\)", t)) is not None:
+        nullable = nullable or m.group(1) == "Nullable"
+        t = m.group(2).strip()
     return t, nullable
 
 
 def kind_from_clickhouse(column: str, ch_type: str) -> KeyKind:
-    base, _ = _strip_wrappers(ch_type)
+    base, _ = clickhouse_base_type(ch_type)
     if base == "String":
         return KeyKind.STRING
     if re.fullmatch(r"U?Int(8|16|32|64)", base):
@@ -153,7 +148,7 @@ def kind_from_spark(column: str, spark_type: Any) -> KeyKind:
 
 def _clickhouse_render(column: str, ch_type: str) -> str:
     kind = kind_from_clickhouse(column, ch_type)
-    base, nullable = _strip_wrappers(ch_type)
+    base, nullable = clickhouse_base_type(ch_type)
     col = f"`{_ident(column)}`"
     if kind is KeyKind.STRING:
         expr = f"toString({col})"
@@ -179,7 +174,7 @@ def clickhouse_row_hash_sql(columns: Sequence[tuple[str, str]]) -> str:
 
 def clickhouse_time_ms_sql(column: str, ch_type: str) -> str:
     """Int64 epoch-millisecond expression for an event-time column."""
-    base, _ = _strip_wrappers(ch_type)
+    base, _ = clickhouse_base_type(ch_type)
     col = f"`{_ident(column)}`"
     if base.startswith("DateTime64"):
         return f"toUnixTimestamp64Milli({col})"

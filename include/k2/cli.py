@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timedelta, timezone
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import typer
 
 from k2.intervals import parse_utc
 
+T = TypeVar("T")
 app = typer.Typer(
     help="K2 cold-tier offload: ClickHouse hot tier to Iceberg, orchestrated by Airflow.",
     no_args_is_help=True,
@@ -41,27 +42,24 @@ def _stack():
         _fail(str(exc), 2)
 
 
-def _duration(value: Optional[str]) -> Optional[timedelta]:
+def _parsed(value: Optional[str], parse: Callable[[str], T]) -> Optional[T]:
+    """An option's value parsed; a ValueError becomes the usage error naming it."""
     if value is None:
         return None
-    from k2.config import parse_duration
-
     try:
-        duration = parse_duration(value)
+        return parse(value)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    if duration <= timedelta(0):
-        raise typer.BadParameter(f"{value!r} must be longer than zero")
-    return duration
+
+
+def _duration(value: Optional[str]) -> Optional[timedelta]:
+    from k2.config import parse_duration
+
+    return _parsed(value, lambda text: parse_duration(text, positive=True))
 
 
 def _timestamp(value: Optional[str]) -> Optional[datetime]:
-    if value is None:
-        return None
-    try:
-        return parse_utc(value, naive_is_utc=True)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    return _parsed(value, lambda text: parse_utc(text, naive_is_utc=True))
 
 
 def clickhouse_client(stack=None):
@@ -386,7 +384,7 @@ def reoffload(
                   f"re-committed: {exc}")
         (result,) = done.results
         store.initialize(spec.name, first_interval_start(spec.start_date))
-        store.commit_with_retry(spec.name, start, end, result["rows"], result["checksum"],
+        store.commit_interval(spec.name, start, end, result["rows"], result["checksum"],
                                 result["snapshot_id"], run_id)
     client = clickhouse_connect.get_client(**ch_settings.client_kwargs())
     try:

@@ -57,12 +57,16 @@ class ConfigError(ValueError):
     """A tables.yaml problem, with the table and key it concerns."""
 
 
-def parse_duration(text: str) -> timedelta:
-    """'90s', '15m', '6h', '7d' -> timedelta. Raises ValueError with the accepted forms."""
+def parse_duration(text: str, *, positive: bool = False) -> timedelta:
+    """'90s', '15m', '6h', '7d' -> timedelta. Raises ValueError with the accepted forms
+    (``positive``: also for a zero duration)."""
     match = DURATION.match(str(text).strip())
     if not match:
         raise ValueError(f"{text!r} is not a duration like 90s, 15m, 6h or 7d")
-    return timedelta(seconds=int(match["n"]) * _UNIT_SECONDS[match["unit"]])
+    value = timedelta(seconds=int(match["n"]) * _UNIT_SECONDS[match["unit"]])
+    if positive and value <= timedelta(0):
+        raise ValueError(f"{text!r} is not a positive duration")
+    return value
 
 
 def identifier(value: str, what: str = "", error: type[Exception] = ValueError) -> str:

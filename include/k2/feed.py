@@ -502,14 +502,21 @@ class TradeGenerator:
         notional = np.exp(self._rng.normal(math.log(asset.median_notional), NOTIONAL_SIGMA, n))
         return np.minimum(notional, MAX_NOTIONAL_USD) / mid  # base-asset quantity (float)
 
-    def _binance_rows(self, asset: Asset, idx: int, t: np.ndarray, mid: np.ndarray) -> dict[str, np.ndarray]:
-        rng = self._rng
-        n = len(t)
-        buy = rng.random(n) < 0.5
+    def _quantized_trades(self, asset: Asset, mid: np.ndarray, price_decimals: int,
+                          size_decimals: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Taker side (True: buy), price in ticks and size in lots of one trade per mid price,
+        at the exchange's precision: a buy pays the half spread above mid, a sell gets it below."""
+        n = len(mid)
+        buy = self._rng.random(n) < 0.5
         px = mid * (1.0 + np.where(buy, _HALF_SPREAD, -_HALF_SPREAD))
+        ticks = np.maximum(np.rint(px * 10.0**price_decimals).astype(np.int64), 1)
+        lots = np.maximum(np.floor(self._sizes(n, asset, mid) * 10.0**size_decimals).astype(np.int64), 1)
+        return buy, ticks, lots
+
+    def _binance_rows(self, asset: Asset, idx: int, t: np.ndarray, mid: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(t)
         dp, dq = asset.binance_price_decimals, asset.binance_qty_decimals
-        ticks = np.maximum(np.rint(px * 10.0**dp).astype(np.int64), 1)
-        lots = np.maximum(np.floor(self._sizes(n, asset, mid) * 10.0**dq).astype(np.int64), 1)
+        buy, ticks, lots = self._quantized_trades(asset, mid, dp, dq)
         first = self.state.next_binance_id[asset.base]
         self.state.next_binance_id[asset.base] = first + n
         return {
@@ -529,11 +536,8 @@ class TradeGenerator:
         micros = t * 1000 + rng.integers(0, 1000, size=n, dtype=np.int64)
         order = np.argsort(micros, kind="stable")
         micros, mid = micros[order], mid[order]
-        buy = rng.random(n) < 0.5
-        px = mid * (1.0 + np.where(buy, _HALF_SPREAD, -_HALF_SPREAD))
         dp, dv = asset.kraken_price_decimals, asset.kraken_volume_decimals
-        ticks = np.maximum(np.rint(px * 10.0**dp).astype(np.int64), 1)
-        lots = np.maximum(np.floor(self._sizes(n, asset, mid) * 10.0**dv).astype(np.int64), 1)
+        buy, ticks, lots = self._quantized_trades(asset, mid, dp, dv)
         first = self.state.next_kraken_id[asset.base]
         self.state.next_kraken_id[asset.base] = first + n
         return {

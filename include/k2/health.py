@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from k2.config import REPO_ROOT
 
 ALERT_RULES = REPO_ROOT / "monitoring" / "prometheus" / "rules" / "alerts.yml"
@@ -44,8 +46,6 @@ class Thresholds:
 
 def thresholds(rules_file: Path = ALERT_RULES) -> Thresholds:
     """The lag thresholds of K2OffloadLag (warning and critical) and of K2WatermarkStale."""
-    import yaml
-
     document = yaml.safe_load(rules_file.read_text())
     lag: dict[str, float] = {}
     stale = None

@@ -44,10 +44,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
+from k2 import quality
+from k2.checksum import clickhouse_base_type
 from k2.config import identifier
 from k2.intervals import parse_utc
-from urllib.parse import urlsplit
+from k2.quality import INTERVAL_START_COLUMN, quarantine_table_name
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
@@ -192,22 +195,11 @@ def describe_source(client: Any, spec: TableSpec) -> list[SourceColumn]:
     return columns
 
 
-def _unwrap(ch_type: str) -> tuple[str, bool]:
-    t = ch_type.strip()
-    nullable = False
-    while True:
-        m = re.fullmatch(r"(LowCardinality|Nullable)\((.*)\)", t)
-        if not m:
-            return t, nullable
-        nullable = nullable or m.group(1) == "Nullable"
-        t = m.group(2).strip()
-
-
 def iceberg_type(column: str, ch_type: str) -> tuple[IcebergType, bool]:
     """(Iceberg type, required) for one ClickHouse column. Raises UnsupportedType."""
     from pyiceberg import types as T
 
-    base, nullable = _unwrap(ch_type)
+    base, nullable = clickhouse_base_type(ch_type)
     simple: dict[str, IcebergType] = {
         "Bool": T.BooleanType(),
         "Int8": T.IntegerType(),
@@ -361,8 +353,6 @@ def spark_table_name(settings: IcebergSettings, spec: TableSpec) -> str:
 def quarantine_columns(columns: Sequence[SourceColumn]) -> list[SourceColumn]:
     """The quarantine table's columns: the source's, all optional (a bad row may lack any
     value), then why and when each row was set aside (k2.quality.QUARANTINE_COLUMNS)."""
-    from k2 import quality
-
     extra = {
         quality.REASON_COLUMN: "String",
         quality.INTERVAL_START_COLUMN: "DateTime64(3, 'UTC')",
@@ -373,14 +363,12 @@ def quarantine_columns(columns: Sequence[SourceColumn]) -> list[SourceColumn]:
     clashing = [c.name for c in columns if c.name in extra]
     if clashing:
         raise SchemaMismatch(f"source columns {clashing} clash with the quarantine table's own columns")
-    out = [SourceColumn(c.name, c.clickhouse_type if _unwrap(c.clickhouse_type)[1]
+    out = [SourceColumn(c.name, c.clickhouse_type if clickhouse_base_type(c.clickhouse_type)[1]
                         else f"Nullable({c.clickhouse_type})") for c in columns]
     return out + [SourceColumn(name, f"Nullable({t})") for name, t in extra.items()]
 
 
 def quarantine_spark_table_name(settings: IcebergSettings, spec: TableSpec) -> str:
-    from k2.quality import quarantine_table_name
-
     namespace, table = quarantine_table_name(spec).split(".")
     return f"`{catalog_name(settings)}`.`{_ident(namespace)}`.`{_ident(table)}`"
 
@@ -388,8 +376,6 @@ def quarantine_spark_table_name(settings: IcebergSettings, spec: TableSpec) -> s
 def create_quarantine_table_sql(settings: IcebergSettings, spec: TableSpec,
                                 columns: Sequence[SourceColumn]) -> str:
     """CREATE TABLE IF NOT EXISTS of the quarantine table (`columns`: the source's)."""
-    from k2.quality import INTERVAL_START_COLUMN
-
     props = ", ".join(f"'{k}'='{v}'" for k, v in TABLE_PROPERTIES.items())
     return (
         f"CREATE TABLE IF NOT EXISTS {quarantine_spark_table_name(settings, spec)} "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from k2.config import REPO_ROOT, SPARK_JARS_DIR, TableSpec, quote_identifier
+from k2.iceberg import load_catalog, offload_snapshots_of, summary_int
 from k2.intervals import parse_utc
 
 if TYPE_CHECKING:
@@ -175,8 +177,6 @@ def run_spark_submit(argv: Sequence[str], env: Mapping[str, str], *,
                      log: Logger | None = None) -> list[str]:
     """Run spark-submit, streaming its output to ``log``; its output lines. Raises
     SparkSubmitError with the output's tail when it fails."""
-    import subprocess  # the Airflow task runs spark-submit through its hook, not this
-
     full_env = {**os.environ, **env}
     full_env.setdefault("PYSPARK_PYTHON", sys.executable)
     full_env.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -244,8 +244,6 @@ def collect_results(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int | None]:
     """Each interval's committed offload (normalized), its raw record, and the table's
     data-file count: from the Iceberg snapshots, else from the job's result lines."""
-    from k2.iceberg import load_catalog, offload_snapshots_of, summary_int  # pyiceberg: on use
-
     snapshots: dict[Interval, OffloadSnapshot] = {}
     data_files = None
     try:

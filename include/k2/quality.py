@@ -25,7 +25,7 @@ values are validated string literals.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -105,16 +105,6 @@ class Rules:
         return [f.reason for f in self.failures]
 
 
-def _base(ch_type: str) -> tuple[str, bool]:
-    t, nullable = ch_type.strip(), False
-    while True:
-        m = re.fullmatch(r"(LowCardinality|Nullable)\((.*)\)", t)
-        if not m:
-            return t, nullable
-        nullable = nullable or m.group(1) == "Nullable"
-        t = m.group(2).strip()
-
-
 def rules(spec: TableSpec, column_types: Mapping[str, str]) -> Rules:
     """The table's checks resolved against its source's columns (name -> ClickHouse type).
 
@@ -126,7 +116,7 @@ def rules(spec: TableSpec, column_types: Mapping[str, str]) -> Rules:
         if name not in column_types:
             raise QualityError(f"table {spec.name!r}: quality check {check} names column {name!r}, "
                                f"which {spec.source} does not have")
-        base, _ = _base(column_types[name])
+        base, _ = ck.clickhouse_base_type(column_types[name])
         if not want.match(base):
             raise QualityError(f"table {spec.name!r}: quality check {check} needs a {kind} column; "
                                f"{name!r} is {column_types[name]}")
@@ -162,7 +152,7 @@ def rules(spec: TableSpec, column_types: Mapping[str, str]) -> Rules:
 
 def _key_not_null(spec: TableSpec, column_types: Mapping[str, str]) -> list[Failure]:
     nullable = tuple(_ident(name) for name in spec.unique_key
-                     if name in column_types and _base(column_types[name])[1])
+                     if name in column_types and ck.clickhouse_base_type(column_types[name])[1])
     return [Failure(CHECK_KEY_NOT_NULL, "null", nullable)] if nullable else []
 
 
@@ -170,28 +160,36 @@ def _key_not_null(spec: TableSpec, column_types: Mapping[str, str]) -> list[Fail
 # ClickHouse
 
 
-def _ch_string(value: str) -> str:
+def _string(value: str) -> str:
+    """A string literal of an allowed value (the same in ClickHouse and Spark SQL)."""
     if not ALLOWED_VALUE.match(value):
         raise QualityError(f"{value!r} is not a plain string value")
     return f"'{value}'"
 
 
-def clickhouse_failure_sql(failure: Failure, column_types: Mapping[str, str]) -> str:
+def _failure_sql(failure: Failure, column: Callable[[str], str], is_null: Callable[[str], str],
+                 time_ms: Callable[[str], str]) -> str:
+    """A check's failure condition in one SQL dialect: ``column(name)`` is the column's
+    expression, ``is_null(expr)`` the dialect's null test, ``time_ms(name)`` the column as
+    epoch milliseconds."""
     if failure.kind == "null":
-        return "(" + " OR ".join(f"isNull(`{_ident(c)}`)" for c in failure.columns) + ")"
-    col = f"`{_ident(failure.columns[0])}`"
+        return "(" + " OR ".join(is_null(column(c)) for c in failure.columns) + ")"
+    col = column(failure.columns[0])
     if failure.kind == "not_positive":
-        return f"(isNull({col}) OR {col} <= 0)"
+        return f"({is_null(col)} OR {col} <= 0)"
     if failure.kind == "not_allowed":
-        return f"(isNull({col}) OR {col} NOT IN ({', '.join(_ch_string(v) for v in failure.values)}))"
+        return f"({is_null(col)} OR {col} NOT IN ({', '.join(_string(v) for v in failure.values)}))"
     if failure.kind == "later_than":
         assert failure.reference is not None
-        ref = f"`{_ident(failure.reference)}`"
-        col_ms = ck.clickhouse_time_ms_sql(failure.columns[0], column_types[failure.columns[0]])
-        ref_ms = ck.clickhouse_time_ms_sql(failure.reference, column_types[failure.reference])
-        return (f"(isNull({col}) OR isNull({ref}) OR "
-                f"{col_ms} > {ref_ms} + {int(failure.tolerance_ms)})")
+        ref = column(failure.reference)
+        return (f"({is_null(col)} OR {is_null(ref)} OR "
+                f"{time_ms(failure.columns[0])} > {time_ms(failure.reference)} + {int(failure.tolerance_ms)})")
     raise QualityError(f"unknown failure kind {failure.kind!r}")
+
+
+def clickhouse_failure_sql(failure: Failure, column_types: Mapping[str, str]) -> str:
+    return _failure_sql(failure, lambda c: f"`{_ident(c)}`", lambda e: f"isNull({e})",
+                        lambda c: ck.clickhouse_time_ms_sql(c, column_types[c]))
 
 
 def clickhouse_bad_sql(rules: Rules, column_types: Mapping[str, str]) -> str:
@@ -264,27 +262,10 @@ def clickhouse_split_checksum(client: Any, spec: TableSpec, rules: Rules, column
 # Spark
 
 
-def _spark_string(value: str) -> str:
-    if not ALLOWED_VALUE.match(value):
-        raise QualityError(f"{value!r} is not a plain string value")
-    return f"'{value}'"
-
-
 def spark_failure_sql(failure: Failure, alias: str | None = None) -> str:
     prefix = f"`{_ident(alias)}`." if alias else ""
-    if failure.kind == "null":
-        return "(" + " OR ".join(f"{prefix}`{_ident(c)}` IS NULL" for c in failure.columns) + ")"
-    col = f"{prefix}`{_ident(failure.columns[0])}`"
-    if failure.kind == "not_positive":
-        return f"({col} IS NULL OR {col} <= 0)"
-    if failure.kind == "not_allowed":
-        return f"({col} IS NULL OR {col} NOT IN ({', '.join(_spark_string(v) for v in failure.values)}))"
-    if failure.kind == "later_than":
-        assert failure.reference is not None
-        ref = f"{prefix}`{_ident(failure.reference)}`"
-        return (f"({col} IS NULL OR {ref} IS NULL OR "
-                f"unix_millis({col}) > unix_millis({ref}) + {int(failure.tolerance_ms)})")
-    raise QualityError(f"unknown failure kind {failure.kind!r}")
+    return _failure_sql(failure, lambda c: f"{prefix}`{_ident(c)}`", lambda e: f"{e} IS NULL",
+                        lambda c: f"unix_millis({prefix}`{_ident(c)}`)")
 
 
 def spark_bad_sql(rules: Rules, alias: str | None = None) -> str:

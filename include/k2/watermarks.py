@@ -31,10 +31,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from logging import Logger
 from decimal import Decimal
+from logging import Logger
 from typing import TYPE_CHECKING, Any
 
+from k2 import iceberg as ib
 from k2.catchup import lock_key_parts, offload_lock_key
 from k2.intervals import first_interval_start, parse_utc
 
@@ -127,6 +128,17 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
 _LATE_ROWS_ON_RECOMMIT = f"""late_rows_reported = CASE
                         WHEN {LEDGER_TABLE}.rows = EXCLUDED.rows AND {LEDGER_TABLE}.checksum = EXCLUDED.checksum
                         THEN {LEDGER_TABLE}.late_rows_reported ELSE 0 END"""
+# One interval's ledger row, written or replaced (a commit, a re-offload, a repair).
+_LEDGER_UPSERT = f"""
+    INSERT INTO {LEDGER_TABLE}
+        (table_name, interval_start, interval_end, rows, checksum, snapshot_id, run_id)
+    VALUES (%s, %s, %s, %s, %s, %s, %s)
+    ON CONFLICT (table_name, interval_start) DO UPDATE SET
+        interval_end = EXCLUDED.interval_end, rows = EXCLUDED.rows,
+        checksum = EXCLUDED.checksum, snapshot_id = EXCLUDED.snapshot_id,
+        run_id = EXCLUDED.run_id, committed_at = now(),
+        {_LATE_ROWS_ON_RECOMMIT}
+"""
 
 
 @dataclass(frozen=True)
@@ -205,6 +217,31 @@ def _contiguous_end(start: datetime, intervals: Sequence[tuple[datetime, datetim
         if interval_end > end:
             end = interval_end
     return end
+
+
+@dataclass(frozen=True)
+class _Commit:
+    """One interval's figures to ledger (times already aware UTC)."""
+
+    table: str
+    start: datetime
+    end: datetime
+    rows: int
+    checksum: int
+    snapshot_id: int | None
+    run_id: str
+
+    def validate(self) -> None:
+        if self.end <= self.start:
+            raise ValueError(
+                f"interval end {self.end.isoformat()} is not after its start {self.start.isoformat()}"
+            )
+        if self.rows < 0:
+            raise ValueError(f"rows must be >= 0, got {self.rows}")
+        if not 0 <= self.checksum <= _MAX_CHECKSUM:
+            raise ValueError(f"checksum {self.checksum} is outside 0..2^64-1")
+        if not self.run_id:
+            raise ValueError("run_id is required")
 
 
 class WatermarkStore:
@@ -314,50 +351,53 @@ class WatermarkStore:
         checksum: int | Decimal,
         snapshot_id: int | None,
         run_id: str,
-        expected_sequence: int,
+        expected_sequence: int | None = None,
+        *,
+        attempts: int = 5,
+        backoff: float = 0.05,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> CommitResult:
         """Ledger one offloaded interval and advance the watermark, in one transaction.
 
-        Raises StaleWatermarkError when the watermark's sequence is no longer
-        ``expected_sequence`` (re-read with :meth:`get` and retry, or use
-        :meth:`commit_with_retry`), UnknownTableError before :meth:`initialize`.
+        With ``expected_sequence``: one compare-and-set, StaleWatermarkError when the
+        watermark's sequence is no longer that. Without: read the current sequence and
+        commit, re-reading and retrying on StaleWatermarkError (at most ``attempts`` times,
+        with jittered exponential backoff). UnknownTableError before :meth:`initialize`.
         """
-        start = _utc(start, "interval start")
-        end = _utc(end, "interval end")
-        if end <= start:
-            raise ValueError(
-                f"interval end {end.isoformat()} is not after its start {start.isoformat()}"
-            )
-        if rows < 0:
-            raise ValueError(f"rows must be >= 0, got {rows}")
-        checksum = int(checksum)
-        if not 0 <= checksum <= _MAX_CHECKSUM:
-            raise ValueError(f"checksum {checksum} is outside 0..2^64-1")
-        if not run_id:
-            raise ValueError("run_id is required")
+        if attempts < 1:
+            raise ValueError("attempts must be >= 1")
+        commit = _Commit(table, _utc(start, "interval start"), _utc(end, "interval end"), rows,
+                         int(checksum), snapshot_id, run_id)
+        commit.validate()
+        for attempt in range(1, (1 if expected_sequence is not None else attempts) + 1):
+            if expected_sequence is not None:
+                expected = expected_sequence
+            else:
+                current = self.get(table)
+                if current is None:
+                    raise UnknownTableError(f"table {table!r} has no watermark; initialize it first")
+                expected = current.sequence_number
+            try:
+                return self._commit_once(commit, expected)
+            except StaleWatermarkError as exc:
+                if expected_sequence is not None or attempt == attempts:
+                    raise
+                delay = backoff * (2 ** (attempt - 1)) * (1 + random.random())
+                log.warning("%s (attempt %s/%s); retrying in %.2fs", exc, attempt, attempts, delay)
+                sleep(delay)
+        raise AssertionError("unreachable")
 
+    def _commit_once(self, c: _Commit, expected: int) -> CommitResult:
+        table, start, end = c.table, c.start, c.end
         with self._connect() as conn, conn.transaction():
             current = self._get(conn, table, for_update=True)
             if current is None:
                 raise UnknownTableError(f"table {table!r} has no watermark; initialize it first")
-            if current.sequence_number != expected_sequence:
-                raise StaleWatermarkError(table, expected_sequence, current.sequence_number)
+            if current.sequence_number != expected:
+                raise StaleWatermarkError(table, expected, current.sequence_number)
 
             conn.execute(
-                f"""
-                INSERT INTO {LEDGER_TABLE}
-                    (table_name, interval_start, interval_end, rows, checksum, snapshot_id, run_id)
-                VALUES (%s, %s, %s, %s, %s, %s, %s)
-                ON CONFLICT (table_name, interval_start) DO UPDATE SET
-                    interval_end = EXCLUDED.interval_end,
-                    rows = EXCLUDED.rows,
-                    checksum = EXCLUDED.checksum,
-                    snapshot_id = EXCLUDED.snapshot_id,
-                    run_id = EXCLUDED.run_id,
-                    committed_at = now(),
-                    {_LATE_ROWS_ON_RECOMMIT}
-                """,
-                (table, start, end, rows, Decimal(checksum), snapshot_id, run_id),
+                _LEDGER_UPSERT, (table, start, end, c.rows, Decimal(c.checksum), c.snapshot_id, c.run_id)
             )
 
             recommit = end <= current.watermark_ts
@@ -386,10 +426,10 @@ class WatermarkStore:
                     WHERE table_name = %s AND sequence_number = %s
                     RETURNING sequence_number
                     """,
-                    (new_watermark, table, expected_sequence),
+                    (new_watermark, table, expected),
                 ).fetchone()
                 if updated is None:  # unreachable under the row lock; kept as the CAS guard
-                    raise StaleWatermarkError(table, expected_sequence, -1)
+                    raise StaleWatermarkError(table, expected, -1)
                 sequence = int(updated[0])
 
         result = CommitResult(
@@ -414,39 +454,6 @@ class WatermarkStore:
         )
         return result
 
-    def commit_with_retry(
-        self,
-        table: str,
-        start: datetime,
-        end: datetime,
-        rows: int,
-        checksum: int | Decimal,
-        snapshot_id: int | None,
-        run_id: str,
-        *,
-        attempts: int = 5,
-        backoff: float = 0.05,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> CommitResult:
-        """Read the current sequence and commit; on StaleWatermarkError re-read and retry (bounded)."""
-        if attempts < 1:
-            raise ValueError("attempts must be >= 1")
-        for attempt in range(1, attempts + 1):
-            current = self.get(table)
-            if current is None:
-                raise UnknownTableError(f"table {table!r} has no watermark; initialize it first")
-            try:
-                return self.commit_interval(
-                    table, start, end, rows, checksum, snapshot_id, run_id, current.sequence_number
-                )
-            except StaleWatermarkError as exc:
-                if attempt == attempts:
-                    raise
-                delay = backoff * (2 ** (attempt - 1)) * (1 + random.random())
-                log.warning("%s (attempt %s/%s); retrying in %.2fs", exc, attempt, attempts, delay)
-                sleep(delay)
-        raise AssertionError("unreachable")
-
     def apply_repair(self, plan: RepairPlan) -> None:
         """Apply a RepairPlan: delete, re-ledger and set the watermark under the table's row lock."""
         table = plan.table_name
@@ -466,16 +473,7 @@ class WatermarkStore:
                 )
             for o in plan.reledger:
                 conn.execute(
-                    f"""
-                    INSERT INTO {LEDGER_TABLE}
-                        (table_name, interval_start, interval_end, rows, checksum, snapshot_id, run_id)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s)
-                    ON CONFLICT (table_name, interval_start) DO UPDATE SET
-                        interval_end = EXCLUDED.interval_end, rows = EXCLUDED.rows,
-                        checksum = EXCLUDED.checksum, snapshot_id = EXCLUDED.snapshot_id,
-                        run_id = EXCLUDED.run_id, committed_at = now(),
-                        {_LATE_ROWS_ON_RECOMMIT}
-                    """,
+                    _LEDGER_UPSERT,
                     (table, o.interval_start, o.interval_end, o.rows, Decimal(o.checksum), o.snapshot_id, o.run_id),
                 )
             # Bump the sequence so an in-flight compare-and-set commit re-reads the repaired state.
@@ -739,8 +737,6 @@ def table_offloads(catalog: Any, spec: Any) -> tuple[list[TableOffload], datetim
     ([], None) when the table does not exist or has no snapshot."""
     from pyiceberg.exceptions import NoSuchTableError
     from pyiceberg.table.snapshots import ancestors_of
-
-    from k2 import iceberg as ib
 
     try:
         iceberg_table = catalog.load_table(spec.iceberg_table)

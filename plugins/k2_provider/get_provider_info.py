@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from k2_provider import __version__
+
 # Must equal the distribution name (pyproject [project] name): providers_manager compares them.
 PACKAGE_NAME = "k2-cold-tier"
 
 
 def get_provider_info() -> dict[str, Any]:
-    from k2_provider import __version__
-
     return {
         "package-name": PACKAGE_NAME,
         "name": "K2 cold-tier offload",

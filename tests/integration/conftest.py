@@ -10,20 +10,21 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from k2.feed import EXCHANGE_TABLES
 from k2.local import stack as local_stack
 from k2.local.settings import LocalStack
+from k2.runtime_env import ClickHouseSettings, IcebergSettings
+from tests.integration.airflow_handle import AirflowHandle
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,6 +95,40 @@ def stack():
             shutil.rmtree(home, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class JobStack:
+    """What a job-level test module submits the offload job against: its own ClickHouse
+    database (`ch_client`'s), its own Iceberg catalog (the module's CATALOG) and warehouse on
+    the session's PostgreSQL, the job's environment, and a pyiceberg catalog on it."""
+
+    clickhouse: ClickHouseSettings
+    iceberg: IcebergSettings
+    env: dict[str, str]
+    catalog: Any
+
+
+@pytest.fixture(scope="module")
+def job_stack(stack: LocalStack, ch_client, request: pytest.FixtureRequest, tmp_path_factory) -> JobStack:
+    from k2.iceberg import load_catalog
+    from tests.integration.spark_job import clickhouse_settings, iceberg_settings, job_env
+
+    catalog_name = getattr(request.module, "CATALOG", None)
+    assert catalog_name, f"{request.module.__name__} needs a CATALOG name of its own"
+    ch = clickhouse_settings(stack, ch_client.database)
+    ice = iceberg_settings(stack, catalog_name, tmp_path_factory.mktemp("warehouse"))
+    return JobStack(ch, ice, job_env(ch, ice), load_catalog(ice))
+
+
+@pytest.fixture(scope="module")
+def job_env(job_stack: JobStack) -> dict[str, str]:
+    return job_stack.env
+
+
+@pytest.fixture(scope="module")
+def catalog(job_stack: JobStack):
+    return job_stack.catalog
+
+
 @pytest.fixture(scope="module")
 def ch_client(stack: LocalStack, request: pytest.FixtureRequest):
     """A clickhouse-connect client on a fresh database named after the test module."""
@@ -159,112 +194,6 @@ def hot_data(stack: LocalStack, start_date: datetime, outage_start: datetime):
     history_start = min(start_date, outage_start) - timedelta(minutes=5)
     run_feed(client, history=now - history_start, rate=None, seed=7, end=now, progress=None)
     return client
-
-
-class AirflowHandle:
-    """The running Airflow of the test session, with the few operations tests need."""
-
-    def __init__(self, stack: LocalStack, env: dict[str, str]) -> None:
-        self.stack = stack
-        self.env = env
-
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [str(Path(sys.executable).with_name("airflow")), *args],
-            env=self.env, capture_output=True, text=True, timeout=timeout,
-        )
-        assert result.returncode == 0, f"airflow {' '.join(args)}:\n{result.stderr[-3000:]}"
-        return result
-
-    def run_state(self, dag_id: str, interval_start: datetime) -> str | None:
-        import psycopg
-
-        with psycopg.connect(self.stack.postgres_dsn("airflow")) as conn:
-            row = conn.execute(
-                "SELECT state FROM dag_run WHERE dag_id = %s AND data_interval_start = %s "
-                "ORDER BY id DESC LIMIT 1",
-                (dag_id, interval_start),
-            ).fetchone()
-        return row[0] if row else None
-
-    def api(self, method: str, path: str, body: dict | None = None) -> dict:
-        """Airflow's REST API as the admin user (token from the simple auth manager)."""
-        import json
-        import urllib.request
-
-        base = f"http://{self.stack.host}:{self.stack.airflow_port}"
-
-        def call(url: str, payload: dict | None, token: str | None = None) -> dict:
-            request = urllib.request.Request(
-                url, method=method if token else "POST",
-                data=None if payload is None else json.dumps(payload).encode(),
-                headers={"Content-Type": "application/json",
-                         **({"Authorization": f"Bearer {token}"} if token else {})},
-            )
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read() or b"{}")
-
-        password = self.stack.credentials["airflow_admin_password"]
-        token = call(f"{base}/auth/token", {"username": "admin", "password": password})["access_token"]
-        return call(f"{base}/api/v2{path}", body, token)
-
-    def trigger(self, dag_id: str, run_id: str, start: datetime, end: datetime, *, nth: int = 1) -> str:
-        """A manual run for an explicit data interval, as the UI's "Trigger" with a date does."""
-        # Logical dates are unique per DAG and the scheduled run of this interval holds
-        # `start`; the nth manual run of the same interval takes the nth second after it.
-        self.api("POST", f"/dags/{dag_id}/dagRuns", {
-            "dag_run_id": run_id,
-            "logical_date": (start + timedelta(seconds=nth)).isoformat(),
-            "data_interval_start": start.isoformat(),
-            "data_interval_end": end.isoformat(),
-        })
-        return run_id
-
-    def _is_paused(self, dag_id: str) -> bool | None:
-        import psycopg
-
-        with psycopg.connect(self.stack.postgres_dsn("airflow")) as conn:
-            row = conn.execute("SELECT is_paused FROM dag WHERE dag_id = %s", (dag_id,)).fetchone()
-        return None if row is None else bool(row[0])
-
-    def unpause(self, dag_id: str, timeout: float = 180) -> None:
-        """Unpause once the dag-processor has registered the DAG (`airflow dags unpause`
-        exits 0 without doing anything for a DAG that is not in the database yet)."""
-        deadline = time.monotonic() + timeout
-        while self._is_paused(dag_id) is not False:
-            assert time.monotonic() < deadline, f"{dag_id} not registered/unpaused after {timeout} s"
-            if self._is_paused(dag_id):
-                self.cli("dags", "unpause", dag_id)
-            else:
-                time.sleep(2)
-
-    def run_state_by_id(self, dag_id: str, run_id: str, timeout: float = 600) -> str:
-        """Wait until that run has finished; returns its final state."""
-        import psycopg
-
-        deadline = time.monotonic() + timeout
-        state = None
-        while time.monotonic() < deadline:
-            with psycopg.connect(self.stack.postgres_dsn("airflow")) as conn:
-                row = conn.execute(
-                    "SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s", (dag_id, run_id)
-                ).fetchone()
-            state = row[0] if row else None
-            if state in ("success", "failed"):
-                return state
-            time.sleep(3)
-        raise AssertionError(f"{dag_id} run {run_id} still {state!r} after {timeout} s")
-
-    def wait_for_run(self, dag_id: str, interval_start: datetime, timeout: float = 600) -> str:
-        """Wait until the run of that interval has finished; returns its final state."""
-        deadline = time.monotonic() + timeout
-        state = None
-        while time.monotonic() < deadline:
-            state = self.run_state(dag_id, interval_start)
-            if state in ("success", "failed"):
-                return state
-            time.sleep(3)
-        raise AssertionError(f"{dag_id} run of {interval_start} still {state!r} after {timeout} s")
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ import pytest
 from k2 import metrics
 from k2.local import monitoring
 from k2.local.monitoring import MonitoringStack
+from tests.integration.airflow_handle import poll
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,16 +50,6 @@ def _free_port(kind: int = socket.SOCK_STREAM) -> int:
 def _get_json(url: str):
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.loads(response.read())
-
-
-def _wait_for(check, timeout: float, interval: float = 1.0):
-    """Poll `check` until it returns something truthy; return it, or the last falsy value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result or time.monotonic() >= deadline:
-            return result
-        time.sleep(interval)
 
 
 class SmtpSink:
@@ -157,7 +148,7 @@ def fired(mon: MonitoringStack, airflow_heartbeats, smtp_sink):
         return alerts if wanted <= got else None
 
     started = time.monotonic()
-    alerts = _wait_for(firing, FIRE_TIMEOUT)
+    alerts = poll(firing, FIRE_TIMEOUT)
     assert alerts, (
         f"alerts did not fire within {FIRE_TIMEOUT:.0f} s; Prometheus has: "
         f"{_get_json(f'{mon.prometheus_url}/api/v1/alerts')['data']['alerts']}; "
@@ -192,7 +183,7 @@ def test_healthy_table_does_not_alert(fired, mon: MonitoringStack) -> None:
 def test_alert_emails_arrive_naming_alert_and_table(fired, smtp_sink) -> None:
     sink, _ = smtp_sink
     expected = ((LAGGING, "K2OffloadLag", "#high-lag"), (FEED_STOPPED, "K2FeedStopped", "#feed-stopped"))
-    arrived = _wait_for(
+    arrived = poll(
         lambda: all(_mails_about(sink, alert, table) for table, alert, _ in expected), MAIL_TIMEOUT
     )
     assert arrived, f"emails received: {[m['Subject'] for m in sink.messages]}"
@@ -216,7 +207,7 @@ def test_critical_inhibits_the_warning_of_the_same_alert_and_table(
                if a["labels"]["alertname"] == "K2OffloadLag" and a["labels"].get("table") == LAGGING}
         return lag if {"warning", "critical"} <= set(lag) else None
 
-    lag = _wait_for(lag_alerts_in_alertmanager, MAIL_TIMEOUT)
+    lag = poll(lag_alerts_in_alertmanager, MAIL_TIMEOUT)
     assert lag, "Alertmanager did not receive both K2OffloadLag alerts"
     assert lag["critical"]["status"]["state"] == "active"
     assert lag["warning"]["status"]["state"] == "suppressed"

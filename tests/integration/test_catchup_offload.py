@@ -30,8 +30,7 @@ from k2.config import load_tables
 from k2.feed import run_feed
 from k2.schema import apply_schema
 from k2.verify import verify_table
-from tests.integration.spark_job import JOB, clickhouse_settings, iceberg_settings, job_argv
-from tests.integration.spark_job import job_env as spark_job_env
+from tests.integration.spark_job import JOB, job_argv
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,22 +52,6 @@ PERF: dict[str, float] = {}
 
 def steps(start: datetime, n: int) -> list[tuple[datetime, datetime]]:
     return [(start + k * STEP, start + (k + 1) * STEP) for k in range(n)]
-
-
-@pytest.fixture(scope="module")
-def settings(stack, ch_client, tmp_path_factory):
-    return (clickhouse_settings(stack, ch_client.database),
-            iceberg_settings(stack, CATALOG, tmp_path_factory.mktemp("warehouse")))
-
-
-@pytest.fixture(scope="module")
-def job_env(settings):
-    return spark_job_env(*settings)
-
-
-@pytest.fixture(scope="module")
-def catalog(settings):
-    return ib.load_catalog(settings[1])
 
 
 @pytest.fixture(scope="module")
@@ -351,11 +334,11 @@ class _StatsdSink:
 
 
 @pytest.fixture(scope="module")
-def airflow_env(stack, settings, ledger_dsn):
+def airflow_env(stack, job_stack, ledger_dsn):
     """AIRFLOW_CONN_* for the operators, spark-submit on PATH, StatsD into a sink."""
     from k2 import metrics
 
-    ch, ice = settings
+    ch, ice = job_stack.clickhouse, job_stack.iceberg
     c = stack.credentials
     sink = _StatsdSink()
     conns = {

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import mailbox
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pytest
 
 from k2.config import load_tables
+from tests.integration.airflow_handle import airflow_sql
 from tests.integration.conftest import DEADLINE, INTERVAL, floor_interval
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -36,14 +37,12 @@ def _about(messages, run_id: str) -> list:
 
 def _deadlines(stack, *run_ids: str) -> dict[str, list[tuple[bool, str | None]]]:
     """run_id -> (missed, callback state) of each deadline Airflow still holds for the run."""
-    import psycopg
-
-    with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
-        rows = conn.execute(
-            "SELECT r.run_id, d.missed, c.state FROM deadline d JOIN dag_run r ON r.id = d.dagrun_id "
-            "LEFT JOIN callback c ON c.id = d.callback_id WHERE r.run_id = ANY(%s) ORDER BY d.deadline_time",
-            (list(run_ids),),
-        ).fetchall()
+    rows = airflow_sql(
+        stack,
+        "SELECT r.run_id, d.missed, c.state FROM deadline d JOIN dag_run r ON r.id = d.dagrun_id "
+        "LEFT JOIN callback c ON c.id = d.callback_id WHERE r.run_id = ANY(%s) ORDER BY d.deadline_time",
+        list(run_ids),
+    )
     found: dict[str, list[tuple[bool, str | None]]] = {}
     for run_id, missed, state in rows:
         found.setdefault(run_id, []).append((bool(missed), state))

@@ -29,9 +29,10 @@ import psycopg
 import pytest
 
 from k2.config import load_tables
-from k2_dag_factory import TASK_COMMIT
 from k2.local.monitoring import MonitoringStack
 from k2.watermarks import WatermarkStore
+from k2_dag_factory import TASK_COMMIT
+from tests.integration.airflow_handle import airflow_sql, poll, wait_until
 from tests.integration.conftest import INTERVAL
 from tests.integration.test_dashboard_queries import (
     fill,
@@ -81,14 +82,9 @@ def _allow_ledger_writes(stack) -> None:
 # --- Airflow and mail helpers ------------------------------------------------------------
 
 
-def _airflow_sql(stack, sql: str, *args) -> list[tuple]:
-    with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
-        return conn.execute(sql, args).fetchall()
-
-
 def _scheduled_runs(stack, dag_id: str) -> list[tuple[str, str, datetime, datetime | None]]:
     """(run_id, state, data_interval_start, start_date) of the DAG's scheduled runs."""
-    return _airflow_sql(
+    return airflow_sql(
         stack,
         "SELECT run_id, state, data_interval_start, start_date FROM dag_run "
         "WHERE dag_id = %s AND run_type = 'scheduled' ORDER BY data_interval_start",
@@ -97,13 +93,11 @@ def _scheduled_runs(stack, dag_id: str) -> list[tuple[str, str, datetime, dateti
 
 
 def _scheduled_run_id(stack, dag_id: str, start: datetime, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        for run_id, _, interval_start, _ in _scheduled_runs(stack, dag_id):
-            if interval_start == start:
-                return run_id
-        assert time.monotonic() < deadline, f"no scheduled run of {dag_id} for {start}"
-        time.sleep(1)
+    return wait_until(
+        lambda: next((run_id for run_id, _, interval_start, _ in _scheduled_runs(stack, dag_id)
+                      if interval_start == start), None),
+        timeout, f"a scheduled run of {dag_id} for {start}",
+    )
 
 
 def _set_paused(airflow_running, dag_id: str, paused: bool) -> None:
@@ -118,7 +112,7 @@ def _unpause_first_run_alone(airflow_running, prometheus_url: str, dag_id: str) 
     Returns whether the first run did start alone."""
     stack = airflow_running.stack
     deadline = time.monotonic() + 300  # the dag-processor registers the DAG first
-    while not _airflow_sql(stack, "SELECT 1 FROM dag WHERE dag_id = %s", dag_id):
+    while not airflow_sql(stack, "SELECT 1 FROM dag WHERE dag_id = %s", dag_id):
         assert time.monotonic() < deadline, f"{dag_id} never registered"
         time.sleep(1)
     _set_paused(airflow_running, dag_id, False)
@@ -128,7 +122,7 @@ def _unpause_first_run_alone(airflow_running, prometheus_url: str, dag_id: str) 
         assert time.monotonic() < deadline, f"no scheduled run of {dag_id} started"
         if time.monotonic() - checked > 5:  # an unpause racing the DAG's registration may not stick
             checked = time.monotonic()
-            if _airflow_sql(stack, "SELECT 1 FROM dag WHERE dag_id = %s AND is_paused", dag_id):
+            if airflow_sql(stack, "SELECT 1 FROM dag WHERE dag_id = %s AND is_paused", dag_id):
                 _set_paused(airflow_running, dag_id, False)
         time.sleep(0.05)
     _set_paused(airflow_running, dag_id, True)
@@ -217,11 +211,8 @@ def real_runs(stack, hot_data, airflow_running, start_date: datetime):
 
 
 def test_a_task_that_fails_for_good_emails_once_naming_dag_task_and_run(stack, real_runs: RealRuns):
-    deadline = time.monotonic() + MAIL_WAIT  # the worker sends it after reporting the failure
-    while time.monotonic() < deadline:
-        if _about(_failure_emails(stack, SPEC.dag_id), real_runs.failed_run):
-            break
-        time.sleep(1)
+    # the worker sends it after reporting the failure
+    poll(lambda: _about(_failure_emails(stack, SPEC.dag_id), real_runs.failed_run), MAIL_WAIT)
     mails = _failure_emails(stack, SPEC.dag_id)
     print(f"\n[failure email] failure emails for {SPEC.dag_id}: {len(mails)}: "
           f"{[_subject(m) for m in mails]}")

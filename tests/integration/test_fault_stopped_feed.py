@@ -30,6 +30,7 @@ from k2 import metrics
 from k2.config import load_tables
 from k2.health import ALERT_RULES
 from k2.local.monitoring import MonitoringStack
+from tests.integration.airflow_handle import wait_until
 from tests.integration.conftest import STOPPED_FEED_TABLE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.late]
@@ -74,21 +75,13 @@ def _feed_stopped_mails(stack) -> list[str]:
     return [s for s in subjects if ALERT in s]
 
 
-def _wait(check, timeout: float, what: str, interval: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"{what} within {timeout:.0f} s"
-        time.sleep(interval)
-    return value
-
-
 def test_stopped_feed_fires_the_alert_and_mails_the_sink(stack, hot_data, airflow_running):
     prometheus = MonitoringStack.for_local_stack(stack).prometheus_url
     threshold = _threshold_seconds()
     # In the whole suite the Airflow tests have run this DAG and its newest runs wait for
     # Binance data; alone, unpausing it makes a sensor report.
     airflow_running.unpause(SPEC.dag_id, timeout=600)
-    seen = _wait(lambda: _newest_event_seen(prometheus), REPORT_TIMEOUT,
+    seen = wait_until(lambda: _newest_event_seen(prometheus), REPORT_TIMEOUT,
                  f"no sensor of {SPEC.dag_id} reported its newest event time")
     # What the alert watches is the table's real newest trade, which stopped moving.
     newest = hot_data.query(f"SELECT max({SPEC.completeness.column}) FROM {SPEC.completeness.table}").first_row[0]
@@ -109,10 +102,10 @@ def test_stopped_feed_fires_the_alert_and_mails_the_sink(stack, hot_data, airflo
         )
         return rows
 
-    _wait(firing, fire_by - time.time() + 60, f"{ALERT} firing for {SPEC.name}")
+    wait_until(firing, fire_by - time.time() + 60, f"{ALERT} firing for {SPEC.name}")
     print(f"[feed stopped] {ALERT} firing for {SPEC.name}, {time.time() - seen:.0f} s after its last trade")
 
-    mails = _wait(lambda: [m for m in _feed_stopped_mails(stack) if f"table={SPEC.name}" in m], MAIL_TIMEOUT,
+    mails = wait_until(lambda: [m for m in _feed_stopped_mails(stack) if f"table={SPEC.name}" in m], MAIL_TIMEOUT,
                   f"no {ALERT} email naming {SPEC.name} in {stack.maildir}")
     print(f"[feed stopped] emails: {mails}")
     assert all(subject.startswith("[K2 CRITICAL]") for subject in _feed_stopped_mails(stack)), mails

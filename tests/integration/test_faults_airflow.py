@@ -32,6 +32,7 @@ from k2.local import airflow
 from k2.local.stack import CLICKHOUSE
 from k2.verify import verify_table
 from k2.watermarks import WatermarkStore
+from tests.integration.airflow_handle import airflow_sql, poll
 from tests.integration.conftest import LIVE_EXCHANGES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -74,56 +75,35 @@ def _caught_up(stack, spec, data_end: datetime, timeout: float = 900) -> None:
         (data_end - spec.allowed_lateness).timestamp() // step * step, timezone.utc)
 
     def waiting() -> list[tuple]:
-        with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
-            pending = conn.execute(
-                "SELECT run_id, state, data_interval_end FROM dag_run WHERE dag_id = %s "
-                "AND state IN ('queued', 'running') AND data_interval_end <= %s",
-                (spec.dag_id, complete_end),
-            ).fetchall()
-            newest = conn.execute(
-                "SELECT 1 FROM dag_run WHERE dag_id = %s AND data_interval_end = %s "
-                "AND state = 'success'",
-                (spec.dag_id, complete_end),
-            ).fetchone()
+        pending = airflow_sql(
+            stack,
+            "SELECT run_id, state, data_interval_end FROM dag_run WHERE dag_id = %s "
+            "AND state IN ('queued', 'running') AND data_interval_end <= %s",
+            spec.dag_id, complete_end,
+        )
+        newest = airflow_sql(
+            stack,
+            "SELECT 1 FROM dag_run WHERE dag_id = %s AND data_interval_end = %s AND state = 'success'",
+            spec.dag_id, complete_end,
+        )
         return pending + ([] if newest else [("(no finished run yet)", None, complete_end)])
 
-    assert _poll(lambda: not waiting(), timeout, 3), (
+    assert poll(lambda: not waiting(), timeout, 3), (
         f"{spec.dag_id} not caught up to {complete_end}: {waiting()}")
-
-
-def _is_paused(stack, dag_id: str) -> bool | None:
-    with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
-        row = conn.execute("SELECT is_paused FROM dag WHERE dag_id = %s", (dag_id,)).fetchone()
-    return None if row is None else bool(row[0])
-
-
-def _unpause(airflow_running, dag_id: str) -> None:
-    """Unpause, and check it held: an unpause issued while the dag-processor is still
-    registering the DAG (created paused) has been seen not to stick."""
-    deadline = time.monotonic() + 600  # registration takes minutes on a loaded machine
-    while True:
-        try:
-            airflow_running.cli("dags", "unpause", dag_id)
-        except AssertionError:
-            pass  # not registered yet
-        time.sleep(3)
-        if _is_paused(airflow_running.stack, dag_id) is False:
-            return
-        assert time.monotonic() < deadline, f"{dag_id} is still paused"
 
 
 def _task_instances(stack, dag_id: str, interval_start: datetime) -> dict[str, tuple[int, str | None]]:
     """task_id -> (try_number, state) of the newest run of that interval."""
-    with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
-        rows = conn.execute(
-            """
-            SELECT ti.task_id, ti.try_number, ti.state FROM task_instance ti
-            WHERE ti.dag_id = %s AND ti.run_id = (
-                SELECT run_id FROM dag_run WHERE dag_id = %s AND data_interval_start = %s
-                ORDER BY id DESC LIMIT 1)
-            """,
-            (dag_id, dag_id, interval_start),
-        ).fetchall()
+    rows = airflow_sql(
+        stack,
+        """
+        SELECT ti.task_id, ti.try_number, ti.state FROM task_instance ti
+        WHERE ti.dag_id = %s AND ti.run_id = (
+            SELECT run_id FROM dag_run WHERE dag_id = %s AND data_interval_start = %s
+            ORDER BY id DESC LIMIT 1)
+        """,
+        dag_id, dag_id, interval_start,
+    )
     return {r[0]: (int(r[1] or 0), r[2]) for r in rows}
 
 
@@ -189,7 +169,7 @@ def test_commit_watermark_fails_after_the_write_then_only_it_retries(stack, hot_
     store.migrate()
     _refuse_ledger_writes(stack, spec.name)
     try:
-        _unpause(airflow_running, spec.dag_id)
+        airflow_running.unpause(spec.dag_id)
         deadline = time.monotonic() + 600
         while True:
             tis = _task_instances(stack, spec.dag_id, start)
@@ -225,46 +205,14 @@ def test_commit_watermark_fails_after_the_write_then_only_it_retries(stack, hot_
 SENSOR, OFFLOAD, COMMIT = "wait_for_hot_data", "offload_to_iceberg", "commit_watermark"
 
 
-def _poll(check: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
-    """The first truthy value of check() within timeout seconds, else None."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
-
-def _wait_registered(stack, dag_id: str, timeout: float = 600) -> None:
-    """The dag-processor has written the DAG (registration takes minutes on a loaded machine)."""
-    assert _poll(lambda: _is_paused(stack, dag_id) is not None, timeout, 3), f"{dag_id} not registered"
-
-
-def _set_paused(airflow_running, dag_id: str, paused: bool, timeout: float = 120) -> None:
-    """Pause or unpause through the REST API (seconds faster than the CLI), checked in the DB."""
-    _wait_registered(airflow_running.stack, dag_id)
-    deadline = time.monotonic() + timeout
-    while _is_paused(airflow_running.stack, dag_id) is not paused:
-        assert time.monotonic() < deadline, f"{dag_id}: is_paused did not become {paused}"
-        airflow_running.api("PATCH", f"/dags/{dag_id}", {"is_paused": paused})
-        time.sleep(1)
-
-
-def _pause_quietly(airflow_running, dag_id: str) -> None:
-    try:
-        _set_paused(airflow_running, dag_id, True)
-    except Exception as exc:  # never hide the test's own failure
-        print(f"\ncould not pause {dag_id}: {exc}")
-
-
 def _runs(stack, dag_id: str, interval_start: datetime) -> list[dict[str, Any]]:
     """Every run of that interval, oldest first."""
-    with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
-        rows = conn.execute(
-            "SELECT run_id, run_type, state, backfill_id FROM dag_run "
-            "WHERE dag_id = %s AND data_interval_start = %s ORDER BY id",
-            (dag_id, interval_start),
-        ).fetchall()
+    rows = airflow_sql(
+        stack,
+        "SELECT run_id, run_type, state, backfill_id FROM dag_run "
+        "WHERE dag_id = %s AND data_interval_start = %s ORDER BY id",
+        dag_id, interval_start,
+    )
     return [dict(zip(("run_id", "run_type", "state", "backfill_id"), r)) for r in rows]
 
 
@@ -273,20 +221,21 @@ def _activity(stack, dag_id: str) -> str:
     failed wait should show."""
     from k2.config import SPARK_POOL
 
-    with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
-        runs = conn.execute(
-            "SELECT r.run_id, r.state, r.data_interval_start, "
-            "string_agg(ti.task_id || '=' || coalesce(ti.state, 'none'), ', ' ORDER BY ti.task_id) "
-            "FROM dag_run r LEFT JOIN task_instance ti ON ti.dag_id = r.dag_id AND ti.run_id = r.run_id "
-            "WHERE r.dag_id = %s AND r.state IN ('queued', 'running') "
-            "GROUP BY r.run_id, r.state, r.data_interval_start ORDER BY r.data_interval_start",
-            (dag_id,),
-        ).fetchall()
-        pool = conn.execute(
-            "SELECT dag_id, run_id, state FROM task_instance WHERE pool = %s "
-            "AND state IN ('queued', 'running', 'scheduled')",
-            (SPARK_POOL,),
-        ).fetchall()
+    runs = airflow_sql(
+        stack,
+        "SELECT r.run_id, r.state, r.data_interval_start, "
+        "string_agg(ti.task_id || '=' || coalesce(ti.state, 'none'), ', ' ORDER BY ti.task_id) "
+        "FROM dag_run r LEFT JOIN task_instance ti ON ti.dag_id = r.dag_id AND ti.run_id = r.run_id "
+        "WHERE r.dag_id = %s AND r.state IN ('queued', 'running') "
+        "GROUP BY r.run_id, r.state, r.data_interval_start ORDER BY r.data_interval_start",
+        dag_id,
+    )
+    pool = airflow_sql(
+        stack,
+        "SELECT dag_id, run_id, state FROM task_instance WHERE pool = %s "
+        "AND state IN ('queued', 'running', 'scheduled')",
+        SPARK_POOL,
+    )
     lines = [f"  run {r[0]} {r[1]} interval {r[2]}: {r[3]}" for r in runs]
     lines += [f"  pool {SPARK_POOL}: {p[0]} {p[1]} {p[2]}" for p in pool]
     return "\n".join(lines) or "  nothing in flight"
@@ -294,12 +243,12 @@ def _activity(stack, dag_id: str) -> str:
 
 def _run_tis(stack, dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
     """task_id -> try_number, state, start_date, end_date of one run."""
-    with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
-        rows = conn.execute(
-            "SELECT task_id, try_number, state, start_date, end_date FROM task_instance "
-            "WHERE dag_id = %s AND run_id = %s",
-            (dag_id, run_id),
-        ).fetchall()
+    rows = airflow_sql(
+        stack,
+        "SELECT task_id, try_number, state, start_date, end_date FROM task_instance "
+        "WHERE dag_id = %s AND run_id = %s",
+        dag_id, run_id,
+    )
     return {
         r[0]: {"try": int(r[1] or 0), "state": r[2], "start": r[3], "end": r[4]} for r in rows
     }
@@ -391,31 +340,31 @@ def test_clickhouse_outage_while_sensing_and_reading_retries_then_succeeds(
     first = intervals[0][0]
     outages: list[float] = []
     began = time.monotonic()
-    _wait_registered(stack, dag_id)
+    airflow_running.wait_registered(dag_id)
     try:
         with _clickhouse_outage(stack, outages):
-            _set_paused(airflow_running, dag_id, False)
-            deferred = _poll(lambda: _task_instances(stack, dag_id, first).get(SENSOR, (0, None))[1] == "deferred", 45)
+            airflow_running.set_paused(dag_id, False)
+            deferred = poll(lambda: _task_instances(stack, dag_id, first).get(SENSOR, (0, None))[1] == "deferred", 45)
             if deferred:
                 time.sleep(3)  # the trigger's first query runs at once: let it fail too
-        assert _poll(lambda: _task_instances(stack, dag_id, first).get(SENSOR, (0, None))[1] == "success", 240), (
+        assert poll(lambda: _task_instances(stack, dag_id, first).get(SENSOR, (0, None))[1] == "success", 240), (
             f"the sensor did not pass once ClickHouse was back: {_task_instances(stack, dag_id, first)}"
         )
         # The second outage begins once the offload's first try runs (not when the sensor
         # passed: on a loaded machine the try may wait in the queue longer than an outage
         # may last); its Spark job reaches ClickHouse seconds later, after the JVM starts.
-        assert _poll(lambda: _task_instances(stack, dag_id, first).get(OFFLOAD, (0, None))[1] == "running",
+        assert poll(lambda: _task_instances(stack, dag_id, first).get(OFFLOAD, (0, None))[1] == "running",
                      240, 0.2), f"the offload did not start: {_task_instances(stack, dag_id, first)}"
         with _clickhouse_outage(stack, outages):
             def offload_try_failed() -> bool:
                 number, state = _task_instances(stack, dag_id, first).get(OFFLOAD, (0, None))
                 return state in ("up_for_retry", "failed") or number >= 2
-            _poll(offload_try_failed, 50)
+            poll(offload_try_failed, 50)
         for start, _end in intervals:
             assert airflow_running.wait_for_run(dag_id, start, timeout=600) == "success"
     finally:
         _ensure_clickhouse_up(stack)
-        _pause_quietly(airflow_running, dag_id)
+        airflow_running.pause_quietly(dag_id)
 
     [run] = [r for r in _runs(stack, dag_id, first) if r["run_type"] == "scheduled"]
     tis = _run_tis(stack, dag_id, run["run_id"])
@@ -465,9 +414,9 @@ def test_two_runs_of_one_interval_at_once_leave_one_copy(
     first, first_end = start_date, start_date + INTERVAL
     twins = [f"manual__k2_fault_twin_{int(time.time())}_{n}" for n in (1, 2)]
     began = time.monotonic()
-    _wait_registered(stack, dag_id)
+    airflow_running.wait_registered(dag_id)
     try:
-        _set_paused(airflow_running, dag_id, False)
+        airflow_running.set_paused(dag_id, False)
         _caught_up(stack, spec, _hot_tier_up_to_now)
         with _offload_lock_held(stack, spec.name) as release:
             before = _snapshot_counts(stack, spec, [(first, first_end)])
@@ -477,13 +426,13 @@ def test_two_runs_of_one_interval_at_once_leave_one_copy(
             def offload_waiting() -> list[str]:
                 return [r for r in twins if _run_tis(stack, dag_id, r).get(OFFLOAD, {}).get("state") == "running"]
 
-            waiting = _poll(offload_waiting, 300, 2)
+            waiting = poll(offload_waiting, 300, 2)
             assert waiting, f"no offload started:\n{_activity(stack, dag_id)}"
             both = [r for r in _runs(stack, dag_id, first) if r["run_id"] in twins]
             assert all(r["state"] == "running" for r in both) and len(both) == 2, (
                 f"the two runs of {first} are not in flight together: {both}")
             # The running offload has met the lock and says so in its log: it is blocked.
-            blocked = _poll(lambda: "waiting for the offload lock" in _task_log(airflow_running, dag_id, waiting[0], OFFLOAD),
+            blocked = poll(lambda: "waiting for the offload lock" in _task_log(airflow_running, dag_id, waiting[0], OFFLOAD),
                             120, 1)
             assert blocked, f"{waiting[0]}: the offload never reported waiting for the lock"
             held = _snapshot_counts(stack, spec, [(first, first_end)])
@@ -503,7 +452,7 @@ def test_two_runs_of_one_interval_at_once_leave_one_copy(
         print(f"\n[two runs at once] offload snapshots of the interval: {before} -> {counts}")
         _verify_clean(stack, hot_data, spec, first, first_end, "two runs at once")
     finally:
-        _pause_quietly(airflow_running, dag_id)
+        airflow_running.pause_quietly(dag_id)
     print(f"[two runs at once] took {time.monotonic() - began:.0f} s")
 
 
@@ -523,9 +472,9 @@ def test_clear_while_the_offload_runs_leaves_one_copy(stack, hot_data, airflow_r
     cleared = f"manual__k2_fault_clear_{int(time.time())}"
     began = time.monotonic()
     try:
-        _set_paused(airflow_running, dag_id, False)
+        airflow_running.set_paused(dag_id, False)
         airflow_running.trigger(dag_id, cleared, second, second_end)
-        assert _poll(lambda: _spark_jobs_of(cleared), 300, 1), f"the Spark job of {cleared} never started"
+        assert poll(lambda: _spark_jobs_of(cleared), 300, 1), f"the Spark job of {cleared} never started"
         # The manual run's logical date is one second after its interval's start (see trigger()).
         logical = (second + timedelta(seconds=1)).isoformat()
         try:
@@ -541,12 +490,12 @@ def test_clear_while_the_offload_runs_leaves_one_copy(stack, hot_data, airflow_r
         tis = _run_tis(stack, dag_id, cleared)
         print(f"\n[clear while running] tries: { {k: (v['try'], v['state']) for k, v in tis.items()} }")
         assert tis[OFFLOAD]["try"] >= 2, tis
-        leftover = _poll(lambda: not _spark_jobs_of(cleared), 30)
+        leftover = poll(lambda: not _spark_jobs_of(cleared), 30)
         assert leftover, f"Spark processes of the cleared try still run: {_spark_jobs_of(cleared)}"
         counts = _snapshot_counts(stack, spec, [(second, second_end)])
         print(f"[clear while running] offload snapshots of the interval: {counts}; took {time.monotonic() - began:.0f} s")
     finally:
-        _pause_quietly(airflow_running, dag_id)
+        airflow_running.pause_quietly(dag_id)
     _verify_clean(stack, hot_data, spec, second, second_end, "clear while running")
 
 
@@ -575,10 +524,10 @@ def test_clear_of_a_past_run_after_compaction_re_offloads_without_duplicates(
     (first, first_end), (_second, second_end) = intervals
     began = time.monotonic()
     try:
-        _set_paused(airflow_running, dag_id, False)
+        airflow_running.set_paused(dag_id, False)
         scheduled = {}
         for start, _end in intervals:
-            assert _poll(lambda: [r for r in _runs(stack, dag_id, start) if r["run_type"] == "scheduled"], 300, 2)
+            assert poll(lambda: [r for r in _runs(stack, dag_id, start) if r["run_type"] == "scheduled"], 300, 2)
             [run] = [r for r in _runs(stack, dag_id, start) if r["run_type"] == "scheduled"]
             assert airflow_running.run_state_by_id(dag_id, run["run_id"], timeout=600) == "success"
             scheduled[start] = run["run_id"]
@@ -613,7 +562,7 @@ def test_clear_of_a_past_run_after_compaction_re_offloads_without_duplicates(
                             "-t", OFFLOAD, "-d", "-y")
         assert airflow_running.run_state_by_id(dag_id, scheduled[first], timeout=600) == "success"
     finally:
-        _pause_quietly(airflow_running, dag_id)
+        airflow_running.pause_quietly(dag_id)
     tis = _run_tis(stack, dag_id, scheduled[first])
     after = _interval_snapshots(stack, spec, first, first_end)
     new = [s for s in after if s.snapshot_id not in before]
@@ -629,11 +578,10 @@ def test_clear_of_a_past_run_after_compaction_re_offloads_without_duplicates(
 
 
 def _latest_backfill(stack, dag_id: str) -> tuple[int, datetime | None] | None:
-    with psycopg.connect(stack.postgres_dsn("airflow")) as conn:
-        row = conn.execute(
-            "SELECT id, completed_at FROM backfill WHERE dag_id = %s ORDER BY id DESC LIMIT 1", (dag_id,)
-        ).fetchone()
-    return None if row is None else (row[0], row[1])
+    rows = airflow_sql(
+        stack, "SELECT id, completed_at FROM backfill WHERE dag_id = %s ORDER BY id DESC LIMIT 1", dag_id
+    )
+    return None if not rows else (rows[0][0], rows[0][1])
 
 
 def _backfill(airflow_running, dag_id: str, start: datetime, last: datetime, *extra: str) -> int:
@@ -648,8 +596,8 @@ def _backfill(airflow_running, dag_id: str, start: datetime, last: datetime, *ex
     backfill = _latest_backfill(stack, dag_id)
     assert backfill is not None and backfill != previous, "no backfill was created"
     # Backfill runs are scheduled only while the DAG is unpaused.
-    _set_paused(airflow_running, dag_id, False)
-    done = _poll(lambda: (_latest_backfill(stack, dag_id) or (0, None))[1], 900, 3)
+    airflow_running.set_paused(dag_id, False)
+    done = poll(lambda: (_latest_backfill(stack, dag_id) or (0, None))[1], 900, 3)
     assert done, f"backfill {backfill[0]} of {dag_id} not completed"
     return backfill[0]
 
@@ -666,8 +614,8 @@ def test_backfill_create_then_reprocess_completed_offloads_each_interval_once(
     dag_id = spec.dag_id
     intervals = [(start_date, start_date + INTERVAL), (start_date + INTERVAL, start_date + 2 * INTERVAL)]
     began = time.monotonic()
-    _wait_registered(stack, dag_id)
-    assert _is_paused(stack, dag_id), f"{dag_id} must start paused"
+    airflow_running.wait_registered(dag_id)
+    assert airflow_running.is_paused(dag_id), f"{dag_id} must start paused"
     assert not any(_runs(stack, dag_id, s) for s, _ in intervals), "the backfill's DAG already has runs"
     try:
         # Created while the DAG is paused, so catch-up does not create scheduled runs of these
@@ -696,5 +644,5 @@ def test_backfill_create_then_reprocess_completed_offloads_each_interval_once(
         print(f"[backfill reprocess] offload snapshots per interval: {counts}; took {time.monotonic() - began:.0f} s")
         assert set(counts.values()) == {2}, counts  # one per backfill: re-offloaded, not skipped
     finally:
-        _pause_quietly(airflow_running, dag_id)
+        airflow_running.pause_quietly(dag_id)
     _verify_clean(stack, hot_data, spec, intervals[0][0], intervals[-1][1], "backfill reprocess")

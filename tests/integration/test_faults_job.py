@@ -28,7 +28,7 @@ from k2.config import load_tables
 from k2.feed import run_feed
 from k2.schema import apply_schema
 from k2.verify import late_rows, verify_table
-from tests.integration.spark_job import clickhouse_settings, iceberg_settings, job_argv
+from tests.integration.spark_job import iceberg_settings, job_argv
 from tests.integration.spark_job import job_env as spark_job_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -47,26 +47,6 @@ BRONZE = load_tables().get("bronze_trades_binance")
 # the Spark session starts (seconds before the executors read the interval).
 FIGURES_TAKEN = re.compile(r"k2\.offload: ClickHouse describe \+ checksum done")
 BEFORE_PUBLISH = re.compile(r"k2\.offload: staged snapshot \d+ of \S+bronze_trades_binance")
-
-
-@pytest.fixture(scope="module")
-def ch_settings(stack, ch_client):
-    return clickhouse_settings(stack, ch_client.database)
-
-
-@pytest.fixture(scope="module")
-def ice_settings(stack, tmp_path_factory):
-    return iceberg_settings(stack, CATALOG, tmp_path_factory.mktemp("warehouse"))
-
-
-@pytest.fixture(scope="module")
-def job_env(ch_settings, ice_settings):
-    return spark_job_env(ch_settings, ice_settings)
-
-
-@pytest.fixture(scope="module")
-def catalog(ice_settings):
-    return ib.load_catalog(ice_settings)
 
 
 @pytest.fixture(scope="module")
@@ -285,9 +265,9 @@ def _fill(directory: Path) -> int:
 
 
 def test_full_or_read_only_warehouse_fails_clearly_and_commits_nothing(
-        filled, ch_client, ch_settings, stack, small_warehouse):
+        filled, ch_client, job_stack, stack, small_warehouse):
     ice = iceberg_settings(stack, "k2_test_faults_small", small_warehouse / "warehouse")
-    env = spark_job_env(ch_settings, ice)
+    env = spark_job_env(job_stack.clickhouse, ice)
     small_catalog = ib.load_catalog(ice)
     run_job(env, BRONZE.name, I0, "scheduled__i0")
     snapshots = snapshot_ids(small_catalog, BRONZE)

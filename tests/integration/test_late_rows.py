@@ -38,8 +38,6 @@ from k2.feed import run_feed
 from k2.schema import apply_schema
 from k2.verify import late_rows
 from k2.watermarks import WatermarkStore
-from tests.integration.spark_job import clickhouse_settings, iceberg_settings
-from tests.integration.spark_job import job_env as spark_job_env
 from tests.integration.test_offload_job import run_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -59,12 +57,6 @@ K2 = str(Path(sys.executable).with_name("k2"))
 
 
 @pytest.fixture(scope="module")
-def settings(stack, ch_client, tmp_path_factory):
-    return (clickhouse_settings(stack, ch_client.database),
-            iceberg_settings(stack, CATALOG, tmp_path_factory.mktemp("warehouse-late")))
-
-
-@pytest.fixture(scope="module")
 def watermark_dsn(stack):
     with psycopg.connect(stack.postgres_dsn("k2"), autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {WATERMARK_DB}")
@@ -73,21 +65,16 @@ def watermark_dsn(stack):
 
 
 @pytest.fixture(scope="module")
-def job_env(settings):
-    return spark_job_env(*settings)
-
-
-@pytest.fixture(scope="module")
-def cli_env(settings, watermark_dsn):
+def cli_env(job_stack, watermark_dsn):
     """The `k2` CLI pointed at this module's ClickHouse database, catalog and ledger."""
-    ch, ice = settings
+    ch, ice = job_stack.clickhouse, job_stack.iceberg
     return {**os.environ, **ch.to_env(), **ice.to_env(), "K2_WATERMARK_DSN": watermark_dsn}
 
 
 @pytest.fixture
-def task_connections(stack, settings, monkeypatch):
+def task_connections(stack, job_stack, monkeypatch):
     """The Airflow connections commit_watermark uses, on this module's database and ledger."""
-    ch, _ = settings
+    ch = job_stack.clickhouse
     c = stack.credentials
     monkeypatch.setenv("AIRFLOW_CONN_CLICKHOUSE_DEFAULT", json.dumps({
         "conn_type": "clickhouse", "host": stack.host, "port": stack.clickhouse_port,
@@ -145,10 +132,10 @@ def _clickhouse_rows(client, interval) -> int:
     return ck.clickhouse_interval_checksum(client, SPEC, types, *interval).rows
 
 
-def _iceberg_trade_ids(settings, ids: list[int]) -> list[int]:
+def _iceberg_trade_ids(job_stack, ids: list[int]) -> list[int]:
     from pyiceberg.expressions import In
 
-    table = ib.load_catalog(settings[1]).load_table(SPEC.iceberg_table)
+    table = job_stack.catalog.load_table(SPEC.iceberg_table)
     found = table.scan(row_filter=In("trade_id", [str(i) for i in ids]), selected_fields=("trade_id",))
     return sorted(int(v) for v in found.to_arrow().column("trade_id").to_pylist())
 
@@ -207,7 +194,7 @@ def _hot_complete(target: datetime, wait: float) -> bool:
 
 
 def test_late_rows_are_included_detected_counted_and_reoffloaded(
-    stack, ch_client, settings, job_env, cli_env, watermark_dsn, task_connections, stats_to_exporter, capsys
+    stack, ch_client, job_stack, job_env, cli_env, watermark_dsn, task_connections, stats_to_exporter, capsys
 ):
     started = time.monotonic()
     apply_schema(ch_client)
@@ -227,7 +214,7 @@ def test_late_rows_are_included_detected_counted_and_reoffloaded(
     result0, proc0, wall0 = run_job(job_env, SPEC.name, I0, f"scheduled__{I0[0].isoformat()}")
     i0_rows = _clickhouse_rows(ch_client, I0)
     assert result0["rows"] == i0_rows > 100, (result0, proc0.stdout[-3000:], proc0.stderr[-5000:])
-    assert _iceberg_trade_ids(settings, [within_id]) == [within_id]
+    assert _iceberg_trade_ids(job_stack, [within_id]) == [within_id]
     committed0, log0 = _commit(result0, I0, capsys)
     assert committed0["watermark_ts"] == I0[1].isoformat()
     assert "late rows" not in log0
@@ -288,7 +275,7 @@ def test_late_rows_are_included_detected_counted_and_reoffloaded(
     assert report["ok"] and report["late_rows"] == []
     assert report["totals"]["clickhouse_rows"] == report["totals"]["iceberg_rows"] == i0_rows + 3 + result1["rows"]
     assert report["totals"]["duplicated"] == report["totals"]["missing"] == 0
-    assert _iceberg_trade_ids(settings, [within_id, *late_ids]) == sorted([within_id, *late_ids])
+    assert _iceberg_trade_ids(job_stack, [within_id, *late_ids]) == sorted([within_id, *late_ids])
     entry = WatermarkStore(watermark_dsn).ledger_entry(SPEC.name, I0[0])
     assert entry.rows == i0_rows + 3 and entry.run_id.startswith("reoffload__")
     assert WatermarkStore(watermark_dsn).get(SPEC.name).watermark_ts == I1[1]

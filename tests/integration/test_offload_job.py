@@ -25,8 +25,11 @@ from k2.config import load_tables
 from k2.feed import run_feed
 from k2.schema import apply_schema
 from k2.verify import verify_table
-from tests.integration.spark_job import JOB, clickhouse_settings, iceberg_settings, job_argv, submit_argv
-from tests.integration.spark_job import job_env as spark_job_env
+from tests.integration.spark_job import (
+    JOB,
+    job_argv,
+    submit_argv,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,22 +43,6 @@ CATALOG = "k2_test_offload"
 TABLES = load_tables()
 BRONZE = TABLES.get("bronze_trades_binance")
 GOLD = TABLES.get("gold_ohlcv_1m")
-
-
-@pytest.fixture(scope="module")
-def settings(stack, ch_client, tmp_path_factory):
-    return (clickhouse_settings(stack, ch_client.database),
-            iceberg_settings(stack, CATALOG, tmp_path_factory.mktemp("warehouse")))
-
-
-@pytest.fixture(scope="module")
-def job_env(settings):
-    return spark_job_env(*settings)
-
-
-@pytest.fixture(scope="module")
-def catalog(settings):
-    return ib.load_catalog(settings[1])
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,6 @@ from k2 import iceberg as ib
 from k2 import quality
 from k2.config import load_tables
 from k2.verify import verify_table
-from tests.integration.spark_job import clickhouse_settings, iceberg_settings
-from tests.integration.spark_job import job_env as spark_job_env
 from tests.integration.test_offload_job import run_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -82,12 +80,6 @@ def tables_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def spec(tables_file):
     return load_tables(tables_file).get(TABLE)
-
-
-@pytest.fixture(scope="module")
-def job_env(stack, ch_client, tmp_path_factory):
-    ice = iceberg_settings(stack, CATALOG, tmp_path_factory.mktemp("warehouse"))
-    return spark_job_env(clickhouse_settings(stack, ch_client.database), ice), ib.load_catalog(ice)
 
 
 def _ts(moment: datetime) -> str:
@@ -155,8 +147,8 @@ def _check_interval(catalog, spec, ch_client, result, run_id, bad_notes):
     assert totals["clickhouse_quarantined_rows"] == totals["iceberg_quarantined_rows"] == len(bad_notes)
 
 
-def test_bad_rows_are_quarantined_and_reruns_keep_one_copy(filled, spec, tables_file, ch_client, job_env):
-    env, catalog = job_env
+def test_bad_rows_are_quarantined_and_reruns_keep_one_copy(filled, spec, tables_file, ch_client, job_stack):
+    env, catalog = job_stack.env, job_stack.catalog
     first = _offload(env, tables_file, I0, "scheduled__i0")
     assert first["rows_read"] == GOOD_PER_INTERVAL + len(BAD)
     assert (first["rows"], first["quarantined_rows"]) == (GOOD_PER_INTERVAL, len(BAD))
@@ -194,8 +186,8 @@ def test_bad_rows_are_quarantined_and_reruns_keep_one_copy(filled, spec, tables_
           "(one copy each); rows lost 0, duplicated 0")
 
 
-def test_duplicate_keys_still_stop_the_interval(filled, spec, tables_file, ch_client, job_env):
-    env, catalog = job_env
+def test_duplicate_keys_still_stop_the_interval(filled, spec, tables_file, ch_client, job_stack):
+    env, catalog = job_stack.env, job_stack.catalog
     snapshots = [s.snapshot_id for s in catalog.load_table(spec.iceberg_table).snapshots()]
     # two rows with NULL trade_id are bad rows, not duplicates; two copies of a whole key are
     ch_client.command(

@@ -63,7 +63,7 @@ def offloaded(stack, hot_data, start_date, env):
     store.migrate()
     store.initialize(TABLE, start_date)
     for r in results:
-        store.commit_with_retry(
+        store.commit_interval(
             TABLE, datetime.fromisoformat(r["interval_start"]), datetime.fromisoformat(r["interval_end"]),
             int(r["rows"]), int(r["checksum"]), int(r["snapshot_id"]), "repair-test",
         )

@@ -57,7 +57,7 @@ def _commit(
     store: WatermarkStore, table: str, i: int, *, run_id: str = "run", rows: int = 10, **kw
 ):
     start, end = _interval(i)
-    return store.commit_with_retry(
+    return store.commit_interval(
         table, start, end, rows, 1000 + i, 7000 + i, f"{run_id}-{i}", **kw
     )
 

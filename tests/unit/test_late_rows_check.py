@@ -63,8 +63,8 @@ def test_late_rows_are_warned_with_the_command_and_counted_once(monkeypatch, cap
             pass
 
     recorded = []
-    monkeypatch.setattr("k2.verify.late_rows", fake_late_rows)
-    monkeypatch.setattr("k2_provider.hooks.clickhouse.K2ClickHouseHook", FakeHook)
+    monkeypatch.setattr(wc, "late_rows", fake_late_rows)
+    monkeypatch.setattr(wc, "K2ClickHouseHook", FakeHook)
     monkeypatch.setattr("k2.metrics.record_late_rows", lambda table, n: recorded.append((table, n)))
     op = wc.WatermarkCommitOperator(task_id="commit_watermark", table="silver_trades", initial_watermark=T0)
     first = CommitResult("silver_trades", T0, T0 + STEP, T0 + STEP, 2, T0, True, False)

@@ -59,6 +59,9 @@ def iceberg_settings(stack: LocalStack) -> IcebergSettings:
 def connections(stack: LocalStack) -> dict[str, dict[str, object]]:
     """The Airflow connections of the local stack, as Airflow's JSON connection form."""
     c = stack.credentials
+    # The watermark store and the Iceberg JDBC catalog share the stack's database k2.
+    postgres = {"conn_type": "postgres", "host": stack.host, "port": stack.postgres_port,
+                "login": c["postgres_user"], "password": c["postgres_password"], "schema": "k2"}
     return {
         "clickhouse_default": {
             "conn_type": "clickhouse",
@@ -73,21 +76,9 @@ def connections(stack: LocalStack) -> dict[str, dict[str, object]]:
             "host": os.environ.get("K2_SPARK_MASTER", "local[2]"),
             "extra": {"spark-binary": "spark-submit"},
         },
-        "k2_watermarks": {
-            "conn_type": "postgres",
-            "host": stack.host,
-            "port": stack.postgres_port,
-            "login": c["postgres_user"],
-            "password": c["postgres_password"],
-            "schema": "k2",
-        },
+        "k2_watermarks": postgres,
         "iceberg_default": {
-            "conn_type": "postgres",
-            "host": stack.host,
-            "port": stack.postgres_port,
-            "login": c["postgres_user"],
-            "password": c["postgres_password"],
-            "schema": "k2",
+            **postgres,
             "extra": {"warehouse": iceberg_settings(stack).warehouse, "catalog_name": "k2"},
         },
         "smtp_default": {

@@ -7,7 +7,7 @@ import subprocess
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 from k2.local.processes import StackError, ensure_port_free, read_pid, tail, terminate, wait_until
 from k2.local.settings import LocalStack
@@ -87,3 +87,39 @@ class Daemon:
             pass
         self.pid_file(stack).unlink(missing_ok=True)
         return True
+
+
+class Startable(Protocol):
+    name: str
+
+    def start(self, target: Any) -> bool: ...
+
+    def stop(self, target: Any) -> bool: ...
+
+    def port(self, target: Any) -> int | None: ...
+
+
+S = TypeVar("S", bound=Startable)
+
+
+def start_all(items: Sequence[S], target: Any, log: Callable[[str], None],
+              running: Callable[[S], str] = lambda item: "") -> list[S]:
+    """Start each item not yet running, in order; all or nothing: when one fails, the ones this
+    call started are stopped again (in reverse) and the error is raised. ``running(item)``
+    adds to the line logged for an item that was already running."""
+    started: list[S] = []
+    try:
+        for item in items:
+            if item.start(target):
+                started.append(item)
+                log(f"started {item.name} on {target.host}:{item.port(target)}")
+            else:
+                log(f"{item.name} already running on {target.host}:{item.port(target)}{running(item)}")
+    except BaseException:
+        for item in reversed(started):
+            try:
+                item.stop(target)
+            except StackError as exc:
+                log(f"while rolling back: {exc}")
+        raise
+    return started

@@ -25,10 +25,11 @@ from typing import Any, Callable
 
 import yaml
 
+from k2 import metrics
 from k2.config import ALERT_TO_ENV, DEFAULT_ALERT_TO
-from k2.local.daemons import Daemon, http_ok
+from k2.local.daemons import Daemon, http_ok, start_all
 from k2.local.processes import StackError
-from k2.local.settings import LOOPBACK, REPO_ROOT, LocalStack, _env_int
+from k2.local.settings import LOOPBACK, REPO_ROOT, LocalStack, StackHome, _env_int
 
 MONITORING_DIR = REPO_ROOT / "monitoring"
 MAPPING_FILE = MONITORING_DIR / "statsd_exporter" / "mappings.yml"
@@ -71,7 +72,7 @@ def tool(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class MonitoringStack:
+class MonitoringStack(StackHome):
     """Ports, paths and settings of one monitoring stack. Build it with `from_env()`.
 
     `home` is the K2 home (pid files and logs go where the other services' go); the rendered
@@ -116,15 +117,7 @@ class MonitoringStack:
         smtp_port = getattr(stack, "smtp_port", None)
         return replace(mon, smtp_port=smtp_port) if smtp_port else mon
 
-    # Folders and files (run_dir and log_dir are what `Daemon` needs)
-    @property
-    def run_dir(self) -> Path:
-        return self.home / "run"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.home / "logs"
-
+    # Folders and files (run_dir and log_dir, what `Daemon` needs, come from StackHome)
     @property
     def config_dir(self) -> Path:
         return self.home / "monitoring"
@@ -324,19 +317,7 @@ def prepare(mon: MonitoringStack) -> None:
 def start(mon: MonitoringStack, log: Callable[[str], None] = print) -> list[Daemon]:
     """Render the configs and start the daemons not yet running; all or nothing."""
     prepare(mon)
-    started: list[Daemon] = []
-    try:
-        for daemon in DAEMONS:
-            if daemon.start(mon):
-                started.append(daemon)
-                log(f"started {daemon.name} on {mon.host}:{daemon.port(mon)}")
-            else:
-                log(f"{daemon.name} already running{_reload(mon, daemon)}")
-    except BaseException:
-        for daemon in reversed(started):
-            daemon.stop(mon)
-        raise
-    return started
+    return start_all(DAEMONS, mon, log, running=lambda daemon: _reload(mon, daemon))
 
 
 def _reload(mon: MonitoringStack, daemon: Daemon) -> str:
@@ -452,8 +433,6 @@ def send_k2_samples(
 ) -> None:
     """One round of every K2 metric of `table` through the `k2.metrics` helpers (a live
     run's cycle, and a catch-up run's when `catchup_cycle_seconds` is given)."""
-    from k2 import metrics
-
     now = now or datetime.now(timezone.utc)
     metrics.record_offload(table, rows=rows, bytes_written=rows * 60, seconds=offload_seconds)
     metrics.record_cycle(table, cycle_seconds)

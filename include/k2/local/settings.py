@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import clickhouse_connect
+
 from k2.config import REPO_ROOT, SPARK_JARS_DIR
 from k2.offload import job_jars
 
@@ -102,8 +104,23 @@ def _env_int(name: str, default: int) -> int:
     return port
 
 
+class StackHome:
+    """Where every daemon of a stack below ``home`` keeps its pid file and its log."""
+
+    home: Path
+
+    @property
+    def run_dir(self) -> Path:
+        """pid files of the processes `k2 local up` started."""
+        return self.home / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+
 @dataclass(frozen=True)
-class LocalStack:
+class LocalStack(StackHome):
     """The local stack's layout. Build it with `LocalStack.from_env()`."""
 
     home: Path
@@ -145,15 +162,6 @@ class LocalStack:
     def maildir(self) -> Path:
         """Where the local SMTP sink keeps every email it receives (a Maildir)."""
         return self.home / "mail"
-
-    @property
-    def run_dir(self) -> Path:
-        """pid files of the processes `k2 local up` started."""
-        return self.home / "run"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.home / "logs"
 
     @property
     def credentials_file(self) -> Path:
@@ -205,8 +213,6 @@ class LocalStack:
         }
 
     def clickhouse_client(self, **overrides: object):
-        import clickhouse_connect
-
         return clickhouse_connect.get_client(**{**self.clickhouse_kwargs(), **overrides})
 
     def postgres_dsn(self, database: str = "k2") -> str:

@@ -7,12 +7,13 @@ stopped again, so nothing is left half-started.
 
 from __future__ import annotations
 
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
 from k2.local import monitoring, postgres
-from k2.local.daemons import Daemon, http_ok
+from k2.local.daemons import Daemon, http_ok, start_all
 from k2.local.processes import StackError, tail
 from k2.local.settings import CLICKHOUSE_DATABASE, LocalStack
 
@@ -45,8 +46,6 @@ CLICKHOUSE = Daemon(
 
 
 def _smtp_ready(stack: LocalStack) -> bool:
-    import socket
-
     try:
         with socket.create_connection((stack.host, stack.smtp_port), timeout=2) as sock:
             return sock.recv(64).startswith(b"220")
@@ -117,21 +116,7 @@ SERVICES: list[Service] = [
 def up(stack: LocalStack, log: Callable[[str], None] = print) -> None:
     stack.home.mkdir(parents=True, exist_ok=True)
     stack.credentials  # made before any service needs them
-    started: list[Service] = []
-    try:
-        for service in SERVICES:
-            if service.start(stack):
-                started.append(service)
-                log(f"started {service.name} on {stack.host}:{service.port(stack)}")
-            else:
-                log(f"{service.name} already running on {stack.host}:{service.port(stack)}")
-    except BaseException:
-        for service in reversed(started):
-            try:
-                service.stop(stack)
-            except StackError as exc:
-                log(f"while rolling back: {exc}")
-        raise
+    start_all(SERVICES, stack, log)
 
 
 def down(stack: LocalStack, log: Callable[[str], None] = print) -> None:

@@ -31,9 +31,8 @@ from k2.offload import max_event_time
 from k2.runtime_env import ClickHouseSettings
 
 if TYPE_CHECKING:
-    from clickhouse_connect.driver.client import Client
-
     from airflow.sdk import Connection
+    from clickhouse_connect.driver.client import Client
 
 HTTP_PORT = 8123
 HTTPS_PORT = 8443

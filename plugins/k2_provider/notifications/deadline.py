@@ -12,6 +12,8 @@ from typing import Any
 
 from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 
+from k2 import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -28,8 +30,6 @@ class DeadlineMissNotifier(SmtpNotifier):
         self.table = table
 
     def _record(self) -> None:
-        from k2 import metrics
-
         metrics.emit_safely(metrics.record_deadline_missed, self.table, log=log)
 
     async def async_notify(self, context: Any) -> None:

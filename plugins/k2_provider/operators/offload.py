@@ -10,9 +10,14 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.sdk.log import mask_secret
 
-from k2.config import SPARK_JARS_DIR
+from k2 import metrics
+from k2.catchup import backlog, following, may_batch, plan_offload
+from k2.config import SPARK_JARS_DIR, cached_tables
+from k2.iceberg import find_offload_snapshots, load_catalog, spark_conf
 from k2.intervals import parse_utc
+from k2.metrics import classify_error
 from k2.offload import (
     DEFAULT_APPLICATION,
     RESULT_MARKER,
@@ -21,43 +26,27 @@ from k2.offload import (
     normalize_result,
     offload_range,
 )
-from k2.watermarks import offload_lock
+from k2.quality import quarantine_table_name
+from k2.runtime_env import SECRET_VARIABLES, IcebergSettings
+from k2.watermarks import WatermarkStore, offload_lock
+from k2_provider.hooks.clickhouse import K2ClickHouseHook
+from k2_provider.hooks.connections import (
+    ICEBERG_CONN_ID,
+    WATERMARKS_CONN_ID,
+    iceberg_settings,
+    watermark_store_dsn,
+)
 
 if TYPE_CHECKING:
     from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
-    from airflow.sdk import Connection, Context
+    from airflow.sdk import Context
+
     from k2.catchup import CatchupPlan, Interval
     from k2.config import TableSpec
     from k2.iceberg import OffloadSnapshot
-    from k2.runtime_env import IcebergSettings
-    from k2.watermarks import LedgerEntry, WatermarkStore
+    from k2.watermarks import LedgerEntry
 
 DEFAULT_JARS_DIR = SPARK_JARS_DIR
-ICEBERG_CONN_ID = "iceberg_default"
-WATERMARKS_CONN_ID = "k2_watermarks"
-
-
-def iceberg_settings_from_connection(conn: Connection) -> IcebergSettings:
-    """A postgres-style Airflow connection -> the Iceberg JDBC catalog settings.
-
-    host, port, login, password, schema = the catalog database; extra ``warehouse``
-    (``file:///...`` or ``s3://...``) and ``catalog_name`` (default ``k2``).
-    """
-    from k2.runtime_env import IcebergSettings
-
-    extra = conn.extra_dejson or {}
-    warehouse = extra.get("warehouse")
-    if not conn.host or not conn.schema or not warehouse:
-        raise ValueError(
-            f"connection {conn.conn_id!r} needs host, schema (the catalog database) and extra.warehouse"
-        )
-    return IcebergSettings(
-        catalog_name=extra.get("catalog_name") or "k2",
-        uri=f"postgresql://{conn.host}:{conn.port or 5432}/{conn.schema}",
-        user=conn.login or "",
-        password=conn.password or "",
-        warehouse=warehouse,
-    )
 
 
 # --------------------------------------------------------------------------------------
@@ -208,14 +197,8 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         return ",".join(jars) or None
 
     def _runtime_env(self) -> tuple[dict[str, str], IcebergSettings]:
-        from airflow.sdk import BaseHook
-        from airflow.sdk.log import mask_secret
-
-        from k2.runtime_env import SECRET_VARIABLES
-        from k2_provider.hooks.clickhouse import K2ClickHouseHook
-
         clickhouse = K2ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id).settings_for_spark()
-        iceberg = iceberg_settings_from_connection(BaseHook.get_connection(self.iceberg_conn_id))
+        iceberg = iceberg_settings(self.iceberg_conn_id)
         env = {**clickhouse.to_env(), **iceberg.to_env()}
         for name in SECRET_VARIABLES:
             if env.get(name):
@@ -223,11 +206,7 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         return env, iceberg
 
     def _postgres_dsn(self) -> str:
-        from airflow.sdk import BaseHook
-
-        from k2_provider.operators.watermark_commit import postgres_dsn_from_connection
-
-        return postgres_dsn_from_connection(BaseHook.get_connection(self.postgres_conn_id))
+        return watermark_store_dsn(self.postgres_conn_id)
 
     def _get_hook(self) -> SparkSubmitHook:
         """The spark-submit hook, keeping every result line of the job's output.
@@ -254,8 +233,6 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
     # Execute
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from k2 import metrics
-
         try:
             return self._execute(context)
         except Exception as exc:
@@ -265,8 +242,6 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
             raise
 
     def _error_type(self, exc: BaseException) -> str:
-        from k2.metrics import classify_error
-
         kind = classify_error(exc)
         if kind == "other" and isinstance(exc, OffloadResultError):
             return "iceberg"
@@ -275,10 +250,6 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         return kind
 
     def _execute(self, context: Context) -> dict[str, Any]:
-        from k2.catchup import may_batch, plan_offload
-        from k2.config import cached_tables
-        from k2.watermarks import WatermarkStore
-
         spec = cached_tables().get(self.table)
         own = (parse_utc(self.interval_start, naive_is_utc=True), parse_utc(self.interval_end, naive_is_utc=True))
         run_id = str(context["run_id"])
@@ -335,8 +306,6 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         batching: bool,
     ) -> _Facts:
         """Ledger, Iceberg snapshots and ClickHouse completeness of the intervals a batch may take."""
-        from k2.catchup import following
-
         facts = _Facts(now=datetime.now(timezone.utc))
         if not batching:
             return facts
@@ -346,8 +315,6 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
             for e in store.ledger_range(spec.name, window[0][0], window[-1][1])
         }
         try:
-            from k2.iceberg import find_offload_snapshots, load_catalog
-
             facts.snapshots = find_offload_snapshots(load_catalog(iceberg), spec, window)
         except Exception as exc:  # the ledger alone still gives a correct, if larger, plan
             self.log.warning("cannot read the Iceberg snapshots of %s: %s", spec.name, exc)
@@ -355,8 +322,6 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         return facts
 
     def _read_hot_watermark(self, spec: TableSpec, facts: _Facts) -> None:
-        from k2_provider.hooks.clickhouse import K2ClickHouseHook
-
         completeness = spec.completeness
         assert completeness is not None
         hook = K2ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id)
@@ -410,10 +375,6 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         plan: CatchupPlan,
         run_id: str,
     ) -> dict[str, Any]:
-        from k2 import metrics
-        from k2.iceberg import spark_conf
-        from k2.quality import quarantine_table_name
-
         # Set only now: rendered template fields were recorded before execute() (and are
         # not re-recorded), so the values never reach the UI; the hook hands them to
         # spark-submit through its environment (client mode) and does not log them.
@@ -489,9 +450,6 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         plan: CatchupPlan,
     ) -> None:
         """k2_catchup_backlog_intervals: complete intervals not offloaded once this job is done."""
-        from k2 import metrics
-        from k2.catchup import backlog
-
         try:
             if not facts.hot_known:
                 self._read_hot_watermark(spec, facts)

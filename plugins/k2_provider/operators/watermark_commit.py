@@ -9,14 +9,20 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
+from k2 import metrics
+from k2.config import load_tables
 from k2.intervals import parse_utc
-from k2.watermarks import reoffload_command
+from k2.metrics import classify_error
+from k2.verify import late_rows
+from k2.watermarks import WatermarkStore, reoffload_command
+from k2_provider.hooks.clickhouse import K2ClickHouseHook
+from k2_provider.hooks.connections import WATERMARKS_CONN_ID, watermark_store_dsn
 
 if TYPE_CHECKING:
-    from airflow.sdk import Connection, Context
-    from k2.watermarks import CommitResult, WatermarkStore
+    from airflow.sdk import Context
 
-WATERMARKS_CONN_ID = "k2_watermarks"
+    from k2.watermarks import CommitResult
+
 INTERVAL_KEYS = ("table", "interval_start", "interval_end", "rows", "checksum", "run_id")
 # Late rows: how many ledgered intervals before the ones just committed are re-counted in ClickHouse.
 LATE_CHECK_INTERVALS = 4
@@ -31,35 +37,8 @@ def late_check_window(first_committed: datetime, step: timedelta, count: int) ->
 def commit_error_type(exc: BaseException) -> str:
     """The k2_offload_errors_total type of a failed commit: what the exception names, else
     "watermark" - this task's work is the ledger and the watermark."""
-    from k2.metrics import classify_error
-
     kind = classify_error(exc)
     return "watermark" if kind == "other" else kind
-
-
-def postgres_dsn_from_connection(conn: Connection) -> str:
-    """libpq DSN from a postgres-style Airflow connection (schema = database; extra = libpq options)."""
-    from psycopg.conninfo import make_conninfo
-
-    options: dict[str, Any] = {
-        "host": conn.host or "localhost",
-        "port": conn.port or 5432,
-        "dbname": conn.schema or "k2",
-        "user": conn.login or None,
-        "password": conn.password or None,
-    }
-    # libpq options such as sslmode or application_name may sit in extra.
-    for key, value in (conn.extra_dejson or {}).items():
-        if key in {
-            "sslmode",
-            "sslrootcert",
-            "sslcert",
-            "sslkey",
-            "application_name",
-            "connect_timeout",
-        }:
-            options[key] = value
-    return make_conninfo("", **{k: v for k, v in options.items() if v is not None})
 
 
 def _utc(value: Any) -> datetime:
@@ -114,10 +93,9 @@ class WatermarkCommitOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if initial_watermark.tzinfo is None:
-            raise ValueError("initial_watermark needs a timezone")
         self.table = table
-        self.initial_watermark = initial_watermark
+        # aware UTC; a naive time is refused, naming the argument
+        self.initial_watermark = parse_utc(initial_watermark, "initial_watermark")
         self.offload_task_id = offload_task_id
         self.postgres_conn_id = postgres_conn_id
         self.attempts = attempts
@@ -125,12 +103,7 @@ class WatermarkCommitOperator(BaseOperator):
         self.clickhouse_conn_id = clickhouse_conn_id
 
     def _store(self) -> WatermarkStore:
-        from airflow.sdk import BaseHook
-
-        from k2.watermarks import WatermarkStore
-
-        conn = BaseHook.get_connection(self.postgres_conn_id)
-        return WatermarkStore(postgres_dsn_from_connection(conn))
+        return WatermarkStore(watermark_store_dsn(self.postgres_conn_id))
 
     def _check_interval(self, item: Any) -> dict[str, Any]:
         if not isinstance(item, Mapping):
@@ -177,8 +150,6 @@ class WatermarkCommitOperator(BaseOperator):
         return own, intervals
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from k2 import metrics
-
         try:
             return self._execute(context)
         except Exception as exc:
@@ -192,7 +163,7 @@ class WatermarkCommitOperator(BaseOperator):
         store.initialize(self.table, self.initial_watermark)
         commits: list[CommitResult] = []
         for item in intervals:
-            commit = store.commit_with_retry(
+            commit = store.commit_interval(
                 self.table,
                 _utc(item["interval_start"]),
                 _utc(item["interval_end"]),
@@ -232,11 +203,6 @@ class WatermarkCommitOperator(BaseOperator):
         """Rows that arrived in ClickHouse after their interval was offloaded: count them in the
         few ledgered intervals before this commit; warn with the command that re-offloads;
         add the ones no earlier check reported to k2_late_rows_total."""
-        from k2 import metrics
-        from k2.config import load_tables
-        from k2.verify import late_rows
-        from k2_provider.hooks.clickhouse import K2ClickHouseHook
-
         step = first.interval_end - first.interval_start
         start, end = late_check_window(first.interval_start, step, self.late_check_intervals)
         entries = [e for e in store.ledger_range(self.table, start, end) if e.interval_end - e.interval_start == step]
@@ -261,8 +227,6 @@ class WatermarkCommitOperator(BaseOperator):
             metrics.emit_safely(metrics.record_late_rows, self.table, fresh, log=self.log)
 
     def _emit_metrics(self, context: Context, last: CommitResult) -> None:
-        from k2 import metrics
-
         metrics.emit_safely(metrics.set_watermark, self.table, last.watermark_ts, log=self.log)
         metrics.emit_safely(metrics.set_last_success, self.table, log=self.log)
         dag_run = context.get("dag_run")

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout
 
+from k2 import metrics
 from k2.intervals import parse_utc
-
 from k2_provider.hooks.clickhouse import K2ClickHouseHook
 from k2_provider.triggers.clickhouse_watermark import ClickHouseWatermarkTrigger, is_unreachable
 
@@ -108,7 +108,6 @@ class ClickHouseWatermarkSensor(BaseSensorOperator):
         """k2_hot_max_event_timestamp_seconds of the watched table (watermark + lateness)."""
         if watermark is None:
             return
-        from k2 import metrics
 
         if isinstance(watermark, str):
             watermark = _parse_target(watermark)

@@ -9,8 +9,8 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from k2 import metrics
 from k2.intervals import parse_utc
-
 from k2_provider.hooks.clickhouse import K2ClickHouseHook
 
 
@@ -121,7 +121,6 @@ class ClickHouseWatermarkTrigger(BaseTrigger):
         """k2_hot_max_event_timestamp_seconds from the triggerer (a UDP send: does not block)."""
         if watermark is None:
             return
-        from k2 import metrics
 
         metrics.emit_safely(
             metrics.set_hot_max_event_time, self.table, watermark + lateness, log=self.log
