@@ -19,8 +19,9 @@ from pathlib import Path
 
 from bench_stack import throwaway_stack
 
+from k2.intervals import INTERVAL
+
 REPO = Path(__file__).resolve().parents[1]
-INTERVAL = timedelta(minutes=15)
 TABLE = "bronze_trades_binance"
 
 

@@ -123,7 +123,13 @@ def main() -> int:
     from k2.intervals import floor_interval
     from k2.local import airflow
     from k2.local import stack as local_stack
-    from k2.local.pipeline import Pipeline, failed_tries, firing_alerts, verify_all, wait_for_watermarks
+    from k2.local.pipeline import (
+        Pipeline,
+        failed_tries,
+        firing_alerts,
+        verify_all,
+        wait_for_watermarks,
+    )
     from k2.local.settings import LocalStack
     from k2.local.stack import clickhouse_client
     from k2.schema import apply_schema

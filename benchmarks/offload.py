@@ -50,11 +50,12 @@ from pathlib import Path
 from typing import Any
 
 from bench_stack import throwaway_stack
+
+from k2.intervals import INTERVAL
 from k2.offload import job_arguments, spark_submit_command
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
-INTERVAL = timedelta(minutes=15)
 TABLE = "bronze_trades_binance"
 MASTER = "local[2]"
 DEFAULT_ROWS = "1000,1000000,2700000"
@@ -92,7 +93,7 @@ def insert_sql() -> str:
     and continue across sizes ({first_sequence}); every row passes the quality checks
     (ingested 20-200 ms after its trade), so no path has rows to quarantine.
     """
-    from k2.feed import ASSETS, MAX_NOTIONAL_USD, NOTIONAL_SIGMA, _HALF_SPREAD
+    from k2.feed import _HALF_SPREAD, ASSETS, MAX_NOTIONAL_USD, NOTIONAL_SIGMA
 
     assets = list(ASSETS.values())
     total = sum(a.weight for a in assets)

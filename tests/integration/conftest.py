@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from k2.feed import EXCHANGE_TABLES
+from k2.intervals import INTERVAL
 from k2.local import stack as local_stack
 from k2.local.settings import LocalStack
 from k2.runtime_env import ClickHouseSettings, IcebergSettings
@@ -142,7 +143,6 @@ def ch_client(stack: LocalStack, request: pytest.FixtureRequest):
     admin.close()
 
 
-INTERVAL = timedelta(minutes=15)
 DEADLINE = "3m"
 
 

@@ -28,6 +28,7 @@ from k2 import checksum as ck
 from k2 import iceberg as ib
 from k2.config import load_tables
 from k2.feed import run_feed
+from k2.intervals import INTERVAL as STEP
 from k2.schema import apply_schema
 from k2.verify import verify_table
 from tests.integration.spark_job import JOB, job_argv
@@ -35,7 +36,6 @@ from tests.integration.spark_job import JOB, job_argv
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 UTC = timezone.utc
-STEP = timedelta(minutes=15)
 FEED_END = datetime(2026, 11, 26, 11, 0, tzinfo=UTC)
 H9 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 H10 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)

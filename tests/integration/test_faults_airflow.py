@@ -28,6 +28,7 @@ import pytest
 
 from k2 import iceberg as ib
 from k2.config import load_tables
+from k2.intervals import INTERVAL
 from k2.local import airflow
 from k2.local.stack import CLICKHOUSE
 from k2.verify import verify_table
@@ -37,7 +38,6 @@ from tests.integration.conftest import LIVE_EXCHANGES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-INTERVAL = timedelta(minutes=15)
 TABLES = load_tables()
 
 

@@ -35,6 +35,7 @@ from k2 import checksum as ck
 from k2 import iceberg as ib
 from k2.config import load_tables
 from k2.feed import run_feed
+from k2.intervals import INTERVAL as Q
 from k2.schema import apply_schema
 from k2.verify import late_rows
 from k2.watermarks import WatermarkStore
@@ -43,7 +44,6 @@ from tests.integration.test_offload_job import run_job
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 UTC = timezone.utc
-Q = timedelta(minutes=15)
 SPEC = load_tables().get("bronze_trades_kraken")
 # Two days back at 10:00 UTC: in the past (rows from the future are refused as bad rows) and
 # far from the session's Airflow intervals.

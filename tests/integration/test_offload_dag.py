@@ -19,6 +19,7 @@ from k2 import checksum as ck
 from k2.config import load_tables
 from k2.feed import run_feed
 from k2.iceberg import load_catalog
+from k2.intervals import INTERVAL
 from k2.local import airflow
 from k2.verify import verify_table
 from k2.watermarks import WatermarkStore
@@ -26,7 +27,6 @@ from tests.integration.conftest import LIVE_EXCHANGES, OUTAGE_TABLE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-INTERVAL = timedelta(minutes=15)
 TABLES = load_tables()
 
 

@@ -11,12 +11,13 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from k2.intervals import INTERVAL as STEP
 from k2.local import airflow as local_airflow
 from k2.watermarks import WatermarkStore
 from tests.integration.spark_job import job_argv
@@ -25,7 +26,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 TABLE = "gold_ohlcv_1m"
-STEP = timedelta(minutes=15)
 
 
 def _bin(name: str) -> str:

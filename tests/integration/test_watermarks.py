@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from k2.intervals import INTERVAL as STEP
 from k2.local.settings import LocalStack
 from k2.watermarks import (
     LEDGER_TABLE,
@@ -22,7 +23,6 @@ from k2.watermarks import (
 pytestmark = pytest.mark.integration
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
-STEP = timedelta(minutes=15)
 
 
 def _interval(i: int) -> tuple[datetime, datetime]:

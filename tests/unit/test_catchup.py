@@ -18,9 +18,9 @@ from k2.catchup import (
     plan_offload,
 )
 from k2.config import load_tables
+from k2.intervals import INTERVAL as STEP
 
 UTC = timezone.utc
-STEP = timedelta(minutes=15)
 T0 = datetime(2026, 3, 1, 0, 0, tzinfo=UTC)
 
 

@@ -12,9 +12,9 @@ from unittest import mock
 import pytest
 from airflow.sdk import Connection
 
+from k2.config import quote_identifier
 from k2.runtime_env import CLICKHOUSE_PASSWORD, ClickHouseSettings
 from k2_provider.get_provider_info import get_provider_info
-from k2.config import quote_identifier
 from k2_provider.hooks.clickhouse import K2ClickHouseHook, client_kwargs_from_connection
 
 

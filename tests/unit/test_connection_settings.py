@@ -9,7 +9,10 @@ import pytest
 from airflow.sdk import Connection
 from psycopg.conninfo import conninfo_to_dict
 
-from k2_provider.hooks.connections import iceberg_settings_from_connection, postgres_dsn_from_connection
+from k2_provider.hooks.connections import (
+    iceberg_settings_from_connection,
+    postgres_dsn_from_connection,
+)
 
 
 def _conn(conn_id: str, extra: dict | None = None, **fields) -> Connection:

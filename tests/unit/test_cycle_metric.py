@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 
 from k2 import metrics
+from k2.intervals import INTERVAL as STEP
 from k2_provider.operators import watermark_commit as wc
 
 UTC = timezone.utc
-STEP = timedelta(minutes=15)
 END = datetime(2026, 3, 1, 12, 15, tzinfo=UTC)
 
 

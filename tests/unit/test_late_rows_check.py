@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
+from k2.intervals import INTERVAL as STEP
 from k2.watermarks import CommitResult, LedgerEntry, reoffload_command
 from k2_provider.operators import watermark_commit as wc
 
 UTC = timezone.utc
-STEP = timedelta(minutes=15)
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 

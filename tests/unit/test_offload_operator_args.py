@@ -10,6 +10,7 @@ import pytest
 
 from k2.catchup import CatchupPlan
 from k2.config import load_tables
+from k2.intervals import INTERVAL as STEP
 from k2.offload import (
     OffloadResultError,
     job_arguments,
@@ -22,7 +23,6 @@ from k2_provider.operators import offload as offload_operator
 from k2_provider.operators.offload import OffloadToIcebergOperator
 
 START = datetime(2026, 12, 6, 10, 0, tzinfo=timezone.utc)
-STEP = timedelta(minutes=15)
 PLAN = CatchupPlan(intervals=((START, START + STEP), (START + STEP, START + 2 * STEP)), reason="test")
 ICEBERG = IcebergSettings("k2", "postgresql://127.0.0.1:1/k2", "k2", "secret", "file:///nowhere")
 LOG = logging.getLogger("test")

@@ -287,9 +287,9 @@ def test_spark_matches_clickhouse(spark, chdb_session) -> None:
 
 def test_project_checks_fit_the_project_schema(chdb_session) -> None:
     """Every table's checks resolve against its real ClickHouse columns, and the SQL runs."""
-    from k2.schema import schema_statements
-
     import chdb.session
+
+    from k2.schema import schema_statements
 
     session = chdb.session.Session()
     try:

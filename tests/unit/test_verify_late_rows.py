@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 
 from k2.config import load_tables
+from k2.intervals import INTERVAL as Q
 from k2.verify import late_rows
 
 UTC = timezone.utc
 SPEC = load_tables().get("bronze_trades_binance")
 T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
-Q = timedelta(minutes=15)
 
 
 class FakeClickHouse:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+from k2.intervals import INTERVAL as STEP
 from k2.watermarks import LedgerEntry, TableOffload, Watermark, plan_repair
 
 UTC = timezone.utc
-STEP = timedelta(minutes=15)
 T0 = datetime(2026, 3, 1, 0, 0, tzinfo=UTC)
 NOW = datetime(2026, 3, 2, tzinfo=UTC)
 
