@@ -11,8 +11,9 @@ Connection settings come from the environment, as for the offload job (K2_CLICKH
 K2_ICEBERG_*; k2.runtime_env). The Iceberg table must exist (the benchmark creates it with
 the schema and partitioning of the offload's table). The read is split by event time into
 as many JDBC partitions as Spark's default parallelism, the parallelism of the job's reads.
-`compress=false`: the driver otherwise asks for ClickHouse's own compressed framing, which
-the local ClickHouse endpoint does not speak (HTTP compression would still be possible).
+`compress=false`, as in the runs docs/performance.md reports: the driver's default asks for
+ClickHouse's own compressed framing of every response, which the local endpoint did not
+speak then; it does now (tests/integration/test_clickhouse_jdbc.py reads with the defaults).
 """
 
 from __future__ import annotations

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import gzip
+import http.client
 import os
 import secrets
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -120,6 +123,16 @@ def _http(endpoint: Endpoint, path: str, data: bytes | None = None, headers: dic
 def test_ping_and_root_answer_ok(endpoint: Endpoint) -> None:
     assert _http(endpoint, "/ping", auth=False)[::2] == (200, b"Ok.\n")
     assert _http(endpoint, "/", auth=False)[::2] == (200, b"Ok.\n")
+    # HEAD, as load balancers probe: headers only, and the connection stays usable
+    conn = http.client.HTTPConnection(endpoint.host, endpoint.port, timeout=30)
+    try:
+        conn.request("HEAD", "/ping")
+        head = conn.getresponse()
+        assert (head.status, head.getheader("Content-Length"), head.read()) == (200, "4", b"")
+        conn.request("GET", "/ping")
+        assert conn.getresponse().read() == b"Ok.\n"
+    finally:
+        conn.close()
 
 
 def test_server_identity_as_the_client_sees_it(client) -> None:
@@ -389,3 +402,214 @@ def test_a_taken_port_fails_fast_with_a_message_naming_it(endpoint, tmp_path: Pa
     assert time.monotonic() - started < 10
     assert out == ""
     assert f"{endpoint.port}" in err and "already in use" in err
+
+
+# ------------------------------------------------------------------------------------------
+# Fidelity to clickhouse-server's HTTP protocol beyond what clickhouse-connect uses by default
+
+_MASK64 = (1 << 64) - 1
+
+
+def _frames(body: bytes) -> list[tuple[int, int, bytes]]:
+    """ClickHouse's block framing, read here independently of the endpoint's code: (method,
+    decompressed size, data) per block, every CityHash128 checksum checked."""
+    import lz4.block
+    from clickhouse_cityhash.cityhash import CityHash128
+
+    frames, pos = [], 0
+    while pos < len(body):
+        method, size, data_size = struct.unpack_from("<BII", body, pos + 16)
+        block = body[pos + 16:pos + 16 + size]
+        checksum = CityHash128(block)
+        assert body[pos:pos + 16] == struct.pack("<QQ", checksum >> 64, checksum & _MASK64)
+        assert method == 0x82  # LZ4, the server's default codec
+        data = lz4.block.decompress(block[9:], uncompressed_size=data_size)
+        frames.append((method, data_size, data))
+        pos += 16 + size
+    return frames
+
+
+def test_compress_1_frames_results_and_errors_in_checksummed_lz4_blocks(endpoint) -> None:
+    query = b"SELECT number FROM numbers(300000) FORMAT RowBinary"
+    expected = b"".join(struct.pack("<Q", n) for n in range(300_000))
+    status, headers, body = _http(endpoint, "/?compress=1", data=query)
+    assert status == 200 and "Content-Encoding" not in headers
+    frames = _frames(body)
+    assert b"".join(data for _, _, data in frames) == expected
+    assert len(frames) >= 3 and max(size for _, size, _ in frames) <= 1 << 20  # 1 MiB blocks
+    # Under HTTP compression the framed stream is what gets gzipped, as on the server
+    status, headers, body = _http(endpoint, "/?compress=1&enable_http_compression=1", data=query,
+                                  headers={"Accept-Encoding": "gzip"})
+    assert (status, headers["Content-Encoding"]) == (200, "gzip")
+    assert b"".join(data for _, _, data in _frames(gzip.decompress(body))) == expected
+    # An error of the query goes through the query's output: framed too
+    status, headers, body = _http(endpoint, "/?compress=1", data=b"SELECT * FROM no_such_table")
+    assert (status, headers["X-ClickHouse-Exception-Code"]) == (404, "60")
+    assert _frames(body)[0][2].startswith(b"Code: 60. DB::Exception:")
+
+
+def test_decompress_1_reads_blocks_the_engine_itself_compressed(endpoint, client) -> None:
+    """The column files of a MergeTree part are the same framing, written by the engine: a
+    UInt64 column's file is RowBinary of that column, in ZSTD, NONE and LZ4 blocks."""
+    client.command("DROP TABLE IF EXISTS framed_src")
+    client.command(
+        "CREATE TABLE framed_src (zstd UInt64 CODEC(ZSTD(1)), none UInt64 CODEC(NONE), "
+        "lz4 UInt64 CODEC(LZ4)) ENGINE = MergeTree ORDER BY tuple() "
+        "SETTINGS min_bytes_for_wide_part = 0, min_rows_for_wide_part = 0")
+    client.command("INSERT INTO framed_src SELECT number, number * 2, number * 3 "
+                   "FROM numbers(100000)")
+    part = Path(client.command("SELECT path FROM system.parts WHERE table = 'framed_src' "
+                               "AND database = currentDatabase() AND active"))
+    files = {codec: (part / f"{codec}.bin").read_bytes() for codec in ("zstd", "none", "lz4")}
+    assert {codec: data[16] for codec, data in files.items()} == {
+        "zstd": 0x90, "none": 0x02, "lz4": 0x82}
+    client.command("CREATE TABLE IF NOT EXISTS framed_dst (x UInt64) ENGINE = Memory")
+
+    def insert(body: bytes, settings: str = ""):
+        client.command("TRUNCATE TABLE framed_dst")
+        query = "INSERT+INTO+framed_dst+FORMAT+RowBinary"
+        return _http(endpoint, f"/?query={query}&decompress=1{settings}", data=body)
+
+    total = sum(range(100_000))
+    for factor, codec in enumerate(("zstd", "none", "lz4"), start=1):
+        assert insert(files[codec])[0] == 200, codec
+        assert client.query("SELECT count(), sum(x) FROM framed_dst").result_rows == [
+            (100_000, factor * total)], codec
+    # A flipped bit in a payload: the checksum catches it and nothing is inserted
+    corrupt = bytearray(files["lz4"])
+    corrupt[16 + 9 + 100] ^= 0x01
+    status, headers, body = insert(bytes(corrupt))
+    assert (status, headers["X-ClickHouse-Exception-Code"]) == (500, "40")
+    assert b"Checksum doesn't match" in body and b"(CHECKSUM_DOESNT_MATCH)" in body
+    assert client.command("SELECT count() FROM framed_dst") == 0
+    # A broken checksum passes where the client turned checksumming off, as on the server
+    unchecked = bytearray(files["lz4"])
+    unchecked[0] ^= 0xFF
+    setting = "&http_native_compression_disable_checksumming_on_decompress=1"
+    assert insert(bytes(unchecked), setting)[0] == 200
+    assert client.command("SELECT count() FROM framed_dst") == 100_000
+    # One request, one method (allow_different_codecs = false); truncation is reported
+    status, headers, body = insert(files["zstd"] + files["none"])
+    assert headers["X-ClickHouse-Exception-Code"] == "271" and b"different methods" in body
+    status, headers, _ = insert(files["lz4"][:-10])
+    assert (status, headers["X-ClickHouse-Exception-Code"]) == (500, "33")
+
+
+def test_client_protocol_version_shapes_native_output(endpoint) -> None:
+    query = (b"SELECT toDateTime(0, 'Asia/Tokyo') AS d, 'x' AS s, toDateTime(7, 'UTC') AS u "
+             b"FORMAT Native")
+    stamp, seven = b"\x00\x00\x00\x00", b"\x07\x00\x00\x00"
+
+    def column(name: bytes, type_name: bytes, extra: bytes, data: bytes) -> bytes:
+        return bytes([len(name)]) + name + bytes([len(type_name)]) + type_name + extra + data
+
+    def expected(info: bytes, with_zone: bool, extra: bytes) -> bytes:
+        zone, utc = ((b"DateTime('Asia/Tokyo')", b"DateTime('UTC')") if with_zone
+                     else (b"DateTime", b"DateTime"))
+        return (info + b"\x03\x01" + column(b"d", zone, extra, stamp)
+                + column(b"s", b"String", extra, b"\x01x") + column(b"u", utc, extra, seven))
+
+    block_info = b"\x01\x00\x02\xff\xff\xff\xff\x00"
+    cases = {  # revision: what clickhouse-server writes for it (NativeWriter)
+        "": expected(b"", False, b""),  # revision 0: no block info, no time zones
+        "54405": expected(block_info, True, b""),  # clickhouse-connect's
+        "54460": expected(block_info, True, b"\x00"),  # + "has custom serialization" = 0
+    }
+    for revision, native in cases.items():
+        url = f"/?client_protocol_version={revision}" if revision else "/"
+        assert _http(endpoint, url, data=query)[::2] == (200, native), revision
+    status, headers, _ = _http(endpoint, "/?client_protocol_version=new", data=query)
+    assert (status, headers["X-ClickHouse-Exception-Code"]) == (400, "72")
+
+
+def test_clickhouse_connect_reads_native_at_its_protocol_version(client) -> None:
+    """clickhouse-connect probes the parameter and then reads block infos and time zones; the
+    DateTime comes last, after columns whose data the endpoint must walk to reach its header
+    (nested LowCardinality put their key versions before the column's data)."""
+    assert client.protocol_version == 54405
+    result = client.query(
+        "SELECT toString(number) AS s, "
+        "[toString(number), NULL]::Array(LowCardinality(Nullable(String))) AS arr, "
+        "toLowCardinality(if(number % 3 = 0, NULL, toString(number % 5))) AS lc, "
+        "map('k', toString(number % 7))::Map(String, LowCardinality(String)) AS m, "
+        "tuple(toUInt8(number % 9), 'z')::Tuple(a UInt8, b LowCardinality(String)) AS t, "
+        "toDecimal128(number, 18) / 7 AS dec, toDateTime(number * 3600, 'Asia/Tokyo') AS d "
+        "FROM numbers(5000) SETTINGS max_block_size = 1000")
+    assert result.column_types[-1].name == "DateTime('Asia/Tokyo')"
+    tokyo = dt.timezone(dt.timedelta(hours=9))
+    for i, row in enumerate(result.result_rows):
+        assert row[:5] == (str(i), [str(i), None], None if i % 3 == 0 else str(i % 5),
+                           {"k": str(i % 7)}, {"a": i % 9, "b": "z"}), i
+        assert row[6] == dt.datetime.fromtimestamp(i * 3600, tokyo), i
+    assert len(result.result_rows) == 5000
+    # A column the endpoint cannot measure (Dynamic) ends the walk of its block: the rest goes
+    # out as chDB wrote it, readable, the DateTime after it without its zone (as at revision 0)
+    opaque = client.query("SELECT number::Dynamic AS dyn, toDateTime(number, 'Asia/Tokyo') AS d "
+                          "FROM numbers(3000) SETTINGS max_block_size = 1000")
+    assert [t.name for t in opaque.column_types] == ["Dynamic", "DateTime"]
+    assert [row[0] for row in opaque.result_rows] == list(range(3000))
+    # `$x$` is a name here, not a heredoc: the FORMAT clause after it still counts
+    assert client.query("SELECT {$x$:String} AS v", parameters={"$x$": "user_1"}).first_row == (
+        "user_1",)
+
+
+def test_the_query_reaches_the_engine_as_the_bytes_sent(endpoint) -> None:
+    assert _http(endpoint, "/", data=b"SELECT hex('\xff\xfe'), length('\xff\xfe')")[::2] == (
+        200, b"FFFE\t2\n")
+    assert _http(endpoint, "/?query=SELECT+hex(%27%FF%27)")[::2] == (200, b"FF\n")
+
+
+def test_query_parameters_in_insert_values(endpoint, client) -> None:
+    client.command("CREATE TABLE IF NOT EXISTS params_values (id UInt64, s String) "
+                   "ENGINE = MergeTree ORDER BY id")
+    client.command("TRUNCATE TABLE params_values")
+    client.command("INSERT INTO params_values VALUES ({id:UInt64}, {s:String}), (2, 'two')",
+                   parameters={"id": 1, "s": "it's {one}"})
+    status, _, _ = _http(endpoint, "/?param_id=3&param_s=thr%C3%A9e",
+                         data=b"INSERT INTO params_values VALUES\n({id:UInt64}, {s:String})")
+    assert status == 200
+    assert client.query("SELECT id, s FROM params_values ORDER BY id").result_rows == [
+        (1, "it's {one}"), (2, "two"), (3, "thrée")]
+
+
+def test_insert_errors_carry_clickhouse_status_and_exception_name(endpoint, client) -> None:
+    """Errors of the streaming inserter come with the engine's own " (version ...)"; the
+    answer is ClickHouse's: the status of the exception, its name, one version suffix."""
+    client.command("CREATE TABLE IF NOT EXISTS insert_errors (id UInt64, s String) "
+                   "ENGINE = MergeTree ORDER BY id")
+    bad = {
+        b"INSERT INTO insert_errors FORMAT TabSeparated\nnot-a-number\tx\n":
+            (400, "27", b"(CANNOT_PARSE_INPUT_ASSERTION_FAILED)"),
+        b"INSERT INTO insert_errors VALUES (1, 'a', 3)": (400, "62", b"(SYNTAX_ERROR)"),
+    }
+    for sql, (want_status, code, name) in bad.items():
+        status, headers, body = _http(endpoint, "/", data=sql)
+        assert (status, headers["X-ClickHouse-Exception-Code"]) == (want_status, code), sql
+        assert body.count(name) == 1 and body.count(b"(version ") == 1, body
+    assert client.command("SELECT count() FROM insert_errors") == 0
+
+
+def test_a_burst_of_new_connections_is_queued_not_dropped(endpoint: Endpoint) -> None:
+    """Like clickhouse-server's listen_backlog: while the server is not accepting (stopped
+    here), the kernel completes the handshakes of a burst of clients. With socketserver's
+    default backlog of 5, the others' SYNs are dropped and retried only a second later."""
+    burst: list[socket.socket] = []
+    endpoint.process.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(32):
+            # A queued handshake completes at once; a dropped SYN is retried after 1 s.
+            burst.append(socket.create_connection((endpoint.host, endpoint.port), timeout=0.9))
+    finally:
+        endpoint.process.send_signal(signal.SIGCONT)
+    token = base64.b64encode(f"{endpoint.user}:{endpoint.password}".encode()).decode()
+    for number, sock in enumerate(burst):
+        with sock:
+            sock.settimeout(30)
+            query = b"SELECT %d" % number
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: "
+                         b"Basic " + token.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(query)
+                         + query)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200") and b"\r\n%d\n\r\n" % number in answer
