@@ -188,6 +188,20 @@ def _targets(with_spark: bool = False):
     return (*targets, spark_environment(stack.host)) if with_spark else targets
 
 
+def _clickhouse_and_catalog():
+    """A ClickHouse client and the Iceberg catalog of the targets (_targets)."""
+    import clickhouse_connect
+
+    from k2.iceberg import load_catalog
+    from k2.local.processes import StackError
+
+    try:
+        ch_settings, ice_settings = _targets()
+    except StackError as exc:
+        _fail(str(exc))
+    return clickhouse_connect.get_client(**ch_settings.client_kwargs()), load_catalog(ice_settings)
+
+
 def _watermark_dsn() -> str:
     import os
 
@@ -213,21 +227,13 @@ def verify(
 ) -> None:
     """Compare ClickHouse and Iceberg per 15-minute interval: counts, checksums, missing,
     duplicated and mismatched rows. Exit 1 on any difference."""
-    import clickhouse_connect
 
-    from k2.iceberg import load_catalog
-    from k2.local.processes import StackError
-    from k2.verify import verify_table
+    from k2.verify import ColumnRange, verify_table
     from k2.watermarks import WatermarkStore
 
     specs = _tables(table)
     start, end = _timestamp(from_), _timestamp(to)
-    try:
-        ch_settings, ice_settings = _targets()
-    except StackError as exc:
-        _fail(str(exc))
-    client = clickhouse_connect.get_client(**ch_settings.client_kwargs())
-    catalog = load_catalog(ice_settings)
+    client, catalog = _clickhouse_and_catalog()
     store = WatermarkStore(_watermark_dsn()) if start is None or end is None else None
     ledger_store = store or _optional_store()
     reports, ok = [], True
@@ -246,7 +252,14 @@ def verify(
             if not as_json:
                 typer.echo(message)
             continue
-        report = verify_table(spec, ch_client=client, catalog=catalog, start=table_start, end=table_end)
+        # After hot-tier retention only the rows ClickHouse still holds can be compared.
+        boundary = ledger_store.retention_boundary(spec.name) if ledger_store is not None else None
+        restrict = ColumnRange(boundary.column, boundary.hot_from) if boundary is not None else None
+        report = verify_table(spec, ch_client=client, catalog=catalog, start=table_start, end=table_end,
+                              restrict=restrict)
+        if boundary is not None:
+            report.notes.append(f"compared the rows with {boundary.column} >= {boundary.hot_from.isoformat()}: "
+                                "older ones were retired from ClickHouse after verification")
         late = _late_intervals(spec, report, ledger_store)
         ok = ok and report.ok
         reports.append({**report.to_dict(), "late_rows": late})
@@ -326,6 +339,7 @@ def reoffload(
     from k2.local.processes import StackError
     from k2.offload import (
         OffloadResultError,
+        RetiredIntervalError,
         SparkSubmitError,
         hot_watermark,
         job_jars,
@@ -377,8 +391,12 @@ def reoffload(
         return run_spark_submit(argv, env, log=log)
 
     with offload_lock(dsn, spec.name, holder=run_id, log=log):
+        boundary = store.retention_boundary(spec.name)
         try:
-            done = offload_range(spec, [(start, end)], run_id, iceberg=ice_settings, submit=submit, log=log)
+            done = offload_range(spec, [(start, end)], run_id, iceberg=ice_settings, submit=submit, log=log,
+                                 offloadable_from=boundary.offloadable_from if boundary else None)
+        except RetiredIntervalError as exc:
+            _fail(str(exc))
         except (SparkSubmitError, OffloadResultError) as exc:
             _fail(f"the offload job for [{start.isoformat()}, {end.isoformat()}) failed; nothing was "
                   f"re-committed: {exc}")
@@ -398,6 +416,64 @@ def reoffload(
         f"late rows now {still_late}.\n"
         f"check: k2 verify --table {spec.name} --from {start:%Y-%m-%dT%H:%M:%SZ} --to {end:%Y-%m-%dT%H:%M:%SZ}"
     )
+
+
+retention_app = typer.Typer(
+    help="Hot-tier retention: drop ClickHouse partitions older than hot_retention, only behind a "
+    "verified offload.", no_args_is_help=True)
+app.add_typer(retention_app, name="retention")
+
+
+def _retention(table: Optional[str], as_json: bool, apply: bool, dry_run: bool) -> None:
+
+    from k2 import retention
+    from k2.watermarks import WatermarkStore
+
+    specs = _tables(table)
+    client, catalog = _clickhouse_and_catalog()
+    dsn = _watermark_dsn()
+    store = WatermarkStore(dsn)
+    store.migrate()
+    decisions, kept = [], 0
+    for spec in specs:
+        try:
+            if apply:
+                found = retention.apply_table(spec, ch_client=client, catalog=catalog, store=store, dsn=dsn,
+                                              dry_run=dry_run, log=(lambda _l: None) if as_json else typer.echo)
+            else:
+                found = retention.plan_table(spec, ch_client=client, catalog=catalog, store=store)
+                if not as_json:
+                    for decision in found:
+                        typer.echo(decision.line())
+        except retention.RetentionError as exc:
+            _fail(str(exc), 2)
+        decisions += found
+        kept += sum(1 for d in found if not d.young and not d.droppable)
+    if as_json:
+        typer.echo(json.dumps([d.to_dict() for d in decisions], indent=2))
+    if kept:
+        raise typer.Exit(1)
+
+
+@retention_app.command("plan")
+def retention_plan(
+    table: Optional[str] = typer.Option(None, "--table", help="One table (default: all of tables.yaml)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Per partition: young, droppable (verified now), or kept with the reasons. Exit 1 when a
+    partition old enough to drop has to be kept."""
+    _retention(table, as_json, apply=False, dry_run=False)
+
+
+@retention_app.command("apply")
+def retention_apply(
+    table: Optional[str] = typer.Option(None, "--table", help="One table (default: all of tables.yaml)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Decide under the lock, drop nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Drop the old partitions that verify clean, oldest first, under the table's offload lock;
+    stop at the first one kept. Exit 1 when a partition old enough to drop had to be kept."""
+    _retention(table, as_json, apply=True, dry_run=dry_run)
 
 
 watermark_app = typer.Typer(help="Per-table watermarks and the offload ledger.", no_args_is_help=True)

@@ -58,6 +58,10 @@ class OffloadResultError(RuntimeError):
     """The offload job finished but its result cannot be found or does not match the run."""
 
 
+class RetiredIntervalError(RuntimeError):
+    """An interval before the hot tier's retention boundary: ClickHouse no longer holds its rows."""
+
+
 class SparkSubmitError(RuntimeError):
     """spark-submit (run by :func:`run_spark_submit`) failed; the message holds its output's tail."""
 
@@ -299,11 +303,23 @@ def offload_range(
     submit: Callable[[list[str]], Iterable[str]],
     log: Logger,
     driver_max_rows: int | None = None,
+    offloadable_from: datetime | None = None,
 ) -> OffloadResults:
     """Offload consecutive intervals of one table with one Spark job, and read back what it
     committed. ``submit(arguments)`` runs the job with those application arguments and
     returns its output lines (or raises); the caller holds the table's offload lock
-    (k2.watermarks.offload_lock) around this and commits the ledger after it."""
+    (k2.watermarks.offload_lock) around this and commits the ledger after it.
+
+    ``offloadable_from``: the table's retention boundary (k2.watermarks.RetentionBoundary):
+    an interval that starts before it is refused, since retention dropped its rows from
+    ClickHouse after verifying them in Iceberg, and offloading it again would empty it there."""
+    retired = [i for i in intervals if offloadable_from is not None and i[0] < offloadable_from]
+    if retired:
+        raise RetiredIntervalError(
+            f"{spec.name} [{retired[0][0].isoformat()}, {retired[-1][1].isoformat()}) lies before the hot "
+            f"tier's retention boundary {offloadable_from.isoformat()}: ClickHouse no longer holds those "
+            "rows (dropped after a verified offload), so the interval stays as Iceberg has it"
+        )
     arguments = job_arguments(spec.name, intervals, run_id, driver_max_rows=driver_max_rows)
     started = time.monotonic()
     lines = list(submit(arguments))

@@ -169,6 +169,36 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ColumnRange:
+    """Rows whose ``column`` lies in [start, end) (end None: no upper bound): what a comparison
+    is restricted to on both sides - one hot-tier partition being retired, or the rows the hot
+    tier still holds after retention."""
+
+    column: str
+    start: datetime
+    end: datetime | None = None
+
+    def clickhouse_sql(self, types: Mapping[str, str]) -> tuple[str, dict[str, int]]:
+        ms = ck.clickhouse_time_ms_sql(self.column, types[self.column])
+        sql = f" AND {ms} >= {{k2_range_start_ms:Int64}}"
+        params = {"k2_range_start_ms": ck.to_epoch_ms(self.start)}
+        if self.end is not None:
+            sql += f" AND {ms} < {{k2_range_end_ms:Int64}}"
+            params["k2_range_end_ms"] = ck.to_epoch_ms(self.end)
+        return sql, params
+
+    def iceberg(self, expression: Any) -> Any:
+        from pyiceberg.expressions import And, GreaterThanOrEqual, LessThan
+
+        expression = And(expression, GreaterThanOrEqual(self.column, ib.iso_utc(self.start)))
+        return expression if self.end is None else And(expression, LessThan(self.column, ib.iso_utc(self.end)))
+
+
+def _restrict_sql(restrict: ColumnRange | None, types: Mapping[str, str]) -> tuple[str, dict[str, int]]:
+    return restrict.clickhouse_sql(types) if restrict is not None else ("", {})
+
+
 def _buckets(start: datetime, end: datetime, interval: timedelta) -> list[tuple[datetime, datetime]]:
     if interval <= timedelta(0):
         raise ValueError("interval must be positive")
@@ -194,6 +224,7 @@ def verify_table(
     compare_values: bool = False,
     max_detail_intervals: int = 10,
     samples: int = 5,
+    restrict: ColumnRange | None = None,
 ) -> VerifyReport:
     """Compare ClickHouse and Iceberg per interval of [start, end) (see the module doc).
 
@@ -201,6 +232,7 @@ def verify_table(
                     (at most `max_detail_intervals`; it reads them in full from both sides)
     compare_values  row-level comparison of every interval, so that value differences
                     under equal keys are found too (the checksum covers keys only)
+    restrict        compare only the rows whose column lies in a range, on both sides
     """
     from pyiceberg.exceptions import NoSuchTableError
 
@@ -212,7 +244,10 @@ def verify_table(
         raise ValueError(f"{spec.source} has no event-time column {spec.event_time_column!r}")
 
     rules = quality.rules(spec, types)
-    ch_sums, ch_bad = _clickhouse_buckets(ch_client, spec, types, rules, start, end, interval, len(buckets))
+    if restrict is not None and restrict.column not in types:
+        raise ValueError(f"{spec.source} has no column {restrict.column!r} to restrict the comparison to")
+    ch_sums, ch_bad = _clickhouse_buckets(ch_client, spec, types, rules, start, end, interval, len(buckets),
+                                          restrict)
     notes: list[str] = []
     try:
         table = catalog.load_table(spec.iceberg_table)
@@ -224,12 +259,12 @@ def verify_table(
         notes.append(f"Iceberg table {spec.iceberg_table} has no snapshot yet")
     snapshot_id = snapshot.snapshot_id if snapshot is not None else None
     ice_sums = (
-        _iceberg_buckets(table, snapshot_id, spec, start, end, interval, len(buckets))
+        _iceberg_buckets(table, snapshot_id, spec, start, end, interval, len(buckets), restrict)
         if snapshot_id is not None
         else [ck.IntervalChecksum(0, 0)] * len(buckets)
     )
     commits = _offload_commits(table, spec) if snapshot_id is not None else {}
-    ice_bad = _quarantine_buckets(catalog, spec, rules, start, end, interval, len(buckets), notes)
+    ice_bad = _quarantine_buckets(catalog, spec, rules, start, end, interval, len(buckets), notes, restrict)
 
     results = []
     for (b_start, b_end), ch_sum, ice_sum, ch_q, ice_q in zip(buckets, ch_sums, ice_sums, ch_bad, ice_bad):
@@ -243,11 +278,11 @@ def verify_table(
 
     if compare_values:
         for r in results:
-            _row_detail(r, spec, ch_client, columns, table, snapshot_id, samples, rules)
+            _row_detail(r, spec, ch_client, columns, table, snapshot_id, samples, rules, restrict)
     elif detail:
         differing = [r for r in results if not r.ok]
         for r in differing[:max_detail_intervals]:
-            _row_detail(r, spec, ch_client, columns, table, snapshot_id, samples, rules)
+            _row_detail(r, spec, ch_client, columns, table, snapshot_id, samples, rules, restrict)
         if len(differing) > max_detail_intervals:
             notes.append(
                 f"row-level detail computed for the first {max_detail_intervals} of "
@@ -264,7 +299,8 @@ def verify_table(
 
 
 def _clickhouse_buckets(client: Any, spec: TableSpec, types: dict[str, str], rules: quality.Rules,
-                        start: datetime, end: datetime, interval: timedelta, n: int
+                        start: datetime, end: datetime, interval: timedelta, n: int,
+                        restrict: ColumnRange | None = None,
                         ) -> tuple[list[ck.IntervalChecksum], list[ck.IntervalChecksum]]:
     """Per bucket: (rows passing the quality checks, rows failing them)."""
     keys = [(c, types[c]) for c, _ in ck.key_columns(
@@ -272,14 +308,16 @@ def _clickhouse_buckets(client: Any, spec: TableSpec, types: dict[str, str], rul
     ms = ck.clickhouse_time_ms_sql(spec.event_time_column, types[spec.event_time_column])
     row_hash = ck.clickhouse_row_hash_sql(keys)
     bad = quality.clickhouse_bad_sql(rules, types)
+    extra, extra_params = _restrict_sql(restrict, types)
     sql = (
         f"SELECT intDiv({ms} - {{k2_start_ms:Int64}}, {{k2_step_ms:Int64}}) AS bucket, "
         f"countIf(NOT {bad}) AS rows, sumWithOverflowIf({row_hash}, NOT {bad}) AS checksum, "
         f"countIf({bad}) AS bad_rows, sumWithOverflowIf({row_hash}, {bad}) AS bad_checksum "
-        f"FROM `{spec.source}` WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)} "
+        f"FROM `{spec.source}` WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)}{extra} "
         f"GROUP BY bucket ORDER BY bucket"
     )
-    params = {**ck.interval_parameters(start, end), "k2_step_ms": int(interval.total_seconds() * 1000)}
+    params = {**ck.interval_parameters(start, end), "k2_step_ms": int(interval.total_seconds() * 1000),
+              **extra_params}
     good = [ck.IntervalChecksum(0, 0)] * n
     failed = [ck.IntervalChecksum(0, 0)] * n
     for bucket, rows, checksum, bad_rows, bad_checksum in client.query(sql, parameters=params).result_rows:
@@ -289,8 +327,8 @@ def _clickhouse_buckets(client: Any, spec: TableSpec, types: dict[str, str], rul
 
 
 def _quarantine_buckets(catalog: Catalog, spec: TableSpec, rules: quality.Rules, start: datetime,
-                        end: datetime, interval: timedelta, n: int, notes: list[str]
-                        ) -> list[ck.IntervalChecksum]:
+                        end: datetime, interval: timedelta, n: int, notes: list[str],
+                        restrict: ColumnRange | None = None) -> list[ck.IntervalChecksum]:
     """Per bucket (of the rows' event time), what the quarantine table holds."""
     from pyiceberg.exceptions import NoSuchTableError
 
@@ -304,21 +342,23 @@ def _quarantine_buckets(catalog: Catalog, spec: TableSpec, rules: quality.Rules,
     snapshot = table.current_snapshot()
     if snapshot is None:
         return zeros
-    return _iceberg_buckets(table, snapshot.snapshot_id, spec, start, end, interval, n)
+    return _iceberg_buckets(table, snapshot.snapshot_id, spec, start, end, interval, n, restrict)
 
 
-def _iceberg_filter(spec: TableSpec, start: datetime, end: datetime) -> Any:
+def _iceberg_filter(spec: TableSpec, start: datetime, end: datetime,
+                    restrict: ColumnRange | None = None) -> Any:
     from pyiceberg.expressions import And, GreaterThanOrEqual, LessThan
 
-    return And(
+    expression = And(
         GreaterThanOrEqual(spec.event_time_column, ib.iso_utc(start)),
         LessThan(spec.event_time_column, ib.iso_utc(end)),
     )
+    return expression if restrict is None else restrict.iceberg(expression)
 
 
 def _batches(table: Any, snapshot_id: int, spec: TableSpec, start: datetime, end: datetime,
-             fields: tuple[str, ...] = ("*",)) -> Any:
-    scan = table.scan(row_filter=_iceberg_filter(spec, start, end), selected_fields=fields,
+             fields: tuple[str, ...] = ("*",), restrict: ColumnRange | None = None) -> Any:
+    scan = table.scan(row_filter=_iceberg_filter(spec, start, end, restrict), selected_fields=fields,
                       snapshot_id=snapshot_id)
     if hasattr(scan, "to_arrow_batch_reader"):
         yield from scan.to_arrow_batch_reader()
@@ -327,18 +367,20 @@ def _batches(table: Any, snapshot_id: int, spec: TableSpec, start: datetime, end
 
 
 def _iceberg_buckets(table: Any, snapshot_id: int, spec: TableSpec, start: datetime, end: datetime,
-                     interval: timedelta, n: int) -> list[ck.IntervalChecksum]:
+                     interval: timedelta, n: int, restrict: ColumnRange | None = None
+                     ) -> list[ck.IntervalChecksum]:
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    fields = tuple(dict.fromkeys([*spec.unique_key, spec.event_time_column]))
+    fields = tuple(dict.fromkeys([*spec.unique_key, spec.event_time_column,
+                                  *([restrict.column] if restrict is not None else [])]))
     counts = np.zeros(n, dtype=np.int64)
     sums = np.zeros(n, dtype=np.uint64)  # numpy uint64 addition wraps: sum mod 2**64
     start_us = ck.to_epoch_ms(start) * 1000
     step_us = int(interval.total_seconds() * 1_000_000)
     keys = None
-    for batch in _batches(table, snapshot_id, spec, start, end, fields):
+    for batch in _batches(table, snapshot_id, spec, start, end, fields, restrict):
         if batch.num_rows == 0:
             continue
         keys = keys or ck.arrow_key_columns(spec, batch.schema)
@@ -394,19 +436,22 @@ def _show(key: str) -> str:
 
 
 def _row_detail(result: IntervalResult, spec: TableSpec, ch_client: Any, columns: list[ib.SourceColumn],
-                table: Any, snapshot_id: int | None, samples: int, rules: quality.Rules) -> None:
+                table: Any, snapshot_id: int | None, samples: int, rules: quality.Rules,
+                restrict: ColumnRange | None = None) -> None:
     import pyarrow.compute as pc
 
+    extra, extra_params = _restrict_sql(restrict, {c.name: c.clickhouse_type for c in columns})
     ch_rows = ch_client.query_arrow(
         f"SELECT {', '.join(f'`{c.name}`' for c in columns)} FROM `{spec.source}` "
-        f"WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)}",
-        parameters=ck.interval_parameters(result.start, result.end),
+        f"WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)}{extra}",
+        parameters={**ck.interval_parameters(result.start, result.end), **extra_params},
         use_strings=True,
     )
     if rules and ch_rows.num_rows:  # the table holds the rows that pass the checks
         ch_rows = ch_rows.filter(pc.invert(quality.arrow_bad_mask(ch_rows, rules)))
     ch_keys = ck.arrow_key_columns(spec, ch_rows.schema)
-    ice_batches = list(_batches(table, snapshot_id, spec, result.start, result.end)) if snapshot_id else []
+    ice_batches = (list(_batches(table, snapshot_id, spec, result.start, result.end, restrict=restrict))
+                   if snapshot_id else [])
     ice_names = set(ice_batches[0].schema.names) if ice_batches else set()
     compared = [c.name for c in columns if c.name in ice_names and c.name not in spec.unique_key]
 

@@ -53,6 +53,7 @@ def reoffload_command(table: str, interval_start: datetime) -> str:
 
 WATERMARKS_TABLE = "k2_watermarks"
 LEDGER_TABLE = "k2_offload_ledger"
+RETENTION_TABLE = "k2_hot_retention"
 SCHEMA_VERSION_TABLE = "k2_schema_version"
 # Serializes concurrent migrate() calls (two schedulers or test workers starting together).
 _MIGRATION_LOCK_KEY = 0x6B32_5F77_6D  # "k2_wm"
@@ -121,6 +122,27 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             """,
         ),
     ),
+    (
+        3,
+        "hot-tier partitions dropped behind a verified offload",
+        (
+            f"""
+            CREATE TABLE {RETENTION_TABLE} (
+                table_name       text        NOT NULL,
+                partition_id     text        NOT NULL,
+                partition_column text        NOT NULL,
+                range_start      timestamptz NOT NULL,
+                range_end        timestamptz NOT NULL,
+                intervals_end    timestamptz NOT NULL,
+                rows             bigint      NOT NULL CHECK (rows >= 0),
+                checksum         numeric(20) NOT NULL CHECK (checksum >= 0),
+                dropped_at       timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (table_name, partition_id),
+                CHECK (range_end > range_start)
+            )
+            """,
+        ),
+    ),
 )
 
 # A re-commit that changes an interval's content (a re-offload took its late rows in) starts
@@ -159,6 +181,18 @@ class LedgerEntry:
     snapshot_id: int | None
     run_id: str
     committed_at: datetime
+
+
+@dataclass(frozen=True)
+class RetentionBoundary:
+    """Where a table's hot tier starts after retention dropped its oldest partitions: rows whose
+    ``column`` is before ``hot_from`` live in Iceberg only; intervals that start before
+    ``offloadable_from`` must never be offloaded again (ClickHouse no longer holds their rows)."""
+
+    table_name: str
+    column: str
+    hot_from: datetime
+    offloadable_from: datetime
 
 
 @dataclass(frozen=True)
@@ -549,6 +583,37 @@ class WatermarkStore:
             LedgerEntry(r[0], _utc(r[1]), _utc(r[2]), int(r[3]), int(r[4]), r[5], r[6], _utc(r[7]))
             for r in rows
         ]
+
+    def record_retention(self, table: str, partition_id: str, column: str, range_start: datetime,
+                         range_end: datetime, intervals_end: datetime, rows: int, checksum: int) -> None:
+        """Record a hot-tier partition dropped after its verification (figures as verified)."""
+        with self._connect() as conn:
+            conn.execute(
+                f"""
+                INSERT INTO {RETENTION_TABLE} (table_name, partition_id, partition_column, range_start,
+                    range_end, intervals_end, rows, checksum) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                ON CONFLICT (table_name, partition_id) DO UPDATE SET rows = {RETENTION_TABLE}.rows + EXCLUDED.rows,
+                    checksum = mod({RETENTION_TABLE}.checksum + EXCLUDED.checksum, 18446744073709551616),
+                    intervals_end = GREATEST({RETENTION_TABLE}.intervals_end, EXCLUDED.intervals_end),
+                    dropped_at = now()
+                """,
+                (table, partition_id, column, _utc(range_start), _utc(range_end), _utc(intervals_end),
+                 rows, Decimal(checksum % 2**64)),
+            )
+
+    def retention_boundary(self, table: str) -> RetentionBoundary | None:
+        """None while retention has dropped nothing of the table (or never ran here)."""
+        with self._connect() as conn:
+            if conn.execute("SELECT to_regclass(%s)", (RETENTION_TABLE,)).fetchone()[0] is None:
+                return None  # a store not migrated to version 3 yet: nothing was retired
+            row = conn.execute(
+                f"""
+                SELECT partition_column, max(range_end), max(intervals_end) FROM {RETENTION_TABLE}
+                WHERE table_name = %s GROUP BY partition_column
+                """,
+                (table,),
+            ).fetchone()
+        return None if row is None else RetentionBoundary(table, row[0], _utc(row[1]), _utc(row[2]))
 
     def note_late_rows(
         self, table: str, late: Mapping[tuple[datetime, datetime], int]

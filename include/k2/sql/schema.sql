@@ -33,7 +33,8 @@
 -- feed continues ids and sequence numbers above the stored max); a Replacing
 -- engine would change the row set behind the offload's back when parts merge.
 -- No TTL here: hot_retention (tables.yaml) must only drop what has been offloaded,
--- so retention is an operational DROP PARTITION behind the watermark, not a TTL.
+-- so retention is `k2 retention apply` (k2.retention: a partition is dropped only behind
+-- the ledger, the watermark and a verification against Iceberg), not a TTL.
 -- Daily partitions match the offload's day-by-day reads and make retention a
 -- cheap DROP PARTITION; ORDER BY (symbol, event_time, trade_id) serves "one symbol
 -- over a time range" and the 15-minute interval scans (event_time is the 2nd key

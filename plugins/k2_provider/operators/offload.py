@@ -291,7 +291,9 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
                     plan.range[1].isoformat(),
                     plan.reason,
                 )
-                result = self._offload(context, env, iceberg, spec, plan, run_id)
+                boundary = store.retention_boundary(spec.name)
+                result = self._offload(context, env, iceberg, spec, plan, run_id,
+                                       offloadable_from=boundary.offloadable_from if boundary else None)
             self._stage = "metrics"
             self._emit_backlog(spec, own, store, facts, plan)
         return result
@@ -374,6 +376,7 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         spec: TableSpec,
         plan: CatchupPlan,
         run_id: str,
+        offloadable_from: datetime | None = None,
     ) -> dict[str, Any]:
         # Set only now: rendered template fields were recorded before execute() (and are
         # not re-recorded), so the values never reach the UI; the hook hands them to
@@ -396,7 +399,7 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
 
         done = offload_range(
             spec, plan.intervals, run_id, iceberg=iceberg, submit=submit, log=self.log,
-            driver_max_rows=self.driver_max_rows,
+            driver_max_rows=self.driver_max_rows, offloadable_from=offloadable_from,
         )
         results, extras, data_files, wall = done.results, done.raw, done.data_files, done.wall_seconds
 

@@ -1,0 +1,206 @@
+"""Hot-tier retention on the real stack: a bronze table with 2.5 days of trades in ClickHouse,
+2 of them offloaded to Iceberg by one Spark job and ledgered; retention (k2.retention) drops
+an old day partition only after verifying it, keeps one with an interval missing from the
+ledger and one whose rows differ from Iceberg's, keeps a partition that changed while it was
+verified, and afterwards verification and the offload's retention boundary hold."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from k2 import retention
+from k2.config import load_tables
+from k2.feed import run_feed
+from k2.intervals import INTERVAL, split_range
+from k2.offload import RetiredIntervalError, offload_range
+from k2.schema import apply_schema
+from k2.verify import ColumnRange, verify_table
+from k2.watermarks import WatermarkStore
+from tests.integration.spark_job import job_argv
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CATALOG = "k2_test_retention"
+LEDGER_DB = "k2_retention_test"
+SPEC = load_tables().get("bronze_trades_binance")
+DAY0 = datetime(2026, 11, 10, tzinfo=timezone.utc)
+DAY1, DAY2 = DAY0 + timedelta(days=1), DAY0 + timedelta(days=2)
+FEED_END = DAY2 + timedelta(hours=12)
+# hot_retention (7d) after the end of DAY1's partition: DAY0 and DAY1 are old, DAY2 is young
+NOW = DAY2 + SPEC.hot_retention + timedelta(minutes=1)
+
+
+@pytest.fixture(scope="module")
+def ledger_dsn(stack) -> str:
+    import psycopg
+
+    with psycopg.connect(stack.postgres_dsn("k2"), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {LEDGER_DB} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {LEDGER_DB}")
+    return stack.postgres_dsn(LEDGER_DB)
+
+
+@pytest.fixture(scope="module")
+def store(ledger_dsn) -> WatermarkStore:
+    store = WatermarkStore(ledger_dsn)
+    store.migrate()
+    return store
+
+
+@pytest.fixture(scope="module")
+def offloaded(ch_client, job_stack, store):
+    """2.5 days of trades in ClickHouse; [DAY0, DAY2) offloaded in 6-hour steps and ledgered."""
+    apply_schema(ch_client)
+    stats = run_feed(ch_client, history=FEED_END - DAY0, rate=0.4, seed=11, end=FEED_END,
+                     progress=None, symbols=["BTC", "ETH"], exchanges=["binance"], live=False)
+    assert stats.total_rows > 30_000
+    proc = subprocess.run(job_argv(SPEC.name, DAY0, DAY2, "retention-test", "--interval-step", "6h"),
+                          env=job_stack.env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+               if line.startswith("K2_OFFLOAD_RESULT ")]
+    assert len(results) == 8
+    store.initialize(SPEC.name, DAY0)
+    for r in results:
+        store.commit_interval(SPEC.name, datetime.fromisoformat(r["interval_start"]),
+                              datetime.fromisoformat(r["interval_end"]), int(r["rows"]),
+                              int(r["checksum"]), int(r["snapshot_id"]), "retention-test")
+    assert store.get(SPEC.name).watermark_ts == DAY2
+    return results
+
+
+def _plan(ch_client, job_stack, store):
+    decisions = retention.plan_table(SPEC, ch_client=ch_client, catalog=job_stack.catalog, store=store, now=NOW)
+    return {d.partition.partition_id: d for d in decisions}
+
+
+def _count(ch_client, start, end) -> int:
+    return ch_client.query(
+        "SELECT count() FROM bronze_trades_binance WHERE event_time >= {s:DateTime64(3, 'UTC')} "
+        "AND event_time < {e:DateTime64(3, 'UTC')}", parameters={"s": start, "e": end}).first_row[0]
+
+
+def test_old_verified_partitions_are_droppable_young_ones_are_not(offloaded, ch_client, job_stack, store):
+    plan = _plan(ch_client, job_stack, store)
+    assert set(plan) == {"20261110", "20261111", "20261112"}
+    day0 = plan["20261110"]
+    assert day0.droppable, day0.line()
+    assert len(day0.intervals) == 96 and day0.intervals[0] == (DAY0, DAY0 + INTERVAL)
+    assert day0.rows == _count(ch_client, DAY0, DAY1)
+    assert plan["20261111"].droppable
+    assert plan["20261112"].young and not plan["20261112"].droppable
+
+
+def test_a_partition_with_an_interval_missing_from_the_ledger_is_kept(offloaded, ch_client, job_stack, store,
+                                                                     ledger_dsn):
+    import psycopg
+
+    with psycopg.connect(ledger_dsn) as conn:
+        entry = conn.execute(
+            "DELETE FROM k2_offload_ledger WHERE table_name = %s AND interval_start = %s RETURNING *",
+            (SPEC.name, DAY1 + timedelta(hours=6))).fetchone()
+    assert entry is not None
+    try:
+        decision = _plan(ch_client, job_stack, store)["20261111"]
+        assert not decision.droppable
+        assert "24 interval(s) not in the offload ledger: [2026-11-11T06:00Z, 06:15Z)" in decision.line()
+    finally:
+        with psycopg.connect(ledger_dsn) as conn:
+            conn.execute("INSERT INTO k2_offload_ledger VALUES (" + ", ".join(["%s"] * len(entry)) + ")", entry)
+    assert _plan(ch_client, job_stack, store)["20261111"].droppable
+
+
+def test_a_partition_that_changes_while_it_is_verified_is_kept(offloaded, ch_client, job_stack, store,
+                                                              ledger_dsn, monkeypatch):
+    """An insert into the partition between its verification and the drop: nothing is dropped,
+    the new row and the old ones stay, and nothing is recorded as retired."""
+    real_decide = retention.decide
+    inserted: list[int] = []
+
+    def decide_then_insert(spec, partition, *args, **kwargs):
+        decision = real_decide(spec, partition, *args, **kwargs)
+        if partition.partition_id == "20261110" and not inserted:
+            ch_client.command(
+                "INSERT INTO bronze_trades_binance SELECT * REPLACE (trade_id + 1000000000000000 AS trade_id) "
+                "FROM bronze_trades_binance WHERE toYYYYMMDD(event_time) = 20261110 ORDER BY trade_id LIMIT 1")
+            inserted.append(1)
+        return decision
+
+    day0_rows = _count(ch_client, DAY0, DAY1)
+    monkeypatch.setattr(retention, "decide", decide_then_insert)
+    decisions = retention.apply_table(SPEC, ch_client=ch_client, catalog=job_stack.catalog, store=store,
+                                      dsn=ledger_dsn, now=NOW, log=lambda _line: None)
+    assert inserted and len(decisions) == 1
+    assert not decisions[0].dropped
+    assert "changed while it was verified" in decisions[0].line()
+    assert _count(ch_client, DAY0, DAY1) == day0_rows + 1
+    assert store.retention_boundary(SPEC.name) is None
+    # the extra row goes again, so that DAY0 verifies for the next test
+    ch_client.command("ALTER TABLE bronze_trades_binance DELETE WHERE trade_id > 1000000000000000",
+                      settings={"mutations_sync": 2})
+    assert _count(ch_client, DAY0, DAY1) == day0_rows
+
+
+def test_apply_drops_verified_partitions_and_keeps_one_that_differs(offloaded, ch_client, job_stack, store,
+                                                                    ledger_dsn):
+    # A row of DAY1 that Iceberg holds disappears from ClickHouse: DAY1 no longer verifies.
+    victim = ch_client.query(
+        "SELECT trade_id FROM bronze_trades_binance WHERE event_time >= {s:DateTime64(3, 'UTC')} "
+        "ORDER BY event_time LIMIT 1", parameters={"s": DAY1 + timedelta(hours=3)}).first_row[0]
+    ch_client.command(f"ALTER TABLE bronze_trades_binance DELETE WHERE trade_id = {int(victim)}",
+                      settings={"mutations_sync": 2})
+    day0_rows, day1_rows = _count(ch_client, DAY0, DAY1), _count(ch_client, DAY1, DAY2)
+    lines: list[str] = []
+    decisions = retention.apply_table(SPEC, ch_client=ch_client, catalog=job_stack.catalog, store=store,
+                                      dsn=ledger_dsn, now=NOW, log=lines.append)
+    by_id = {d.partition.partition_id: d for d in decisions}
+    assert by_id["20261110"].dropped and by_id["20261110"].rows == day0_rows
+    assert not by_id["20261111"].dropped
+    assert "1 interval(s) differ between ClickHouse and Iceberg: [2026-11-11T03:00Z, 03:15Z)" in by_id["20261111"].line()
+    assert "20261112" not in by_id  # it stops at the first partition it keeps
+    assert _count(ch_client, DAY0, DAY1) == 0  # dropped
+    assert _count(ch_client, DAY1, DAY2) == day1_rows  # kept, every row
+    assert any("KEPT" in line for line in lines)
+
+    boundary = store.retention_boundary(SPEC.name)
+    assert (boundary.column, boundary.hot_from, boundary.offloadable_from) == ("event_time", DAY1, DAY1)
+
+    # What ClickHouse still holds verifies against Iceberg; the retired day is not compared.
+    report = verify_table(SPEC, ch_client=ch_client, catalog=job_stack.catalog, start=DAY0, end=DAY1 + timedelta(hours=3),
+                          restrict=ColumnRange(boundary.column, boundary.hot_from), detail=False)
+    assert report.ok, report.format()
+
+    # An offload of a retired interval is refused before any Spark job.
+    submitted = []
+    with pytest.raises(RetiredIntervalError, match="before the hot tier's retention boundary"):
+        offload_range(SPEC, split_range(DAY0 + timedelta(hours=1), DAY0 + timedelta(hours=2)), "manual__x",
+                      iceberg=job_stack.iceberg, submit=submitted.append, log=logging.getLogger("test"),
+                      offloadable_from=boundary.offloadable_from)
+    assert submitted == []
+
+
+
+
+def test_the_cli_plans_with_reasons_and_exits_1_for_a_kept_partition(offloaded, job_stack, ledger_dsn):
+    """`k2 retention plan` against this module's ClickHouse database, catalog and ledger (the
+    test above dropped DAY0 and kept DAY1): today every partition is old, DAY1 differs and
+    DAY2 was never fully offloaded."""
+    import os
+    import sys
+    from pathlib import Path
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("K2_")},
+           **job_stack.clickhouse.to_env(), **job_stack.iceberg.to_env(), "K2_WATERMARK_DSN": ledger_dsn}
+    proc = subprocess.run([str(Path(sys.executable).with_name("k2")), "retention", "plan",
+                           "--table", SPEC.name, "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    plan = {d["partition"]: d for d in json.loads(proc.stdout)}
+    assert set(plan) == {"20261111", "20261112"}  # DAY0 is gone from ClickHouse
+    assert any("differ between ClickHouse and Iceberg" in r for r in plan["20261111"]["reasons"])
+    assert any("not in the offload ledger" in r for r in plan["20261112"]["reasons"])
+    assert not plan["20261112"]["young"]
