@@ -425,8 +425,7 @@ app.add_typer(retention_app, name="retention")
 
 
 def _retention(table: Optional[str], as_json: bool, apply: bool, dry_run: bool) -> None:
-
-    from k2 import retention
+    from k2 import metrics, retention
     from k2.watermarks import WatermarkStore
 
     specs = _tables(table)
@@ -435,6 +434,8 @@ def _retention(table: Optional[str], as_json: bool, apply: bool, dry_run: bool) 
     store = WatermarkStore(dsn)
     store.migrate()
     decisions, kept = [], 0
+    if apply and not dry_run:
+        metrics.emit_safely(metrics.configure_stats)
     for spec in specs:
         try:
             if apply:
@@ -448,7 +449,11 @@ def _retention(table: Optional[str], as_json: bool, apply: bool, dry_run: bool) 
         except retention.RetentionError as exc:
             _fail(str(exc), 2)
         decisions += found
-        kept += sum(1 for d in found if not d.young and not d.droppable)
+        kept_here = sum(1 for d in found if not d.young and not d.droppable)
+        kept += kept_here
+        if apply and not dry_run:  # the same metrics as the k2_hot_retention DAG's task
+            metrics.emit_safely(metrics.record_retention, spec.name, kept=kept_here,
+                                dropped=sum(1 for d in found if d.dropped))
     if as_json:
         typer.echo(json.dumps([d.to_dict() for d in decisions], indent=2))
     if kept:

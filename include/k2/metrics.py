@@ -195,6 +195,14 @@ DEADLINE_MISSED = Metric(
     "k2.deadline.missed.{table}", "k2_deadline_missed_total", "counter",
     "DAG runs that missed their deadline (Airflow deadline alert fired).",
 )
+RETENTION_KEPT = Metric(
+    "k2.retention.kept_partitions.{table}", "k2_retention_kept_partitions", "gauge",
+    "Hot-tier partitions older than hot_retention that the last retention run had to keep.",
+)
+RETENTION_DROPPED = Metric(
+    "k2.retention.dropped_partitions.{table}", "k2_retention_dropped_partitions_total", "counter",
+    "Hot-tier partitions dropped after a verified offload.",
+)
 
 METRICS: tuple[Metric, ...] = (
     OFFLOAD_ROWS,
@@ -210,6 +218,8 @@ METRICS: tuple[Metric, ...] = (
     ICEBERG_DATA_FILES,
     HOT_MAX_EVENT_TIME,
     DEADLINE_MISSED,
+    RETENTION_KEPT,
+    RETENTION_DROPPED,
 )
 METRIC_BY_NAME = {metric.prometheus: metric for metric in METRICS}
 
@@ -370,6 +380,14 @@ def set_hot_max_event_time(table: str, ts: datetime | float) -> None:
 
 def record_deadline_missed(table: str) -> None:
     _incr(DEADLINE_MISSED, 1, table=table)
+
+
+def record_retention(table: str, *, kept: int, dropped: int) -> None:
+    """One retention run of a table: partitions it had to keep (a gauge: the alert holds
+    until a run keeps none) and partitions it dropped."""
+    _gauge(RETENTION_KEPT, _count(kept, "kept"), table=table)
+    if dropped:
+        _incr(RETENTION_DROPPED, _count(dropped, "dropped"), table=table)
 
 
 def emit_safely(helper: Callable[..., None], *args: Any, log: logging.Logger | None = None,

@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import DAG, AsyncCallback, CronDataIntervalTimetable, DeadlineAlert, DeadlineReference
+from airflow.sdk import (
+    DAG,
+    AsyncCallback,
+    CronDataIntervalTimetable,
+    CronTriggerTimetable,
+    DeadlineAlert,
+    DeadlineReference,
+)
 
 from k2.config import (
     ALERT_TO_ENV,
@@ -31,6 +38,7 @@ from k2.intervals import SCHEDULE_CRON, first_interval_start, last_interval_star
 from k2_provider.notifications.deadline import DeadlineMissNotifier
 from k2_provider.notifications.task_failure import TaskFailureNotifier
 from k2_provider.operators.offload import OffloadToIcebergOperator
+from k2_provider.operators.retention import HotRetentionOperator
 from k2_provider.operators.watermark_commit import WatermarkCommitOperator
 from k2_provider.sensors.clickhouse_watermark import ClickHouseWatermarkSensor
 
@@ -249,3 +257,44 @@ def build_dags(
                 raise
             log.exception("k2: skipping DAG %s: %s", spec.dag_id, exc)
     return dags
+
+
+RETENTION_DAG_ID = "k2_hot_retention"
+RETENTION_SCHEDULE = "30 3 * * *"  # daily, 03:30 UTC
+RETENTION_START = datetime(2026, 1, 1, tzinfo=timezone.utc)  # when no table is listed
+RETENTION_DOC = """\
+### Hot-tier retention
+
+Daily (03:30 UTC) and on demand (Trigger): per table, the ClickHouse partitions older than the
+table's `hot_retention` (tables.yaml) are dropped, each only when every 15-minute interval of
+its rows is in the offload ledger, the watermark has passed them and a verification against
+Iceberg made at drop time is clean (`k2.retention`). A partition that fails any of these is
+kept - nothing of it is lost - and its task fails naming it and why (alert
+K2RetentionBlocked; runbook: docs/operations/runbooks.md#retention-blocked).
+The same from a shell: `k2 retention plan` / `k2 retention apply [--table T] [--dry-run]`.
+
+Created paused: unpause it once `k2 retention plan` shows what it would drop.
+"""
+
+
+def build_retention_dag(config_path: Path | str | None = None, *, strict: bool | None = None) -> DAG:
+    """The DAG k2_hot_retention: one retention task per table of tables.yaml."""
+    strict = strict_from_env() if strict is None else strict
+    path = Path(config_path) if config_path else DEFAULT_TABLES_FILE
+    specs = load_table_specs(path, strict=strict, on_error=lambda msg: log.error("k2: %s", msg))
+    with DAG(
+        dag_id=RETENTION_DAG_ID,
+        description="Drop ClickHouse partitions older than hot_retention behind a verified offload",
+        schedule=CronTriggerTimetable(RETENTION_SCHEDULE, timezone="UTC"),
+        start_date=min((spec.start_date for spec in specs), default=RETENTION_START),
+        catchup=False,
+        max_active_runs=1,
+        is_paused_upon_creation=True,
+        # A kept partition fails its task for good: retrying cannot fix what it reports.
+        default_args={**default_args_from_env(), "retries": 0, "on_failure_callback": failure_notifier()},
+        tags=["k2", "retention"],
+        doc_md=RETENTION_DOC,
+    ) as dag:
+        for spec in specs:
+            HotRetentionOperator(task_id=f"retain_{spec.name}", table=spec.name)
+    return dag

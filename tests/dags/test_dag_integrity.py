@@ -15,6 +15,7 @@ from k2.config import OVERRIDE_ENV, SPARK_POOL, ConfigError, load_tables
 from k2.intervals import first_interval_start
 from k2_dag_factory import (
     MAX_ACTIVE_RUNS,
+    RETENTION_DAG_ID,
     TASK_COMMIT,
     TASK_OFFLOAD,
     TASK_SENSOR,
@@ -79,9 +80,20 @@ def test_parsing_is_fast(parsed: tuple[Any, float]) -> None:
     assert parsed[1] < PARSE_BUDGET_S, f"parsing the dags folder took {parsed[1]:.2f}s"
 
 
-def test_exactly_one_dag_per_table(dagbag: Any) -> None:
-    assert sorted(dagbag.dag_ids) == EXPECTED_DAG_IDS
+def test_exactly_one_dag_per_table_and_the_retention_dag(dagbag: Any) -> None:
+    assert sorted(dagbag.dag_ids) == sorted([*EXPECTED_DAG_IDS, RETENTION_DAG_ID])
     assert len(EXPECTED_DAG_IDS) == 9
+
+
+def test_the_retention_dag_has_a_task_per_table_runs_daily_and_starts_paused(dagbag: Any) -> None:
+    dag = dagbag.dags[RETENTION_DAG_ID]
+    assert sorted(t.task_id for t in dag.tasks) == sorted(f"retain_{spec.name}" for spec in SPECS)
+    assert {type(t).__name__ for t in dag.tasks} == {"HotRetentionOperator"}
+    assert all(t.retries == 0 for t in dag.tasks)  # a kept partition is reported, not retried
+    assert dag.catchup is False and dag.max_active_runs == 1
+    assert dag.is_paused_upon_creation is True  # destructive: unpaused by the operator
+    assert {"k2", "retention"} <= set(dag.tags)
+    assert "retention-blocked" in dag.doc_md
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[spec.dag_id for spec in SPECS])

@@ -204,3 +204,26 @@ def test_the_cli_plans_with_reasons_and_exits_1_for_a_kept_partition(offloaded, 
     assert any("differ between ClickHouse and Iceberg" in r for r in plan["20261111"]["reasons"])
     assert any("not in the offload ledger" in r for r in plan["20261112"]["reasons"])
     assert not plan["20261112"]["young"]
+
+
+def test_the_airflow_task_fails_naming_the_kept_partition(offloaded, stack, ch_client, job_stack, monkeypatch):
+    """HotRetentionOperator (the k2_hot_retention DAG's task) on this module's connections:
+    DAY1 still differs from Iceberg, so the task fails naming it, and drops nothing."""
+    from airflow.sdk.exceptions import AirflowException
+
+    from k2_provider.operators.retention import HotRetentionOperator
+
+    c, ch, ice = stack.credentials, job_stack.clickhouse, job_stack.iceberg
+    postgres = {"conn_type": "postgres", "host": stack.host, "port": stack.postgres_port,
+                "login": c["postgres_user"], "password": c["postgres_password"]}
+    monkeypatch.setenv("AIRFLOW_CONN_CLICKHOUSE_DEFAULT", json.dumps({
+        "conn_type": "clickhouse", "host": ch.host, "port": ch.port, "login": ch.user,
+        "password": ch.password, "schema": ch.database}))
+    monkeypatch.setenv("AIRFLOW_CONN_ICEBERG_DEFAULT", json.dumps({
+        **postgres, "schema": "k2", "extra": {"warehouse": ice.warehouse, "catalog_name": CATALOG}}))
+    monkeypatch.setenv("AIRFLOW_CONN_K2_WATERMARKS", json.dumps({**postgres, "schema": LEDGER_DB}))
+    day1_rows = _count(ch_client, DAY1, DAY2)
+    with pytest.raises(AirflowException, match=r"partition 20261111 .* KEPT - 1 interval\(s\) differ"):
+        HotRetentionOperator(task_id="retain_bronze_trades_binance", table=SPEC.name).execute(context={})
+    assert _count(ch_client, DAY1, DAY2) == day1_rows
+

@@ -447,3 +447,4 @@ def send_k2_samples(
     metrics.set_iceberg_data_files(table, 42)
     metrics.set_hot_max_event_time(table, now - hot_age)
     metrics.record_deadline_missed(table)
+    metrics.record_retention(table, kept=0, dropped=1)
