@@ -227,3 +227,54 @@ def test_the_airflow_task_fails_naming_the_kept_partition(offloaded, stack, ch_c
         HotRetentionOperator(task_id="retain_bronze_trades_binance", table=SPEC.name).execute(context={})
     assert _count(ch_client, DAY1, DAY2) == day1_rows
 
+
+
+GOLD = load_tables().get("gold_ohlcv_30m")  # partitioned by month of window_start, intervals by window_end
+OCT31 = datetime(2026, 10, 31, 12, tzinfo=timezone.utc)
+NOV1 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def gold_offloaded(offloaded, ch_client, job_stack, store):
+    """Trades from 2026-10-31 12:00 to 2026-11-01 00:30 (candles across a month boundary);
+    gold_ohlcv_30m offloaded for [10-31 12:00, 11-01 12:00) in 6-hour steps and ledgered."""
+    run_feed(ch_client, history=timedelta(hours=12, minutes=30), rate=0.4, seed=12,
+             end=NOV1 + timedelta(minutes=30), progress=None, symbols=["BTC"], exchanges=["binance"], live=False)
+    end = OCT31 + timedelta(days=1)
+    proc = subprocess.run(job_argv(GOLD.name, OCT31, end, "retention-gold", "--interval-step", "6h"),
+                          env=job_stack.env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    store.initialize(GOLD.name, OCT31)
+    for line in proc.stdout.splitlines():
+        if line.startswith("K2_OFFLOAD_RESULT "):
+            r = json.loads(line.split(" ", 1)[1])
+            store.commit_interval(GOLD.name, datetime.fromisoformat(r["interval_start"]),
+                                  datetime.fromisoformat(r["interval_end"]), int(r["rows"]), int(r["checksum"]),
+                                  int(r["snapshot_id"]), "retention-gold")
+    assert store.get(GOLD.name).watermark_ts == end
+
+
+def test_a_gold_month_is_retired_across_the_month_boundary(gold_offloaded, ch_client, job_stack, store, ledger_dsn):
+    """October's candles (window_start) end as late as 11-01 00:00 (window_end): the month is
+    verified on its own candles, also in the interval it shares with November's, dropped, and
+    that shared interval may not be offloaded again."""
+    now = NOV1 + GOLD.hot_retention + timedelta(minutes=1)
+    decisions = retention.apply_table(GOLD, ch_client=ch_client, catalog=job_stack.catalog, store=store,
+                                      dsn=ledger_dsn, now=now, log=lambda _line: None)
+    october = decisions[0]
+    assert october.partition.partition_id == "202610" and october.dropped, october.line()
+    assert october.intervals[-1] == (NOV1, NOV1 + INTERVAL)  # the 23:30 candle ends at 00:00
+    assert decisions[1].partition.partition_id == "202611" and decisions[1].young
+    boundary = store.retention_boundary(GOLD.name)
+    assert (boundary.column, boundary.hot_from, boundary.offloadable_from) == (
+        "window_start", NOV1, NOV1 + INTERVAL)
+    left = ch_client.query("SELECT count() FROM gold_ohlcv_30m_final WHERE window_start < {b:DateTime('UTC')}",
+                           parameters={"b": NOV1}).first_row[0]
+    assert left == 0
+    report = verify_table(GOLD, ch_client=ch_client, catalog=job_stack.catalog, start=OCT31, end=OCT31 + timedelta(days=1),
+                          restrict=ColumnRange(boundary.column, boundary.hot_from), detail=False)
+    assert report.ok, report.format()
+    with pytest.raises(RetiredIntervalError):
+        offload_range(GOLD, [(NOV1, NOV1 + INTERVAL)], "manual__x", iceberg=job_stack.iceberg,
+                      submit=lambda arguments: [], log=logging.getLogger("test"),
+                      offloadable_from=boundary.offloadable_from)
