@@ -139,7 +139,7 @@ def peer(args: argparse.Namespace) -> dict[str, Any]:
 
     table = ib.load_catalog(IcebergSettings.from_env()).load_table(args.iceberg_table)
     target = schema_to_pyarrow(table.schema(), include_field_ids=False)
-    key_columns = ck.arrow_key_columns(spec, target)
+    row_columns = ck.arrow_row_columns(spec, target)
     good_batches = []
     good, bad = ck.IntervalChecksum(0, 0), ck.IntervalChecksum(0, 0)
     conform = job_conform()
@@ -147,8 +147,8 @@ def peer(args: argparse.Namespace) -> dict[str, Any]:
         batch = conform(block, target)
         failed = quality.arrow_bad_mask(batch, rules)
         kept, dropped = batch.filter(pc.invert(failed)), batch.filter(failed)
-        good = _add(good, ck.arrow_checksum([kept], key_columns))
-        bad = _add(bad, ck.arrow_checksum([dropped], key_columns))
+        good = _add(good, ck.arrow_checksum([kept], row_columns))
+        bad = _add(bad, ck.arrow_checksum([dropped], row_columns))
         good_batches.append(kept)
     lap("read_and_checksum")
     read = quality.SplitChecksum(good, bad)
@@ -173,7 +173,7 @@ def peer(args: argparse.Namespace) -> dict[str, Any]:
     assert snapshot is not None
     stored = ck.arrow_checksum(
         table.scan(row_filter=interval, snapshot_id=snapshot.snapshot_id).to_arrow_batch_reader(),
-        key_columns,
+        row_columns,
     )
     if stored != expected.good:
         raise SystemExit(f"snapshot {snapshot.snapshot_id} holds {stored}; ClickHouse {expected.good}")

@@ -773,7 +773,7 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
             f"WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)}"
         ),
         schema_ipc=to_arrow_schema(struct).serialize().to_pybytes(),
-        key_cols=ck.spark_key_columns(spec, struct),
+        row_cols=ck.spark_row_columns(spec, struct),
         application_id=spark.sparkContext.applicationId,
         rules=rules,
         quarantine_target=ib.quarantine_spark_table_name(ice_settings, spec),
@@ -871,7 +871,7 @@ class _Job(NamedTuple):
     slices: int
     select_sql: str
     schema_ipc: bytes
-    key_cols: list[Any]
+    row_cols: list[Any]
     application_id: str
     rules: Any  # k2.quality.Rules
     quarantine_target: str
@@ -1252,7 +1252,7 @@ def stored_checksums(job: _Job, snapshot_id: int, start: datetime, end: datetime
     return {
         int(row["k2_interval"]): ck.spark_checksum_of(row)
         for row in job.spark.sql(
-            f"SELECT {bucket} AS k2_interval, {', '.join(ck.spark_checksum_sql(job.key_cols))} "
+            f"SELECT {bucket} AS k2_interval, {', '.join(ck.spark_checksum_sql(job.row_cols))} "
             f"FROM {job.target} VERSION AS OF {snapshot_id} "
             f"WHERE {interval_predicate(None, job.spec.event_time_column, start, end)} GROUP BY 1"
         ).collect()
@@ -1269,7 +1269,7 @@ def _file_checksums(job: _Job, snapshot_id: int, start: datetime, end: datetime,
     table = _iceberg_table(job.spark, job.target)
     schema = table.schema()
     time_column = job.spec.event_time_column
-    names = list(dict.fromkeys([time_column, *(name for name, _ in job.key_cols)]))
+    names = list(dict.fromkeys([time_column, *(name for name, _ in job.row_cols)]))
     field_ids = {int(schema.findField(name).fieldId()): name for name in names}
     tasks = table.newScan().useSnapshot(snapshot_id) \
         .filter(_range_expression(jvm, time_column, start, end)).planFiles()
@@ -1287,13 +1287,13 @@ def _file_checksums(job: _Job, snapshot_id: int, start: datetime, end: datetime,
     bounds_us = (ck.to_epoch_ms(start) * 1000, ck.to_epoch_ms(end) * 1000, step // timedelta(microseconds=1))
 
     def one(path: str) -> dict[int, Any] | None:
-        return _file_checksum(path, field_ids, time_column, job.key_cols, *bounds_us)
+        return _file_checksum(path, field_ids, time_column, job.row_cols, *bounds_us)
 
     with ThreadPoolExecutor(max_workers=max(1, min(job.slices, len(paths))),
                             thread_name_prefix="k2-audit") as pool:
         per_file = list(pool.map(one, paths))
     if any(figures is None for figures in per_file):
-        log.info("the audit reads %s with Spark: a data file lacks a key column", job.target)
+        log.info("the audit reads %s with Spark: a data file lacks one of its columns", job.target)
         return None
     total: dict[int, Any] = {}
     for figures in per_file:
@@ -1318,7 +1318,7 @@ def open_data_file(location: str) -> Any:
     return fs.open_input_file(f"{authority}/{key}")
 
 
-def _file_checksum(location: str, field_ids: dict[int, str], time_column: str, key_cols: list[Any],
+def _file_checksum(location: str, field_ids: dict[int, str], time_column: str, row_cols: list[Any],
                    start_us: int, end_us: int, step_us: int) -> dict[int, Any] | None:
     """{k: IntervalChecksum} of one Parquet data file's rows in [start_us, end_us) (k: the
     step of the row's event time), streamed by row group; None when the file has no
@@ -1347,7 +1347,7 @@ def _file_checksum(location: str, field_ids: dict[int, str], time_column: str, k
             steps = pc.divide(pc.subtract(micros, start_us), step_us)  # >= 0: integer division
             for k in pc.unique(steps).to_pylist():
                 found.setdefault(k, []).append(batch.filter(pc.equal(steps, k)))
-    return {k: ck.arrow_checksum(batches, key_cols) for k, batches in found.items()}
+    return {k: ck.arrow_checksum(batches, row_cols) for k, batches in found.items()}
 
 
 def _range_expression(jvm: Any, column: str, start: datetime, end: datetime) -> Any:
@@ -1621,7 +1621,7 @@ def _quarantine(job: _Job, source: Any, start: datetime, end: datetime, expected
     def audit(snapshot_id: int, written: None) -> None:
         stored = ck.spark_checksum(
             spark.sql(f"SELECT * FROM {target} VERSION AS OF {snapshot_id} t WHERE {at_start}"),
-            job.key_cols)
+            job.row_cols)
         if stored != expected:
             raise AuditError(target, snapshot_id, start, end,
                              [f"the snapshot holds {stored}, ClickHouse {expected} bad rows"])

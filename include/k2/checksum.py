@@ -1,13 +1,20 @@
 """The one definition of an interval's order-independent row checksum.
 
-Per row, the unique-key columns are rendered to a canonical key string
+A row's checksum covers the whole offloaded row, keys and values: the columns are the
+table's unique key in key order, then every other column of the source in name order
+(the same order in every engine, whatever order each lists them in). Per row they are
+rendered to a canonical string
 
-    key = render(c1) + '\\x1f' + render(c2) + ...
+    row = render(c1) + '\\x1f' + render(c2) + ...
 
-with strings as they are, integers in decimal, timestamps as epoch milliseconds
-(floor) and NULL as the two characters ``\\N``. The row hash is the first 8 bytes
-of MD5(key, UTF-8) read as a big-endian unsigned 64-bit integer. An interval's
-checksum is the sum of its row hashes modulo 2**64, together with its row count.
+with strings as they are, integers in decimal, decimals in plain notation with all the
+digits of their scale ('-1.500000'), booleans as 'true'/'false', dates as 'YYYY-MM-DD',
+timestamps as epoch milliseconds (floor) and NULL as the two characters ``\\N``.
+Floating-point columns are left out (no canonical text form across engines; the row-level
+detail of `k2 verify` still compares them). The row hash is the first 8 bytes of
+MD5(row, UTF-8) read as a big-endian unsigned 64-bit integer. An interval's checksum is
+the sum of its row hashes modulo 2**64, together with its row count: a row missing, a row
+twice, or one value changed each change it.
 
 Three implementations of the same thing, kept side by side so they cannot drift:
 
@@ -17,18 +24,19 @@ Three implementations of the same thing, kept side by side so they cannot drift:
 
 tests/unit/test_checksum.py checks that all three agree.
 
-Only key columns of three kinds are supported (string, integer, timestamp): the
-kinds the table specs use, and the ones with one obvious canonical text form.
-Identifiers always come from a validated TableSpec and are checked again here.
+CHECKSUM_VERSION numbers this definition; the ledger records which one each interval's
+checksum was made with (version 1 covered the unique key only), so a comparison never
+mixes the two. Identifiers always come from a validated TableSpec and are checked again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from decimal import Decimal
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -43,17 +51,22 @@ if TYPE_CHECKING:  # heavy imports stay lazy so DAG parsing and the CLI start fa
 KEY_SEPARATOR = "\x1f"
 NULL_TOKEN = "\\N"
 MODULUS = 1 << 64
+CHECKSUM_VERSION = 2  # 1: unique key only; 2: every column (keys and values)
 
 
+class Kind(str, Enum):
+    """How a column is rendered into the row's canonical string."""
 
-class KeyKind(str, Enum):
     STRING = "string"
     INTEGER = "integer"
     TIMESTAMP = "timestamp"
+    DECIMAL = "decimal"
+    BOOLEAN = "boolean"
+    DATE = "date"
 
 
 class ChecksumError(ValueError):
-    """A key column whose type has no canonical form here."""
+    """A column whose type has no canonical form here."""
 
 
 @dataclass(frozen=True)
@@ -76,14 +89,25 @@ def _ident(name: str) -> str:
     return identifier(name, error=ChecksumError)
 
 
-def key_columns(spec: TableSpec, kinds: Mapping[str, KeyKind]) -> list[tuple[str, KeyKind]]:
-    """The spec's unique key with each column's kind, in key order."""
+def row_columns(spec: TableSpec, kinds: Mapping[str, Kind | None]) -> list[tuple[str, Kind]]:
+    """The columns a row's checksum covers, with their kinds, in checksum order: the
+    spec's unique key in key order, then the other columns of `kinds` by name. A column
+    whose kind is None (floating point) is left out; a key column cannot be."""
     missing = [c for c in spec.unique_key if c not in kinds]
     if missing:
         raise ChecksumError(
             f"table {spec.name!r}: unique_key column(s) {missing} not found in {spec.source}"
         )
-    return [(_ident(c), kinds[c]) for c in spec.unique_key]
+    for c in spec.unique_key:
+        if kinds[c] is None:
+            raise ChecksumError(f"table {spec.name!r}: key column {c!r} is floating point; "
+                                "checksums support String, integer, Decimal, Bool, Date and DateTime keys")
+    values = sorted(c for c, kind in kinds.items() if kind is not None and c not in spec.unique_key)
+    return [(_ident(c), kinds[c]) for c in [*spec.unique_key, *values]]  # type: ignore[misc]
+
+
+def _kinds(names: Iterable[str], kind_of: Callable[[str], Kind | None]) -> dict[str, Kind | None]:
+    return {name: kind_of(name) for name in names}
 
 
 # --------------------------------------------------------------------------------------
@@ -99,47 +123,79 @@ def clickhouse_base_type(ch_type: str) -> tuple[str, bool]:
     return t, nullable
 
 
-def kind_from_clickhouse(column: str, ch_type: str) -> KeyKind:
+def clickhouse_decimal_scale(ch_type: str) -> int | None:
+    """The scale of a ClickHouse Decimal type, None for another type."""
     base, _ = clickhouse_base_type(ch_type)
-    if base == "String":
-        return KeyKind.STRING
+    if m := re.fullmatch(r"Decimal\(\s*\d+\s*,\s*(\d+)\s*\)", base):
+        return int(m.group(1))
+    if m := re.fullmatch(r"Decimal(?:32|64|128|256)\(\s*(\d+)\s*\)", base):
+        return int(m.group(1))
+    return None
+
+
+def kind_from_clickhouse(column: str, ch_type: str) -> Kind | None:
+    base, _ = clickhouse_base_type(ch_type)
+    if base in ("String", "UUID") or base.startswith("FixedString(") or base.startswith("Enum"):
+        return Kind.STRING
     if re.fullmatch(r"U?Int(8|16|32|64)", base):
-        return KeyKind.INTEGER
+        return Kind.INTEGER
+    if (scale := clickhouse_decimal_scale(base)) is not None:
+        return Kind.DECIMAL if scale else Kind.INTEGER
+    if base == "Bool":
+        return Kind.BOOLEAN
+    if base in ("Date", "Date32"):
+        return Kind.DATE
     if base.startswith("DateTime64(") or base == "DateTime" or base.startswith("DateTime("):
-        return KeyKind.TIMESTAMP
+        return Kind.TIMESTAMP
+    if base in ("Float32", "Float64"):
+        return None
     raise ChecksumError(
-        f"key column {column!r} has ClickHouse type {ch_type}; checksums support String, "
-        "(U)Int8-64, DateTime and DateTime64 key columns"
+        f"column {column!r} has ClickHouse type {ch_type}; checksums support String, (U)Int8-64, "
+        "Decimal, Bool, Date, DateTime and DateTime64 columns (Float columns are left out)"
     )
 
 
-def kind_from_arrow(column: str, arrow_type: pa.DataType) -> KeyKind:
+def kind_from_arrow(column: str, arrow_type: pa.DataType) -> Kind | None:
     import pyarrow as pa
 
     t = arrow_type
     if pa.types.is_dictionary(t):
         t = t.value_type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return KeyKind.STRING
-    if pa.types.is_integer(t) or (pa.types.is_decimal(t) and t.scale == 0):
-        return KeyKind.INTEGER
+        return Kind.STRING
+    if pa.types.is_integer(t):
+        return Kind.INTEGER
+    if pa.types.is_decimal(t):
+        return Kind.DECIMAL if t.scale else Kind.INTEGER
+    if pa.types.is_boolean(t):
+        return Kind.BOOLEAN
+    if pa.types.is_date(t):
+        return Kind.DATE
     if pa.types.is_timestamp(t):
-        return KeyKind.TIMESTAMP
-    raise ChecksumError(f"key column {column!r} has Arrow type {arrow_type}; no canonical form")
+        return Kind.TIMESTAMP
+    if pa.types.is_floating(t):
+        return None
+    raise ChecksumError(f"column {column!r} has Arrow type {arrow_type}; no canonical form")
 
 
-def kind_from_spark(column: str, spark_type: Any) -> KeyKind:
+def kind_from_spark(column: str, spark_type: Any) -> Kind | None:
     from pyspark.sql import types as T
 
     if isinstance(spark_type, T.StringType):
-        return KeyKind.STRING
+        return Kind.STRING
     if isinstance(spark_type, (T.ByteType, T.ShortType, T.IntegerType, T.LongType)):
-        return KeyKind.INTEGER
-    if isinstance(spark_type, T.DecimalType) and spark_type.scale == 0:
-        return KeyKind.INTEGER
+        return Kind.INTEGER
+    if isinstance(spark_type, T.DecimalType):
+        return Kind.DECIMAL if spark_type.scale else Kind.INTEGER
+    if isinstance(spark_type, T.BooleanType):
+        return Kind.BOOLEAN
+    if isinstance(spark_type, T.DateType):
+        return Kind.DATE
     if isinstance(spark_type, (T.TimestampType, T.TimestampNTZType)):
-        return KeyKind.TIMESTAMP
-    raise ChecksumError(f"key column {column!r} has Spark type {spark_type}; no canonical form")
+        return Kind.TIMESTAMP
+    if isinstance(spark_type, (T.FloatType, T.DoubleType)):
+        return None
+    raise ChecksumError(f"column {column!r} has Spark type {spark_type}; no canonical form")
 
 
 # --------------------------------------------------------------------------------------
@@ -150,9 +206,9 @@ def _clickhouse_render(column: str, ch_type: str) -> str:
     kind = kind_from_clickhouse(column, ch_type)
     base, nullable = clickhouse_base_type(ch_type)
     col = f"`{_ident(column)}`"
-    if kind is KeyKind.STRING:
-        expr = f"toString({col})"
-    elif kind is KeyKind.INTEGER:
+    if kind is Kind.DECIMAL:
+        expr = f"toDecimalString({col}, {clickhouse_decimal_scale(base)})"
+    elif kind is not Kind.TIMESTAMP:  # strings, integers, 'true'/'false', 'YYYY-MM-DD'
         expr = f"toString({col})"
     elif base.startswith("DateTime64"):
         expr = f"toString(toUnixTimestamp64Milli({col}))"
@@ -163,10 +219,18 @@ def _clickhouse_render(column: str, ch_type: str) -> str:
     return expr
 
 
+def clickhouse_row_columns(spec: TableSpec, column_types: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The (column, ClickHouse type) pairs a row's checksum covers, in checksum order, of a
+    source whose columns are `column_types` (DESCRIBE: name -> type)."""
+    kinds = _kinds(column_types, lambda c: kind_from_clickhouse(c, column_types[c]))
+    return [(c, column_types[c]) for c, _ in row_columns(spec, kinds)]
+
+
 def clickhouse_row_hash_sql(columns: Sequence[tuple[str, str]]) -> str:
-    """UInt64 row-hash expression over (column, ClickHouse type) pairs, in key order."""
+    """UInt64 row-hash expression over (column, ClickHouse type) pairs, in checksum order
+    (clickhouse_row_columns)."""
     if not columns:
-        raise ChecksumError("a checksum needs at least one key column")
+        raise ChecksumError("a checksum needs at least one column")
     parts = [_clickhouse_render(name, ch_type) for name, ch_type in columns]
     key = parts[0] if len(parts) == 1 else "concat(" + ", '\\x1F', ".join(parts) + ")"
     return f"reinterpretAsUInt64(reverse(substring(MD5({key}), 1, 8)))"
@@ -199,11 +263,12 @@ def interval_parameters(start: datetime, end: datetime) -> dict[str, int]:
 def clickhouse_interval_checksum_sql(spec: TableSpec, column_types: Mapping[str, str]) -> str:
     """`SELECT rows, checksum` of spec.source over one interval (parameters: interval_parameters).
 
-    column_types maps column name -> ClickHouse type (DESCRIBE of spec.source).
+    column_types maps column name -> ClickHouse type (DESCRIBE of spec.source): the
+    checksum covers all of them.
     """
-    keys = [(c, column_types[c]) for c, _ in key_columns(spec, _ch_kinds(spec, column_types))]
+    row_hash = clickhouse_row_hash_sql(clickhouse_row_columns(spec, column_types))
     return (
-        f"SELECT count() AS rows, sumWithOverflow({clickhouse_row_hash_sql(keys)}) AS checksum "
+        f"SELECT count() AS rows, sumWithOverflow({row_hash}) AS checksum "
         f"FROM `{_ident(spec.source)}` "
         f"WHERE {clickhouse_interval_filter_sql(spec.event_time_column)}"
     )
@@ -220,37 +285,33 @@ def clickhouse_interval_checksum(client: Any, spec: TableSpec, column_types: Map
     return IntervalChecksum(rows=int(rows), checksum=int(checksum or 0))
 
 
-def _ch_kinds(spec: TableSpec, column_types: Mapping[str, str]) -> dict[str, KeyKind]:
-    return {c: kind_from_clickhouse(c, column_types[c]) for c in spec.unique_key if c in column_types}
-
-
 # --------------------------------------------------------------------------------------
 # Spark
 
 
-def _spark_md5_sql(columns: Sequence[tuple[str, KeyKind]], alias: str | None) -> str:
-    """Spark SQL: the hex MD5 of the row's canonical key string."""
+def _spark_md5_sql(columns: Sequence[tuple[str, Kind]], alias: str | None) -> str:
+    """Spark SQL: the hex MD5 of the row's canonical string."""
     if not columns:
-        raise ChecksumError("a checksum needs at least one key column")
+        raise ChecksumError("a checksum needs at least one column")
     prefix = f"`{_ident(alias)}`." if alias else ""
     parts = []
     for name, kind in columns:
         col = f"{prefix}`{_ident(name)}`"
-        if kind is KeyKind.TIMESTAMP:
+        if kind is Kind.TIMESTAMP:
             expr = f"CAST(unix_millis({col}) AS STRING)"
-        else:
+        else:  # decimals: plain notation with the scale's digits, as Spark casts them
             expr = f"CAST({col} AS STRING)"
         parts.append(f"coalesce({expr}, '\\\\N')")
     key = parts[0] if len(parts) == 1 else "concat(" + ", '\\u001F', ".join(parts) + ")"
     return f"md5({key})"
 
 
-def spark_row_hash_sql(columns: Sequence[tuple[str, KeyKind]], alias: str | None = None) -> str:
+def spark_row_hash_sql(columns: Sequence[tuple[str, Kind]], alias: str | None = None) -> str:
     """Spark SQL expression of the row hash as DECIMAL(20,0) (unsigned 64-bit value)."""
     return f"CAST(conv(substr({_spark_md5_sql(columns, alias)}, 1, 16), 16, 10) AS DECIMAL(20,0))"
 
 
-def spark_row_hash_halves_sql(columns: Sequence[tuple[str, KeyKind]],
+def spark_row_hash_halves_sql(columns: Sequence[tuple[str, Kind]],
                               alias: str | None = None) -> tuple[str, str]:
     """The row hash as two BIGINT expressions, its high and its low 32 bits.
 
@@ -267,7 +328,7 @@ def combine_halves(high_sum: int | None, low_sum: int | None) -> int:
     return (((high_sum or 0) << 32) + (low_sum or 0)) % MODULUS
 
 
-def spark_checksum_sql(columns: Sequence[tuple[str, KeyKind]], condition: str | None = None,
+def spark_checksum_sql(columns: Sequence[tuple[str, Kind]], condition: str | None = None,
                        prefix: str = "") -> list[str]:
     """Aggregate expressions `<prefix>rows`, `<prefix>high`, `<prefix>low` of the rows
     matching `condition` (Spark SQL, None: all rows); see spark_checksum_of."""
@@ -285,20 +346,23 @@ def spark_checksum_of(row: Any, prefix: str = "") -> IntervalChecksum:
                             checksum=combine_halves(row[f"{prefix}high"], row[f"{prefix}low"]))
 
 
-def spark_row_hash(columns: Sequence[tuple[str, KeyKind]]) -> Column:
+def spark_row_hash(columns: Sequence[tuple[str, Kind]]) -> Column:
     from pyspark.sql import functions as F
 
     return F.expr(spark_row_hash_sql(columns))
 
 
-def spark_checksum(df: DataFrame, columns: Sequence[tuple[str, KeyKind]]) -> IntervalChecksum:
+def spark_checksum(df: DataFrame, columns: Sequence[tuple[str, Kind]]) -> IntervalChecksum:
     """Count and checksum of a DataFrame (one Spark job; the sums are exact, the mod is here)."""
     return spark_checksum_of(df.selectExpr(*spark_checksum_sql(columns)).first())
 
 
-def spark_key_columns(spec: TableSpec, schema: Any) -> list[tuple[str, KeyKind]]:
+def spark_row_columns(spec: TableSpec, schema: Any, names: Iterable[str] | None = None
+                      ) -> list[tuple[str, Kind]]:
+    """The checksum's columns of a Spark schema: `names` (default: all of its fields)."""
     fields = {f.name: f.dataType for f in schema.fields}
-    return key_columns(spec, {c: kind_from_spark(c, fields[c]) for c in spec.unique_key if c in fields})
+    return row_columns(spec, _kinds(fields if names is None else [n for n in names if n in fields],
+                                    lambda c: kind_from_spark(c, fields[c])))
 
 
 # --------------------------------------------------------------------------------------
@@ -316,8 +380,10 @@ def row_hash(key: str) -> int:
     return int.from_bytes(hashlib.md5(key.encode("utf-8")).digest()[:8], "big")
 
 
-def canonical_key(values: Sequence[Any]) -> str:
-    """The canonical key string of Python values (str, int, tz-aware datetime, None)."""
+def canonical_row(values: Sequence[Any]) -> str:
+    """The canonical string of Python values in checksum order (str, int, bool, date,
+    tz-aware datetime, None, and Decimal carrying its column's scale as its exponent, as
+    Arrow's to_pylist returns them)."""
     out = []
     for v in values:
         if v is None:
@@ -325,24 +391,30 @@ def canonical_key(values: Sequence[Any]) -> str:
         elif isinstance(v, datetime):
             out.append(str(to_epoch_ms(v)))
         elif isinstance(v, bool):
-            raise ChecksumError("boolean key values have no canonical form")
-        elif isinstance(v, int):
+            out.append("true" if v else "false")
+        elif isinstance(v, (int, str)):
             out.append(str(v))
-        elif isinstance(v, str):
-            out.append(v)
-        else:  # Decimal with scale 0 (UInt64 stored as decimal(20,0))
-            out.append(str(int(v)))
+        elif isinstance(v, Decimal):
+            out.append(_plain_decimal(v, max(0, -int(v.as_tuple().exponent))))
+        else:  # a date
+            out.append(v.isoformat())
     return KEY_SEPARATOR.join(out)
 
 
-def arrow_key_columns(spec: TableSpec, schema: pa.Schema) -> list[tuple[str, KeyKind]]:
-    names = set(schema.names)
-    return key_columns(
-        spec, {c: kind_from_arrow(c, schema.field(c).type) for c in spec.unique_key if c in names}
-    )
+def _plain_decimal(value: Decimal, scale: int) -> str:
+    return f"{value:.{scale}f}" if scale else str(int(value))
 
 
-def _arrow_render(array: pa.Array | pa.ChunkedArray, kind: KeyKind) -> pa.Array:
+def arrow_row_columns(spec: TableSpec, schema: pa.Schema, names: Iterable[str] | None = None
+                      ) -> list[tuple[str, Kind]]:
+    """The checksum's columns of an Arrow schema: `names` (default: all of its fields; a
+    table read from Iceberg may hold columns the source no longer has)."""
+    present = set(schema.names)
+    chosen = schema.names if names is None else [n for n in names if n in present]
+    return row_columns(spec, _kinds(chosen, lambda c: kind_from_arrow(c, schema.field(c).type)))
+
+
+def _arrow_render(array: pa.Array | pa.ChunkedArray, kind: Kind) -> pa.Array:
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -350,7 +422,7 @@ def _arrow_render(array: pa.Array | pa.ChunkedArray, kind: KeyKind) -> pa.Array:
         array = array.combine_chunks()
     if pa.types.is_dictionary(array.type):
         array = array.dictionary_decode()
-    if kind is KeyKind.TIMESTAMP:
+    if kind is Kind.TIMESTAMP:
         raw = pc.cast(array, pa.int64())
         per_ms = {"s": None, "ms": 1, "us": 1000, "ns": 1_000_000}[array.type.unit]
         if per_ms is None:
@@ -360,9 +432,29 @@ def _arrow_render(array: pa.Array | pa.ChunkedArray, kind: KeyKind) -> pa.Array:
         else:  # floor division, as ClickHouse and Spark do, also before 1970
             ms = _floor_div(raw, per_ms)
         rendered = pc.cast(ms, pa.string())
+    elif kind is Kind.DECIMAL:
+        rendered = _arrow_plain_decimals(array)
     else:
         rendered = pc.cast(array, pa.string())
     return pc.fill_null(rendered, NULL_TOKEN)
+
+
+def _arrow_plain_decimals(array: pa.Array) -> pa.Array:
+    """Decimals as plain strings with all the scale's digits ('0.000100'). Arrow's cast
+    writes exponents for values under 1e-6 and for zero ('0E-18'); those rows alone are
+    rendered again in Python."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rendered = pc.cast(array, pa.string())
+    exponent = pc.fill_null(pc.match_substring(rendered, "E"), False)
+    if not pc.any(exponent).as_py():
+        return rendered
+    scale = array.type.scale
+    texts = rendered.to_pylist()
+    for i in pc.indices_nonzero(exponent).to_pylist():
+        texts[i] = _plain_decimal(Decimal(texts[i]), scale)
+    return pa.array(texts, pa.string())
 
 
 def _floor_div(values: pa.Array, divisor: int) -> pa.Array:
@@ -373,9 +465,9 @@ def _floor_div(values: pa.Array, divisor: int) -> pa.Array:
     return pc.if_else(pc.less(remainder, 0), pc.subtract(quotient, 1), quotient)
 
 
-def arrow_canonical_keys(batch: pa.RecordBatch | pa.Table,
-                         columns: Sequence[tuple[str, KeyKind]]) -> pa.Array:
-    """A string array with each row's canonical key."""
+def arrow_canonical_rows(batch: pa.RecordBatch | pa.Table,
+                         columns: Sequence[tuple[str, Kind]]) -> pa.Array:
+    """A string array with each row's canonical string over `columns`."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -388,16 +480,16 @@ def arrow_canonical_keys(batch: pa.RecordBatch | pa.Table,
 
 
 def arrow_row_hashes(batch: pa.RecordBatch | pa.Table,
-                     columns: Sequence[tuple[str, KeyKind]]) -> list[int]:
+                     columns: Sequence[tuple[str, Kind]]) -> list[int]:
     md5 = hashlib.md5
     return [
         int.from_bytes(md5(key.encode("utf-8")).digest()[:8], "big")
-        for key in arrow_canonical_keys(batch, columns).to_pylist()
+        for key in arrow_canonical_rows(batch, columns).to_pylist()
     ]
 
 
 def arrow_checksum(batches: Iterable[pa.RecordBatch | pa.Table],
-                   columns: Sequence[tuple[str, KeyKind]]) -> IntervalChecksum:
+                   columns: Sequence[tuple[str, Kind]]) -> IntervalChecksum:
     rows = 0
     total = 0
     for batch in batches:

@@ -266,10 +266,11 @@ def verify(
         if not as_json:
             typer.echo(report.format())
             for item in late:
-                typer.echo(
-                    f"  late rows: {item['rows']} in [{item['start']}, {item['end']}) arrived after the "
-                    f"offload ({item['ledger_rows']} offloaded); re-offload with: {item['command']}"
-                )
+                what = (f"late rows: {item['rows']} in [{item['start']}, {item['end']}) arrived after the "
+                        f"offload ({item['ledger_rows']} offloaded)" if item["rows"] else
+                        f"changed rows: [{item['start']}, {item['end']}) changed in ClickHouse after the "
+                        f"offload ({item['ledger_rows']} rows, other values)")
+                typer.echo(f"  {what}; re-offload with: {item['command']}")
     if as_json:
         typer.echo(json.dumps(reports, indent=2, default=str))
     if not ok:
@@ -292,8 +293,11 @@ def _optional_store():
 
 
 def _late_intervals(spec, report, store) -> list[dict]:
-    """Intervals of a verify report where ClickHouse now holds more rows than the ledger says
-    were offloaded: rows that arrived after the offload, with the command that re-offloads."""
+    """Intervals of a verify report whose rows in ClickHouse changed after the offload: more
+    rows than the ledger says were offloaded (late rows, `rows` > 0), or as many with other
+    values while Iceberg still holds what was offloaded (`rows` 0); with the command that
+    re-offloads."""
+    from k2.checksum import CHECKSUM_VERSION, IntervalChecksum
     from k2.iceberg import iso_utc
     from k2.watermarks import reoffload_command
 
@@ -303,7 +307,12 @@ def _late_intervals(spec, report, store) -> list[dict]:
     late = []
     for result in report.failed:
         entry = ledger.get((result.start, result.end))
-        if entry is not None and result.clickhouse.rows > entry.rows:
+        if entry is None:
+            continue
+        offloaded = IntervalChecksum(entry.rows, entry.checksum)
+        changed = (entry.checksum_version == CHECKSUM_VERSION and result.clickhouse.rows == entry.rows
+                   and result.iceberg == offloaded != result.clickhouse)
+        if result.clickhouse.rows > entry.rows or changed:
             late.append({
                 "start": iso_utc(result.start),
                 "end": iso_utc(result.end),
@@ -347,7 +356,7 @@ def reoffload(
         run_spark_submit,
         spark_submit_command,
     )
-    from k2.verify import late_rows
+    from k2.verify import late_changes
     from k2.watermarks import WatermarkStore, offload_lock
 
     (spec,) = _tables(table)
@@ -406,9 +415,11 @@ def reoffload(
                                 result["snapshot_id"], run_id)
     client = clickhouse_connect.get_client(**ch_settings.client_kwargs())
     try:
-        still_late = late_rows(client, spec, {(start, end): result["rows"]}).get((start, end), 0)
+        change = late_changes(client, spec, [store.ledger_entry(spec.name, start)]).get((start, end))
     finally:
         client.close()
+    still_late = ("0" if change is None else f"{change.extra_rows}" if change.extra_rows
+                  else "0, but rows changed again since")
     was = f"{before.rows:,} rows before" if before else "not ledgered before"
     typer.echo(
         f"{spec.name} [{start.isoformat()}, {end.isoformat()}) re-offloaded: {result['rows']:,} rows "

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from k2 import quality
-from k2.checksum import clickhouse_base_type
+from k2.checksum import CHECKSUM_VERSION, clickhouse_base_type
 from k2.config import identifier
 from k2.intervals import parse_utc
 from k2.quality import INTERVAL_START_COLUMN, quarantine_table_name
@@ -73,6 +73,7 @@ PROP_ROWS = "k2.rows"
 PROP_CHECKSUM = "k2.checksum"
 PROP_ATTEMPT_ID = "k2.attempt-id"  # unique per job execution: finds *this* commit
 PROP_QUARANTINED_ROWS = "k2.quarantined-rows"  # rows of the interval in the quarantine table
+PROP_CHECKSUM_VERSION = "k2.checksum-version"  # k2.checksum.CHECKSUM_VERSION; absent: 1
 # A batch commit (several contiguous intervals of one length in one snapshot): the other
 # keys describe the whole range, this one each interval's figures (batch_snapshot_properties).
 PROP_INTERVALS = "k2.intervals"
@@ -510,6 +511,7 @@ def snapshot_properties(spec: TableSpec, start: datetime, end: datetime, *, run_
         PROP_CHECKSUM: str(checksum),
         PROP_ATTEMPT_ID: attempt_id,
         PROP_QUARANTINED_ROWS: str(quarantined_rows),
+        PROP_CHECKSUM_VERSION: str(CHECKSUM_VERSION),
     }
 
 
@@ -577,6 +579,7 @@ class OffloadSnapshot:
     added_files_size: int | None = None  # bytes of the data files the commit added
     total_data_files: int | None = None  # data files of the table after the commit
     quarantined_rows: int = 0  # rows of the interval set aside in the quarantine table
+    checksum_version: int = 1  # which definition `checksum` follows (k2.checksum)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -609,6 +612,7 @@ def offload_snapshot_from_summary(spec: TableSpec, snapshot_id: int, timestamp_m
     try:
         rows = int(summary.get(PROP_ROWS, ""))
         checksum = int(summary.get(PROP_CHECKSUM, ""))
+        checksum_version = int(summary.get(PROP_CHECKSUM_VERSION, "1"))
     except ValueError:
         return None
     return OffloadSnapshot(
@@ -625,6 +629,7 @@ def offload_snapshot_from_summary(spec: TableSpec, snapshot_id: int, timestamp_m
         added_files_size=summary_int(summary, "added-files-size"),
         total_data_files=summary_int(summary, "total-data-files"),
         quarantined_rows=summary_int(summary, PROP_QUARANTINED_ROWS) or 0,
+        checksum_version=checksum_version,
     )
 
 

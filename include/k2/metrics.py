@@ -175,6 +175,10 @@ LATE_ROWS = Metric(
     "k2.offload.late_rows.{table}", "k2_late_rows_total", "counter",
     "Rows that arrived in ClickHouse after their interval was offloaded.",
 )
+LATE_CHANGES = Metric(
+    "k2.offload.late_changes.{table}", "k2_late_changed_intervals_total", "counter",
+    "Offloaded intervals whose rows changed in ClickHouse afterwards (same count, other values).",
+)
 QUARANTINED_ROWS = Metric(
     "k2.offload.quarantined_rows.{table}", "k2_quarantined_rows_total", "counter",
     "Rows set aside instead of offloaded (invalid or unplaceable).",
@@ -213,6 +217,7 @@ METRICS: tuple[Metric, ...] = (
     LAST_SUCCESS,
     ERRORS,
     LATE_ROWS,
+    LATE_CHANGES,
     QUARANTINED_ROWS,
     CATCHUP_BACKLOG,
     ICEBERG_DATA_FILES,
@@ -266,13 +271,13 @@ def _seed_counters(table: str) -> None:
 
     A statsd_exporter counter appears at its first value; Prometheus' increase() cannot see
     that first step. A zero creates the series early so that the first real error, late
-    row or deadline miss counts.
+    row, changed interval or deadline miss counts.
     """
     if table in _seeded_tables:
         return
     _seeded_tables.add(table)
     stats = _stats()
-    for metric in (OFFLOAD_ROWS, OFFLOAD_BYTES, LATE_ROWS, QUARANTINED_ROWS, DEADLINE_MISSED):
+    for metric in (OFFLOAD_ROWS, OFFLOAD_BYTES, LATE_ROWS, LATE_CHANGES, QUARANTINED_ROWS, DEADLINE_MISSED):
         stats.incr(metric.stat(table=table), 0)
     for error_type in ERROR_TYPES:
         stats.incr(ERRORS.stat(table=table, error_type=error_type), 0)
@@ -359,6 +364,10 @@ def classify_error(exc: BaseException) -> str:
 
 def record_late_rows(table: str, rows: int) -> None:
     _incr(LATE_ROWS, _count(rows, "rows"), table=table)
+
+
+def record_late_changes(table: str, intervals: int) -> None:
+    _incr(LATE_CHANGES, _count(intervals, "intervals"), table=table)
 
 
 def record_quarantined_rows(table: str, rows: int) -> None:

@@ -239,9 +239,7 @@ class SplitChecksum:
 def clickhouse_split_sql(spec: TableSpec, rules: Rules, column_types: Mapping[str, str]) -> str:
     """`SELECT good rows, good checksum, quarantined rows, quarantined checksum` of one
     interval of spec.source (parameters: k2.checksum.interval_parameters)."""
-    keys = [(c, column_types[c]) for c, _ in ck.key_columns(
-        spec, {c: ck.kind_from_clickhouse(c, column_types[c]) for c in spec.unique_key if c in column_types})]
-    row_hash = ck.clickhouse_row_hash_sql(keys)
+    row_hash = ck.clickhouse_row_hash_sql(ck.clickhouse_row_columns(spec, column_types))
     bad = clickhouse_bad_sql(rules, column_types)
     return (
         f"SELECT countIf(NOT {bad}) AS good_rows, sumWithOverflowIf({row_hash}, NOT {bad}) AS good_checksum, "
@@ -284,7 +282,7 @@ def spark_reason_sql(rules: Rules, alias: str | None = None) -> str:
     return f"concat_ws('{REASON_SEPARATOR}', {parts})"
 
 
-def spark_split_checksum(df: Any, columns: Sequence[tuple[str, ck.KeyKind]], rules: Rules) -> SplitChecksum:
+def spark_split_checksum(df: Any, columns: Sequence[tuple[str, ck.Kind]], rules: Rules) -> SplitChecksum:
     """Good and quarantined figures of a DataFrame in one Spark job."""
     bad = spark_bad_sql(rules)  # never NULL
     row = df.selectExpr(*ck.spark_checksum_sql(columns, f"NOT {bad}", "good_"),

@@ -1,7 +1,7 @@
 """Reconciliation of the hot and cold tier: `k2 verify`.
 
 Per interval (15 minutes by default) of [start, end), ClickHouse's row count and
-order-independent key checksum (k2.checksum, computed inside ClickHouse in one
+order-independent row checksum (k2.checksum, computed inside ClickHouse in one
 GROUP BY query) are compared with the same figures over the Iceberg table (read with
 pyiceberg, filtered on the event-time column, streamed batch by batch). For the
 intervals that differ, the rows are compared key by key:
@@ -11,13 +11,15 @@ intervals that differ, the rows are compared key by key:
     duplicated   keys with more than one copy in Iceberg
     mismatched   keys in both whose other column values differ
 
-The checksum covers the unique key only (it is what "exactly one copy of each row"
-needs, and it is cheap); value differences are looked for in the row-level detail.
+The checksum covers every offloaded column, keys and values (k2.checksum), so a row
+missing, a row twice and a value changed after the offload (a gold candle that a later
+trade moved, a corrected trade) all show as a differing interval, which the row-level
+detail then names; `k2 reoffload` repairs it.
 Iceberg is read at one snapshot for the whole report.
 
 Bad rows (k2.quality): the ClickHouse side is split by the table's quality checks,
 rendered in ClickHouse SQL. The rows that pass are compared with the table as above;
-the rows that fail are compared (count and key checksum per interval) with the
+the rows that fail are compared (count and checksum per interval) with the
 table's quarantine table, which must hold exactly them. The row-level detail splits
 the ClickHouse rows with the same checks rendered in pyarrow.
 """
@@ -28,7 +30,7 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from k2 import checksum as ck
 from k2 import iceberg as ib
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
 
     from k2.config import TableSpec
+    from k2.watermarks import LedgerEntry
 
 DEFAULT_INTERVAL = INTERVAL
 
@@ -230,8 +233,8 @@ def verify_table(
 
     detail          row-level comparison of the intervals whose count or checksum differ
                     (at most `max_detail_intervals`; it reads them in full from both sides)
-    compare_values  row-level comparison of every interval, so that value differences
-                    under equal keys are found too (the checksum covers keys only)
+    compare_values  row-level comparison of every interval, also of those whose figures
+                    agree (the checksum covers every column but floating-point ones)
     restrict        compare only the rows whose column lies in a range, on both sides
     """
     from pyiceberg.exceptions import NoSuchTableError
@@ -259,12 +262,13 @@ def verify_table(
         notes.append(f"Iceberg table {spec.iceberg_table} has no snapshot yet")
     snapshot_id = snapshot.snapshot_id if snapshot is not None else None
     ice_sums = (
-        _iceberg_buckets(table, snapshot_id, spec, start, end, interval, len(buckets), restrict)
+        _iceberg_buckets(table, snapshot_id, spec, list(types), start, end, interval, len(buckets), restrict)
         if snapshot_id is not None
         else [ck.IntervalChecksum(0, 0)] * len(buckets)
     )
     commits = _offload_commits(table, spec) if snapshot_id is not None else {}
-    ice_bad = _quarantine_buckets(catalog, spec, rules, start, end, interval, len(buckets), notes, restrict)
+    ice_bad = _quarantine_buckets(catalog, spec, list(types), rules, start, end, interval, len(buckets),
+                                  notes, restrict)
 
     results = []
     for (b_start, b_end), ch_sum, ice_sum, ch_q, ice_q in zip(buckets, ch_sums, ice_sums, ch_bad, ice_bad):
@@ -303,10 +307,8 @@ def _clickhouse_buckets(client: Any, spec: TableSpec, types: dict[str, str], rul
                         restrict: ColumnRange | None = None,
                         ) -> tuple[list[ck.IntervalChecksum], list[ck.IntervalChecksum]]:
     """Per bucket: (rows passing the quality checks, rows failing them)."""
-    keys = [(c, types[c]) for c, _ in ck.key_columns(
-        spec, {c: ck.kind_from_clickhouse(c, types[c]) for c in spec.unique_key if c in types})]
     ms = ck.clickhouse_time_ms_sql(spec.event_time_column, types[spec.event_time_column])
-    row_hash = ck.clickhouse_row_hash_sql(keys)
+    row_hash = ck.clickhouse_row_hash_sql(ck.clickhouse_row_columns(spec, types))
     bad = quality.clickhouse_bad_sql(rules, types)
     extra, extra_params = _restrict_sql(restrict, types)
     sql = (
@@ -326,8 +328,8 @@ def _clickhouse_buckets(client: Any, spec: TableSpec, types: dict[str, str], rul
     return good, failed
 
 
-def _quarantine_buckets(catalog: Catalog, spec: TableSpec, rules: quality.Rules, start: datetime,
-                        end: datetime, interval: timedelta, n: int, notes: list[str],
+def _quarantine_buckets(catalog: Catalog, spec: TableSpec, names: list[str], rules: quality.Rules,
+                        start: datetime, end: datetime, interval: timedelta, n: int, notes: list[str],
                         restrict: ColumnRange | None = None) -> list[ck.IntervalChecksum]:
     """Per bucket (of the rows' event time), what the quarantine table holds."""
     from pyiceberg.exceptions import NoSuchTableError
@@ -342,7 +344,7 @@ def _quarantine_buckets(catalog: Catalog, spec: TableSpec, rules: quality.Rules,
     snapshot = table.current_snapshot()
     if snapshot is None:
         return zeros
-    return _iceberg_buckets(table, snapshot.snapshot_id, spec, start, end, interval, n, restrict)
+    return _iceberg_buckets(table, snapshot.snapshot_id, spec, names, start, end, interval, n, restrict)
 
 
 def _iceberg_filter(spec: TableSpec, start: datetime, end: datetime,
@@ -366,14 +368,17 @@ def _batches(table: Any, snapshot_id: int, spec: TableSpec, start: datetime, end
         yield from scan.to_arrow().to_batches()
 
 
-def _iceberg_buckets(table: Any, snapshot_id: int, spec: TableSpec, start: datetime, end: datetime,
-                     interval: timedelta, n: int, restrict: ColumnRange | None = None
+def _iceberg_buckets(table: Any, snapshot_id: int, spec: TableSpec, names: list[str], start: datetime,
+                     end: datetime, interval: timedelta, n: int, restrict: ColumnRange | None = None
                      ) -> list[ck.IntervalChecksum]:
+    """Per bucket, the figures of the table's rows over the source's columns `names` (those
+    the Iceberg table lacks count as NULL's absence: the figures then differ)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    fields = tuple(dict.fromkeys([*spec.unique_key, spec.event_time_column,
+    present = {field.name for field in table.schema().fields}
+    fields = tuple(dict.fromkeys([*(c for c in names if c in present), spec.event_time_column,
                                   *([restrict.column] if restrict is not None else [])]))
     counts = np.zeros(n, dtype=np.int64)
     sums = np.zeros(n, dtype=np.uint64)  # numpy uint64 addition wraps: sum mod 2**64
@@ -383,7 +388,7 @@ def _iceberg_buckets(table: Any, snapshot_id: int, spec: TableSpec, start: datet
     for batch in _batches(table, snapshot_id, spec, start, end, fields, restrict):
         if batch.num_rows == 0:
             continue
-        keys = keys or ck.arrow_key_columns(spec, batch.schema)
+        keys = keys or ck.arrow_row_columns(spec, batch.schema, names)
         event = batch.column(spec.event_time_column)
         micros = pc.cast(pc.cast(event, pa.timestamp("us", tz="UTC")), pa.int64()).to_numpy(zero_copy_only=False)
         bucket = (micros - start_us) // step_us
@@ -449,20 +454,20 @@ def _row_detail(result: IntervalResult, spec: TableSpec, ch_client: Any, columns
     )
     if rules and ch_rows.num_rows:  # the table holds the rows that pass the checks
         ch_rows = ch_rows.filter(pc.invert(quality.arrow_bad_mask(ch_rows, rules)))
-    ch_keys = ck.arrow_key_columns(spec, ch_rows.schema)
+    ch_keys = ck.arrow_row_columns(spec, ch_rows.schema, spec.unique_key)
     ice_batches = (list(_batches(table, snapshot_id, spec, result.start, result.end, restrict=restrict))
                    if snapshot_id else [])
     ice_names = set(ice_batches[0].schema.names) if ice_batches else set()
     compared = [c.name for c in columns if c.name in ice_names and c.name not in spec.unique_key]
 
-    ch_values = dict(zip(ck.arrow_canonical_keys(ch_rows, ch_keys).to_pylist(),
+    ch_values = dict(zip(ck.arrow_canonical_rows(ch_rows, ch_keys).to_pylist(),
                          _value_strings(ch_rows, compared)))
     ice_count: Counter[str] = Counter()
     ice_values: dict[str, str] = {}
     for batch in ice_batches:
         if batch.num_rows == 0:
             continue
-        keys = ck.arrow_canonical_keys(batch, ck.arrow_key_columns(spec, batch.schema)).to_pylist()
+        keys = ck.arrow_canonical_rows(batch, ck.arrow_row_columns(spec, batch.schema, spec.unique_key)).to_pylist()
         for key, value in zip(keys, _value_strings(batch, compared)):
             ice_count[key] += 1
             ice_values.setdefault(key, value)
@@ -483,21 +488,66 @@ def _row_detail(result: IntervalResult, spec: TableSpec, ch_client: Any, columns
 
 
 # --------------------------------------------------------------------------------------
-# Late rows: rows that reached ClickHouse after their interval was offloaded
+# Late rows and late changes: what reached ClickHouse after its interval was offloaded
+
+
+@dataclass(frozen=True)
+class LateChange:
+    """An offloaded interval whose rows in ClickHouse are no longer what the ledger says was
+    offloaded: rows arrived after the offload (`extra_rows`), or rows changed (a gold candle a
+    late trade moved, a corrected trade: same count, another checksum)."""
+
+    offloaded: ck.IntervalChecksum  # from the ledger
+    now: ck.IntervalChecksum  # ClickHouse's rows passing the quality checks, now
+
+    @property
+    def extra_rows(self) -> int:
+        return max(0, self.now.rows - self.offloaded.rows)
+
+    @property
+    def values_changed(self) -> bool:
+        return self.extra_rows == 0
 
 
 def late_rows_sql(spec: TableSpec, column_types: Mapping[str, str]) -> str:
-    """Count of the rows that pass the quality checks (what the ledger records) per
-    offloaded interval in one GROUP BY (parameters: see late_rows)."""
+    """Count and checksum of the rows that pass the quality checks (what the ledger records)
+    per offloaded interval in one GROUP BY (parameters: see _figures_now)."""
     ms = ck.clickhouse_time_ms_sql(spec.event_time_column, column_types[spec.event_time_column])
     bucket = f"intDiv({ms} - {{k2_start_ms:Int64}}, {{k2_step_ms:Int64}})"
     good = quality.clickhouse_good_sql(quality.rules(spec, column_types), column_types)
+    row_hash = ck.clickhouse_row_hash_sql(ck.clickhouse_row_columns(spec, column_types))
     return (
-        f"SELECT {bucket} AS bucket, count() AS rows FROM `{spec.source}` "
+        f"SELECT {bucket} AS bucket, count() AS rows, sumWithOverflow({row_hash}) AS checksum "
+        f"FROM `{spec.source}` "
         f"WHERE {ck.clickhouse_interval_filter_sql(spec.event_time_column)} "
         f"AND {good} AND {bucket} IN {{k2_buckets:Array(Int64)}} "
         f"GROUP BY bucket ORDER BY bucket"
     )
+
+
+def _figures_now(ch_client: Any, spec: TableSpec, intervals: Iterable[tuple[datetime, datetime]]
+                 ) -> dict[tuple[datetime, datetime], ck.IntervalChecksum]:
+    """ClickHouse's figures now (rows passing the checks) of each interval, in one query.
+    The intervals must all have one length and lie on one grid (the offload's do)."""
+    ordered = sorted({(s.astimezone(timezone.utc), e.astimezone(timezone.utc)) for s, e in intervals})
+    if not ordered:
+        return {}
+    step = ordered[0][1] - ordered[0][0]
+    origin = ordered[0][0]
+    if step <= timedelta(0) or any(e - s != step or (s - origin) % step for s, e in ordered):
+        raise ValueError("late rows are checked on intervals of one length on one grid, e.g. 15 minutes")
+    types = {c.name: c.clickhouse_type for c in ib.describe_source(ch_client, spec)}
+    if spec.event_time_column not in types:
+        raise ValueError(f"{spec.source} has no event-time column {spec.event_time_column!r}")
+    step_ms = int(step.total_seconds() * 1000)
+    buckets = [int((s - origin) / step) for s, _ in ordered]
+    params = {**ck.interval_parameters(origin, ordered[-1][1]), "k2_step_ms": step_ms,
+              "k2_buckets": buckets}
+    found = {interval: ck.IntervalChecksum(0, 0) for interval in ordered}
+    for bucket, rows, checksum in ch_client.query(late_rows_sql(spec, types), parameters=params).result_rows:
+        interval = (origin + int(bucket) * step, origin + (int(bucket) + 1) * step)
+        found[interval] = ck.IntervalChecksum(int(rows), int(checksum or 0))
+    return found
 
 
 def late_rows(ch_client: Any, spec: TableSpec,
@@ -506,33 +556,29 @@ def late_rows(ch_client: Any, spec: TableSpec,
     that was offloaded (`offloaded`: interval -> rows recorded in the ledger).
 
     Only intervals with extra rows are returned (interval -> extra rows): those are the
-    ones to offload again. Fewer rows than offloaded is not "late" - the hot tier's TTL
-    deletes rows - and is left to `k2 verify`. The intervals must all have one length and
-    lie on one grid (the offload's 15-minute intervals do); ClickHouse counts them all in
-    one GROUP BY query. Only rows passing the table's quality checks are counted, as the ledger's rows
-    are; a late bad row shows in `k2 verify` as a quarantine difference.
+    ones to offload again. Fewer rows than offloaded is not "late" and is left to
+    `k2 verify`. Only rows passing the table's quality checks are counted, as the ledger's
+    rows are; a late bad row shows in `k2 verify` as a quarantine difference.
     """
-    if not offloaded:
-        return {}
-    intervals = sorted((s.astimezone(timezone.utc), e.astimezone(timezone.utc)) for s, e in offloaded)
-    counts = {(s.astimezone(timezone.utc), e.astimezone(timezone.utc)): int(n)
-              for (s, e), n in offloaded.items()}
-    step = intervals[0][1] - intervals[0][0]
-    origin = intervals[0][0]
-    if step <= timedelta(0) or any(e - s != step or (s - origin) % step for s, e in intervals):
-        raise ValueError("late_rows needs intervals of one length on one grid, e.g. 15 minutes")
-    types = {c.name: c.clickhouse_type for c in ib.describe_source(ch_client, spec)}
-    if spec.event_time_column not in types:
-        raise ValueError(f"{spec.source} has no event-time column {spec.event_time_column!r}")
-    step_ms = int(step.total_seconds() * 1000)
-    buckets = [int((s - origin) / step) for s, _ in intervals]
-    params = {**ck.interval_parameters(origin, intervals[-1][1]), "k2_step_ms": step_ms,
-              "k2_buckets": buckets}
-    rows = ch_client.query(late_rows_sql(spec, types), parameters=params).result_rows
-    out: dict[tuple[datetime, datetime], int] = {}
-    for bucket, now in rows:
-        interval = (origin + int(bucket) * step, origin + (int(bucket) + 1) * step)
-        extra = int(now) - counts[interval]
-        if extra > 0:
-            out[interval] = extra
+    now = _figures_now(ch_client, spec, offloaded)
+    counts = {(s.astimezone(timezone.utc), e.astimezone(timezone.utc)): int(n) for (s, e), n in offloaded.items()}
+    return {interval: figures.rows - counts[interval] for interval, figures in now.items()
+            if figures.rows > counts[interval]}
+
+
+def late_changes(ch_client: Any, spec: TableSpec, entries: Iterable[LedgerEntry]
+                 ) -> dict[tuple[datetime, datetime], LateChange]:
+    """The ledgered intervals (`entries`, of one length on one grid) whose rows in ClickHouse
+    changed since their offload: more rows than offloaded, or the same number of rows with
+    another checksum (values changed; compared only for ledger checksums made with this
+    definition, k2.checksum.CHECKSUM_VERSION). Fewer rows is left to `k2 verify`."""
+    ledger = {(e.interval_start.astimezone(timezone.utc), e.interval_end.astimezone(timezone.utc)): e
+              for e in entries}
+    out: dict[tuple[datetime, datetime], LateChange] = {}
+    for interval, now in _figures_now(ch_client, spec, ledger).items():
+        entry = ledger[interval]
+        offloaded = ck.IntervalChecksum(entry.rows, entry.checksum)
+        comparable = entry.checksum_version == ck.CHECKSUM_VERSION
+        if now.rows > offloaded.rows or (comparable and now.rows == offloaded.rows and now != offloaded):
+            out[interval] = LateChange(offloaded, now)
     return out

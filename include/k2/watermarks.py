@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from k2 import iceberg as ib
 from k2.catchup import lock_key_parts, offload_lock_key
+from k2.checksum import CHECKSUM_VERSION
 from k2.intervals import first_interval_start, parse_utc
 
 if TYPE_CHECKING:
@@ -143,24 +144,43 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             """,
         ),
     ),
+    (
+        4,
+        "which checksum definition each ledgered interval's checksum follows",
+        (
+            # intervals ledgered before: their checksums cover the unique key only
+            f"""
+            ALTER TABLE {LEDGER_TABLE} ADD COLUMN checksum_version smallint NOT NULL DEFAULT 1
+                CHECK (checksum_version >= 1)
+            """,
+            # the checksum ClickHouse had when a change of the interval's rows was last reported
+            f"ALTER TABLE {LEDGER_TABLE} ADD COLUMN late_checksum_reported numeric(20)",
+        ),
+    ),
 )
 
 # A re-commit that changes an interval's content (a re-offload took its late rows in) starts
 # its late-row count again; an identical re-commit keeps what was already reported.
-_LATE_ROWS_ON_RECOMMIT = f"""late_rows_reported = CASE
-                        WHEN {LEDGER_TABLE}.rows = EXCLUDED.rows AND {LEDGER_TABLE}.checksum = EXCLUDED.checksum
-                        THEN {LEDGER_TABLE}.late_rows_reported ELSE 0 END"""
+_SAME_CONTENT = (f"{LEDGER_TABLE}.rows = EXCLUDED.rows AND {LEDGER_TABLE}.checksum = EXCLUDED.checksum "
+                 f"AND {LEDGER_TABLE}.checksum_version = EXCLUDED.checksum_version")
+_LATE_ROWS_ON_RECOMMIT = f"""late_rows_reported = CASE WHEN {_SAME_CONTENT}
+                        THEN {LEDGER_TABLE}.late_rows_reported ELSE 0 END,
+                        late_checksum_reported = CASE WHEN {_SAME_CONTENT}
+                        THEN {LEDGER_TABLE}.late_checksum_reported END"""
 # One interval's ledger row, written or replaced (a commit, a re-offload, a repair).
 _LEDGER_UPSERT = f"""
     INSERT INTO {LEDGER_TABLE}
-        (table_name, interval_start, interval_end, rows, checksum, snapshot_id, run_id)
-    VALUES (%s, %s, %s, %s, %s, %s, %s)
+        (table_name, interval_start, interval_end, rows, checksum, snapshot_id, run_id, checksum_version)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
     ON CONFLICT (table_name, interval_start) DO UPDATE SET
         interval_end = EXCLUDED.interval_end, rows = EXCLUDED.rows,
         checksum = EXCLUDED.checksum, snapshot_id = EXCLUDED.snapshot_id,
-        run_id = EXCLUDED.run_id, committed_at = now(),
+        run_id = EXCLUDED.run_id, checksum_version = EXCLUDED.checksum_version, committed_at = now(),
         {_LATE_ROWS_ON_RECOMMIT}
 """
+# The ledger's columns as LedgerEntry holds them (_ledger_entry)
+_LEDGER_COLUMNS = ("table_name, interval_start, interval_end, rows, checksum, snapshot_id, run_id, "
+                   "committed_at, checksum_version")
 
 
 @dataclass(frozen=True)
@@ -181,6 +201,11 @@ class LedgerEntry:
     snapshot_id: int | None
     run_id: str
     committed_at: datetime
+    checksum_version: int = CHECKSUM_VERSION  # which definition `checksum` follows (k2.checksum)
+
+
+def _ledger_entry(r: Sequence[Any]) -> LedgerEntry:
+    return LedgerEntry(r[0], _utc(r[1]), _utc(r[2]), int(r[3]), int(r[4]), r[5], r[6], _utc(r[7]), int(r[8]))
 
 
 @dataclass(frozen=True)
@@ -431,7 +456,8 @@ class WatermarkStore:
                 raise StaleWatermarkError(table, expected, current.sequence_number)
 
             conn.execute(
-                _LEDGER_UPSERT, (table, start, end, c.rows, Decimal(c.checksum), c.snapshot_id, c.run_id)
+                _LEDGER_UPSERT,
+                (table, start, end, c.rows, Decimal(c.checksum), c.snapshot_id, c.run_id, CHECKSUM_VERSION)
             )
 
             recommit = end <= current.watermark_ts
@@ -508,7 +534,8 @@ class WatermarkStore:
             for o in plan.reledger:
                 conn.execute(
                     _LEDGER_UPSERT,
-                    (table, o.interval_start, o.interval_end, o.rows, Decimal(o.checksum), o.snapshot_id, o.run_id),
+                    (table, o.interval_start, o.interval_end, o.rows, Decimal(o.checksum), o.snapshot_id,
+                     o.run_id, o.checksum_version),
                 )
             # Bump the sequence so an in-flight compare-and-set commit re-reads the repaired state.
             conn.execute(
@@ -530,34 +557,25 @@ class WatermarkStore:
         with self._connect() as conn:
             rows = conn.execute(
                 f"""
-                SELECT table_name, interval_start, interval_end, rows, checksum, snapshot_id,
-                       run_id, committed_at
+                SELECT {_LEDGER_COLUMNS}
                 FROM {LEDGER_TABLE} WHERE table_name = %s
                 ORDER BY interval_start DESC LIMIT %s
                 """,
                 (table, n),
             ).fetchall()
-        return [
-            LedgerEntry(r[0], _utc(r[1]), _utc(r[2]), int(r[3]), int(r[4]), r[5], r[6], _utc(r[7]))
-            for r in rows
-        ]
+        return [_ledger_entry(r) for r in rows]
 
     def ledger_entry(self, table: str, start: datetime) -> LedgerEntry | None:
         start = _utc(start, "interval start")
         with self._connect() as conn:
             r = conn.execute(
                 f"""
-                SELECT table_name, interval_start, interval_end, rows, checksum, snapshot_id,
-                       run_id, committed_at
+                SELECT {_LEDGER_COLUMNS}
                 FROM {LEDGER_TABLE} WHERE table_name = %s AND interval_start = %s
                 """,
                 (table, start),
             ).fetchone()
-        if r is None:
-            return None
-        return LedgerEntry(
-            r[0], _utc(r[1]), _utc(r[2]), int(r[3]), int(r[4]), r[5], r[6], _utc(r[7])
-        )
+        return None if r is None else _ledger_entry(r)
 
     def ledger_all(self, table: str) -> list[LedgerEntry]:
         """Every ledgered interval of a table, oldest first."""
@@ -571,18 +589,14 @@ class WatermarkStore:
         with self._connect() as conn:
             rows = conn.execute(
                 f"""
-                SELECT table_name, interval_start, interval_end, rows, checksum, snapshot_id,
-                       run_id, committed_at
+                SELECT {_LEDGER_COLUMNS}
                 FROM {LEDGER_TABLE}
                 WHERE table_name = %s AND interval_start >= %s AND interval_start < %s
                 ORDER BY interval_start
                 """,
                 (table, start, end),
             ).fetchall()
-        return [
-            LedgerEntry(r[0], _utc(r[1]), _utc(r[2]), int(r[3]), int(r[4]), r[5], r[6], _utc(r[7]))
-            for r in rows
-        ]
+        return [_ledger_entry(r) for r in rows]
 
     def record_retention(self, table: str, partition_id: str, column: str, range_start: datetime,
                          range_end: datetime, intervals_end: datetime, rows: int, checksum: int) -> None:
@@ -643,6 +657,25 @@ class WatermarkStore:
                         (count, *key),
                     )
                 fresh[(start, end)] = max(0, count - reported)
+        return fresh
+
+    def note_late_changes(self, table: str, changed: Mapping[tuple[datetime, datetime], int]
+                          ) -> set[tuple[datetime, datetime]]:
+        """Record, per ledgered interval whose rows changed since the offload, ClickHouse's
+        checksum now; return the intervals whose change was not reported before (the same
+        change found again by a later commit's check is not). Intervals not in the ledger
+        are left out."""
+        fresh: set[tuple[datetime, datetime]] = set()
+        with self._connect() as conn, conn.transaction():
+            for (start, end), checksum in sorted(changed.items()):
+                updated = conn.execute(
+                    f"UPDATE {LEDGER_TABLE} SET late_checksum_reported = %s "
+                    "WHERE table_name = %s AND interval_start = %s "
+                    "AND late_checksum_reported IS DISTINCT FROM %s",
+                    (Decimal(checksum), table, _utc(start, "interval start"), Decimal(checksum)),
+                )
+                if updated.rowcount:
+                    fresh.add((start, end))
         return fresh
 
     def status(self, tables: Sequence[str] | None = None) -> list[TableStatus]:
@@ -707,6 +740,7 @@ class TableOffload:
     snapshot_id: int
     run_id: str
     committed_at: datetime
+    checksum_version: int = CHECKSUM_VERSION  # the summary's k2.checksum-version (absent: 1)
 
 
 @dataclass(frozen=True)
@@ -827,6 +861,7 @@ def table_offloads(catalog: Any, spec: Any) -> tuple[list[TableOffload], datetim
                 snapshot_id=offload.snapshot_id,
                 run_id=offload.run_id or "k2-watermark-repair",
                 committed_at=offload.committed_at,
+                checksum_version=offload.checksum_version,
             )
     return sorted(found.values(), key=lambda o: o.interval_start), datetime.fromtimestamp(
         oldest_ms / 1000, tz=timezone.utc

@@ -43,10 +43,9 @@ def _iceberg_figures(stack, spec, start, end) -> tuple[int, int]:
     column = spec.event_time_column
     scan = table.scan(
         row_filter=And(GreaterThanOrEqual(column, start.isoformat()), LessThan(column, end.isoformat())),
-        selected_fields=tuple(spec.unique_key),
     )
-    keys = scan.to_arrow()
-    figures = ck.arrow_checksum([keys], ck.arrow_key_columns(spec, keys.schema))
+    rows = scan.to_arrow()
+    figures = ck.arrow_checksum([rows], ck.arrow_row_columns(spec, rows.schema))
     return figures.rows, figures.checksum
 
 

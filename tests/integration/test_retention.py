@@ -148,11 +148,12 @@ def test_a_partition_that_changes_while_it_is_verified_is_kept(offloaded, ch_cli
 
 def test_apply_drops_verified_partitions_and_keeps_one_that_differs(offloaded, ch_client, job_stack, store,
                                                                     ledger_dsn):
-    # A row of DAY1 that Iceberg holds disappears from ClickHouse: DAY1 no longer verifies.
+    # One value of a row of DAY1 changes in ClickHouse after the offload (a corrected price:
+    # same keys, same count): DAY1 no longer verifies, its checksum covering values.
     victim = ch_client.query(
         "SELECT trade_id FROM bronze_trades_binance WHERE event_time >= {s:DateTime64(3, 'UTC')} "
         "ORDER BY event_time LIMIT 1", parameters={"s": DAY1 + timedelta(hours=3)}).first_row[0]
-    ch_client.command(f"ALTER TABLE bronze_trades_binance DELETE WHERE trade_id = {int(victim)}",
+    ch_client.command(f"ALTER TABLE bronze_trades_binance UPDATE price = price + 0.01 WHERE trade_id = {int(victim)}",
                       settings={"mutations_sync": 2})
     day0_rows, day1_rows = _count(ch_client, DAY0, DAY1), _count(ch_client, DAY1, DAY2)
     lines: list[str] = []
@@ -237,11 +238,12 @@ NOV1 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 @pytest.fixture(scope="module")
 def gold_offloaded(offloaded, ch_client, job_stack, store):
     """Trades from 2026-10-31 12:00 to 2026-11-01 00:30 (candles across a month boundary);
-    gold_ohlcv_30m offloaded for [10-31 12:00, 11-01 12:00) in 6-hour steps and ledgered."""
+    gold_ohlcv_30m offloaded for [10-31 12:00, 11-01 12:00) by one job in 15-minute intervals
+    and ledgered, as the DAG does."""
     run_feed(ch_client, history=timedelta(hours=12, minutes=30), rate=0.4, seed=12,
              end=NOV1 + timedelta(minutes=30), progress=None, symbols=["BTC"], exchanges=["binance"], live=False)
     end = OCT31 + timedelta(days=1)
-    proc = subprocess.run(job_argv(GOLD.name, OCT31, end, "retention-gold", "--interval-step", "6h"),
+    proc = subprocess.run(job_argv(GOLD.name, OCT31, end, "retention-gold"),
                           env=job_stack.env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     store.initialize(GOLD.name, OCT31)
@@ -278,3 +280,72 @@ def test_a_gold_month_is_retired_across_the_month_boundary(gold_offloaded, ch_cl
         offload_range(GOLD, [(NOV1, NOV1 + INTERVAL)], "manual__x", iceberg=job_stack.iceberg,
                       submit=lambda arguments: [], log=logging.getLogger("test"),
                       offloadable_from=boundary.offloadable_from)
+
+
+def _candle(ch_client, window_start: datetime) -> tuple:
+    return ch_client.query(
+        "SELECT high, close, volume, trade_count FROM gold_ohlcv_30m_final WHERE symbol = 'BTC-USDT' "
+        "AND window_start = {w:DateTime64(3, 'UTC')}", parameters={"w": window_start}).first_row
+
+
+def _copy_trade(ch_client, trade_id_offset: int, at: datetime, price_factor: int = 1) -> None:
+    """A copy of the newest BTCUSDT trade with another trade id, at `at`, price x factor."""
+    at_sql = f"toDateTime64('{at:%Y-%m-%d %H:%M:%S}', 3, 'UTC')"
+    ch_client.command(
+        "INSERT INTO bronze_trades_binance SELECT * REPLACE ("
+        f"trade_id + {trade_id_offset} AS trade_id, price * {price_factor} AS price, {at_sql} AS event_time, "
+        f"toUInt64(toUnixTimestamp64Milli({at_sql})) AS trade_time_ms, {at_sql} AS ingested_at) "
+        "FROM bronze_trades_binance WHERE symbol = 'BTCUSDT' ORDER BY event_time DESC LIMIT 1")
+
+
+def test_a_late_change_to_a_gold_candle_is_found_by_verify_and_repaired(gold_offloaded, ch_client, job_stack,
+                                                                        store, ledger_dsn):
+    """A trade inside the 11-01 00:00 candle arrives after the candle was offloaded: the candle
+    count stays 1 but its high, close and volume move. The checksum (keys and values) finds it:
+    `late_changes` (the commit's late check), `k2 verify` (exit 1, a `changed rows` line with
+    the command), then `k2 reoffload` of that interval writes what the _final view now says and
+    `k2 verify` is clean."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from k2.verify import late_changes
+
+    interval = (NOV1 + timedelta(minutes=30), NOV1 + timedelta(minutes=45))  # by window_end
+    entry = store.ledger_entry(GOLD.name, interval[0])
+    assert entry is not None and entry.rows == 1 and entry.interval_end == interval[1]
+    before = _candle(ch_client, NOV1)
+    _copy_trade(ch_client, 3_000_000_000_000_000, NOV1 + timedelta(minutes=10), price_factor=2)
+    # and the market moves on, so that the interval is complete for the re-offload
+    _copy_trade(ch_client, 3_000_000_000_000_001, NOV1 + timedelta(hours=1))
+    after = _candle(ch_client, NOV1)
+    assert after[3] == before[3] + 1 and after[0] > before[0] and after[2] > before[2]
+
+    change = late_changes(ch_client, GOLD, [entry])[interval]
+    assert change.values_changed and change.now.rows == change.offloaded.rows == 1
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("K2_")},
+           **job_stack.clickhouse.to_env(), **job_stack.iceberg.to_env(), "K2_WATERMARK_DSN": ledger_dsn}
+    k2 = str(Path(sys.executable).with_name("k2"))
+    window = ["--from", f"{interval[0]:%Y-%m-%dT%H:%M:%SZ}", "--to", f"{interval[1]:%Y-%m-%dT%H:%M:%SZ}"]
+    found = subprocess.run([k2, "verify", "--table", GOLD.name, *window, "--json"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert found.returncode == 1, found.stdout[-2000:] + found.stderr[-2000:]
+    (report,) = json.loads(found.stdout)
+    (result,) = report["intervals"]
+    assert result["clickhouse"]["rows"] == result["iceberg"]["rows"] == 1 and result["mismatched"] == 1
+    (late,) = report["late_rows"]
+    command = f"k2 reoffload --table {GOLD.name} --interval-start {interval[0]:%Y-%m-%dT%H:%M:%SZ}"
+    assert late["rows"] == 0 and late["command"] == command
+    text = subprocess.run([k2, "verify", "--table", GOLD.name, *window], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert "changed rows: [2026-11-01T00:30:00+00:00, 2026-11-01T00:45:00+00:00)" in text.stdout, text.stdout
+
+    redo = subprocess.run([k2, *command.split()[1:]], env=env, capture_output=True, text=True, timeout=900)
+    assert redo.returncode == 0, redo.stdout[-3000:] + redo.stderr[-3000:]
+    clean = subprocess.run([k2, "verify", "--table", GOLD.name, *window], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+    repaired = store.ledger_entry(GOLD.name, interval[0])
+    assert repaired.rows == 1 and repaired.checksum == change.now.checksum != entry.checksum
+    assert late_changes(ch_client, GOLD, [repaired]) == {}

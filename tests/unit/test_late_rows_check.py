@@ -37,21 +37,30 @@ def test_the_window_is_the_intervals_just_before_the_commit():
     assert wc.late_check_window(T0, STEP, 4) == (T0 - 4 * STEP, T0)
 
 
-def test_late_rows_are_warned_with_the_command_and_counted_once(monkeypatch, capsys):
+def test_late_rows_and_changes_are_warned_with_the_command_and_counted_once(monkeypatch, capsys):
+    from k2.checksum import IntervalChecksum
+    from k2.verify import LateChange
+
     entries = [LedgerEntry("silver_trades", T0 - k * STEP, T0 - (k - 1) * STEP, 100, 1, 1, "r", T0)
-               for k in (2, 1)]
-    noted = []
+               for k in (3, 2, 1)]
+    noted, noted_changes = [], []
 
     def note_late_rows(table, late):
         noted.append(dict(late))
         return {key: n - 1 for key, n in late.items()}  # one of them reported by an earlier commit
 
-    store = SimpleNamespace(ledger_range=lambda table, s, e: entries, note_late_rows=note_late_rows)
+    def note_late_changes(table, changed):
+        noted_changes.append(dict(changed))
+        return set(changed)
+
+    store = SimpleNamespace(ledger_range=lambda table, s, e: entries, note_late_rows=note_late_rows,
+                            note_late_changes=note_late_changes)
     seen = {}
 
-    def fake_late_rows(client, spec, offloaded):
-        seen["offloaded"] = offloaded
-        return {(T0 - STEP, T0): 3}
+    def fake_late_changes(client, spec, given):
+        seen["entries"] = list(given)
+        return {(T0 - STEP, T0): LateChange(IntervalChecksum(100, 1), IntervalChecksum(103, 9)),
+                (T0 - 3 * STEP, T0 - 2 * STEP): LateChange(IntervalChecksum(100, 1), IntervalChecksum(100, 7))}
 
     class FakeHook:
         def __init__(self, conn_id):
@@ -63,19 +72,25 @@ def test_late_rows_are_warned_with_the_command_and_counted_once(monkeypatch, cap
             pass
 
     recorded = []
-    monkeypatch.setattr(wc, "late_rows", fake_late_rows)
+    monkeypatch.setattr(wc, "late_changes", fake_late_changes)
     monkeypatch.setattr(wc, "K2ClickHouseHook", FakeHook)
-    monkeypatch.setattr("k2.metrics.record_late_rows", lambda table, n: recorded.append((table, n)))
+    monkeypatch.setattr("k2.metrics.record_late_rows", lambda table, n: recorded.append(("rows", table, n)))
+    monkeypatch.setattr("k2.metrics.record_late_changes",
+                        lambda table, n: recorded.append(("changes", table, n)))
     op = wc.WatermarkCommitOperator(task_id="commit_watermark", table="silver_trades", initial_watermark=T0)
     first = CommitResult("silver_trades", T0, T0 + STEP, T0 + STEP, 2, T0, True, False)
     op._check_late_rows({"dag": SimpleNamespace(dag_id="k2_offload_silver_trades")}, store, first)
-    assert seen["offloaded"] == {(e.interval_start, e.interval_end): 100 for e in entries}
+    assert seen["entries"] == entries
     assert noted == [{(T0 - STEP, T0): 3}]
-    assert recorded == [("silver_trades", 2)]  # only the rows not reported before
+    assert noted_changes == [{(T0 - 3 * STEP, T0 - 2 * STEP): 7}]  # ClickHouse's checksum now
+    # only the rows not reported before; the changed interval once
+    assert recorded == [("rows", "silver_trades", 2), ("changes", "silver_trades", 1)]
     captured = capsys.readouterr()
     text = captured.out + captured.err  # the task logger writes through Airflow's structlog
     assert "3 late rows" in text
     assert "k2 reoffload --table silver_trades --interval-start 2026-03-01T11:45:00Z" in text
+    assert "rows changed since the offload" in text
+    assert "k2 reoffload --table silver_trades --interval-start 2026-03-01T11:15:00Z" in text
 
 
 def test_a_failed_commit_is_counted_as_an_offload_error_and_still_fails(monkeypatch):

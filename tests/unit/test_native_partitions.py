@@ -112,7 +112,7 @@ def test_the_audit_reads_back_a_file_whose_partition_value_needs_escaping(job, t
     file.add(batch)
     written = file.close()
     assert "/pair=ETH%2FUSD/" in written["path"]
-    keys = [("pair", ck.KeyKind.STRING), ("trade_id", ck.KeyKind.INTEGER)]
+    keys = [("pair", ck.Kind.STRING), ("trade_id", ck.Kind.INTEGER), ("event_time", ck.Kind.TIMESTAMP)]
     figures = job._file_checksum(written["path"], {1: "pair", 2: "trade_id", 3: "event_time"},
                                  "event_time", keys, start_us, start_us + 900_000_000, 900_000_000)
     assert figures == {0: ck.arrow_checksum([batch], keys)}

@@ -215,12 +215,15 @@ def test_clickhouse_reasons_and_split(chdb_session) -> None:
 
     split = _ch_arrow(chdb_session, quality.clickhouse_split_sql(spec, rules, CH_TYPES),
                       ck.interval_parameters(START, END)).to_pylist()[0]
+    # The definition in plain Python over the interval's rows as ClickHouse returns them
+    stored = {r["n"]: r for r in _ch_arrow(chdb_session, "SELECT * FROM t_quality").to_pylist()}
+    names = [c for c, _ in ck.row_columns(spec, {c: ck.kind_from_clickhouse(c, t) for c, t in CH_TYPES.items()})]
     rows = _in_interval()
-    good = [(r[1], r[2]) for r, reason in rows if not reason]
-    bad = [(r[1], r[2]) for r, reason in rows if reason]
+    good = [[stored[r[0]][c] for c in names] for r, reason in rows if not reason]
+    bad = [[stored[r[0]][c] for c in names] for r, reason in rows if reason]
 
-    def figures(keys: list[tuple[Any, Any]]) -> ck.IntervalChecksum:
-        return ck.IntervalChecksum(len(keys), sum(ck.row_hash(ck.canonical_key(k)) for k in keys))
+    def figures(values: list[list[Any]]) -> ck.IntervalChecksum:
+        return ck.IntervalChecksum(len(values), sum(ck.row_hash(ck.canonical_row(v)) for v in values))
 
     assert ck.IntervalChecksum(split["good_rows"], split["good_checksum"]) == figures(good)
     assert ck.IntervalChecksum(split["bad_rows"], split["bad_checksum"]) == figures(bad)
@@ -275,13 +278,13 @@ def test_spark_matches_clickhouse(spark, chdb_session) -> None:
 
     in_interval = df.where(f"event_time >= TIMESTAMP '{START.isoformat()}' "
                            f"AND event_time < TIMESTAMP '{END.isoformat()}'")
-    split = quality.spark_split_checksum(in_interval, ck.spark_key_columns(spec, schema), rules)
+    split = quality.spark_split_checksum(in_interval, ck.spark_row_columns(spec, schema), rules)
     ch = _ch_arrow(chdb_session, quality.clickhouse_split_sql(spec, rules, CH_TYPES),
                    ck.interval_parameters(START, END)).to_pylist()[0]
     assert split == quality.SplitChecksum(ck.IntervalChecksum(ch["good_rows"], ch["good_checksum"]),
                                           ck.IntervalChecksum(ch["bad_rows"], ch["bad_checksum"]))
     assert split.rows_read == 11
-    empty = quality.spark_split_checksum(df.limit(0), ck.spark_key_columns(spec, schema), rules)
+    empty = quality.spark_split_checksum(df.limit(0), ck.spark_row_columns(spec, schema), rules)
     assert empty.rows_read == 0 and empty.good == ck.IntervalChecksum(0, 0)
 
 

@@ -1,4 +1,5 @@
-"""k2.verify.late_rows: extra rows per already-offloaded interval, from one GROUP BY."""
+"""k2.verify.late_rows and late_changes: extra rows, and rows changed, per already-offloaded
+interval, from one GROUP BY."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 
 from k2.config import load_tables
 from k2.intervals import INTERVAL as Q
-from k2.verify import late_rows
+from k2.verify import late_changes, late_rows
+from k2.watermarks import LedgerEntry
 
 UTC = timezone.utc
 SPEC = load_tables().get("bronze_trades_binance")
@@ -19,7 +21,7 @@ T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 class FakeClickHouse:
     """Answers DESCRIBE and the count query; records the queries."""
 
-    def __init__(self, counts: dict[int, int]) -> None:
+    def __init__(self, counts: dict[int, int | tuple[int, int]]) -> None:
         self.counts = counts
         self.queries: list[tuple[str, dict]] = []
 
@@ -33,7 +35,8 @@ class FakeClickHouse:
                                                   ("price", "quantity", "quote_quantity")],
                                                 ("ingested_at", "DateTime64(3, 'UTC')", "")])
         wanted = parameters["k2_buckets"]
-        return SimpleNamespace(result_rows=[(b, n) for b, n in sorted(self.counts.items()) if b in wanted])
+        figures = {b: v if isinstance(v, tuple) else (v, 0) for b, v in self.counts.items()}
+        return SimpleNamespace(result_rows=[(b, *f) for b, f in sorted(figures.items()) if b in wanted])
 
 
 def test_extra_rows_per_interval_from_one_query():
@@ -67,3 +70,21 @@ def test_nothing_offloaded_queries_nothing():
 def test_intervals_must_share_one_grid(intervals):
     with pytest.raises(ValueError, match="one grid"):
         late_rows(FakeClickHouse({}), SPEC, intervals)
+
+
+def _entry(k: int, rows: int, checksum: int, version: int = 2) -> LedgerEntry:
+    return LedgerEntry(SPEC.name, T0 + k * Q, T0 + (k + 1) * Q, rows, checksum, 1, "r", T0, version)
+
+
+def test_changed_rows_are_found_by_their_checksum():
+    entries = [_entry(0, 100, 11), _entry(1, 50, 22), _entry(2, 10, 33), _entry(3, 5, 44, version=1)]
+    # T0: 2 late rows; T0+15m: same count, other values (a candle moved); T0+30m unchanged;
+    # T0+45m: other checksum, but the ledger's was made with the key-only definition
+    ch = FakeClickHouse({0: (102, 99), 1: (50, 23), 2: (10, 33), 3: (5, 45)})
+    changes = late_changes(ch, SPEC, entries)
+    assert sorted(changes) == [(T0, T0 + Q), (T0 + Q, T0 + 2 * Q)]
+    late, moved = changes[(T0, T0 + Q)], changes[(T0 + Q, T0 + 2 * Q)]
+    assert (late.extra_rows, late.values_changed) == (2, False)
+    assert (moved.extra_rows, moved.values_changed, moved.now.checksum) == (0, True, 23)
+    sql = next(q for q, _ in ch.queries if not q.startswith("DESCRIBE"))
+    assert "sumWithOverflow" in sql and "toDecimalString(`price`, 18)" in sql  # values, not only keys

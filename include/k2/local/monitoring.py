@@ -442,6 +442,7 @@ def send_k2_samples(
     metrics.set_last_success(table, now - timedelta(seconds=10))
     metrics.record_error(table, "spark")
     metrics.record_late_rows(table, 3)
+    metrics.record_late_changes(table, 1)
     metrics.record_quarantined_rows(table, 1)
     metrics.set_catchup_backlog(table, 2)
     metrics.set_iceberg_data_files(table, 42)

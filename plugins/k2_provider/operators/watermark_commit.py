@@ -13,7 +13,7 @@ from k2 import metrics
 from k2.config import load_tables
 from k2.intervals import parse_utc
 from k2.metrics import classify_error
-from k2.verify import late_rows
+from k2.verify import late_changes
 from k2.watermarks import WatermarkStore, reoffload_command
 from k2_provider.hooks.clickhouse import K2ClickHouseHook
 from k2_provider.hooks.connections import WATERMARKS_CONN_ID, watermark_store_dsn
@@ -71,9 +71,10 @@ class WatermarkCommitOperator(BaseOperator):
     :param postgres_conn_id: connection of the watermark database.
     :param attempts: commit attempts when the watermark moved concurrently.
     :param late_check_intervals: after committing, the ledgered intervals just before the
-        committed ones whose ClickHouse row count is compared with the ledger (late rows:
-        metric ``late_rows`` and a warning naming the interval and the command that
-        re-offloads it). 0 turns the check off. It never fails the task.
+        committed ones whose ClickHouse count and checksum are compared with the ledger
+        (late rows and changed rows: metrics ``k2_late_rows_total`` and
+        ``k2_late_changed_intervals_total`` and a warning naming the interval and the command
+        that re-offloads it). 0 turns the check off. It never fails the task.
     :param clickhouse_conn_id: connection of the hot tier, for the late-row check.
     """
 
@@ -200,9 +201,11 @@ class WatermarkCommitOperator(BaseOperator):
         return {**last.as_dict(), "intervals_committed": len(commits)}
 
     def _check_late_rows(self, context: Context, store: WatermarkStore, first: CommitResult) -> None:
-        """Rows that arrived in ClickHouse after their interval was offloaded: count them in the
-        few ledgered intervals before this commit; warn with the command that re-offloads;
-        add the ones no earlier check reported to k2_late_rows_total."""
+        """Rows that arrived in ClickHouse after their interval was offloaded, and rows that
+        changed since (a candle a late trade moved): compare ClickHouse's count and checksum
+        of the few ledgered intervals before this commit with the ledger; warn with the
+        command that re-offloads; add what no earlier check reported to k2_late_rows_total
+        and k2_late_changed_intervals_total."""
         step = first.interval_end - first.interval_start
         start, end = late_check_window(first.interval_start, step, self.late_check_intervals)
         entries = [e for e in store.ledger_range(self.table, start, end) if e.interval_end - e.interval_start == step]
@@ -211,20 +214,25 @@ class WatermarkCommitOperator(BaseOperator):
         spec = load_tables().get(self.table)
         hook = K2ClickHouseHook(self.clickhouse_conn_id)
         try:
-            late = late_rows(hook.client, spec, {(e.interval_start, e.interval_end): e.rows for e in entries})
+            changes = late_changes(hook.client, spec, entries)
         finally:
             hook.close()
-        for (s, e), extra in sorted(late.items()):
-            self.log.warning(
-                "%s [%s, %s): %s late rows in ClickHouse beyond the %s offloaded; re-offload with: %s",
-                self.table, s.isoformat(), e.isoformat(), extra,
-                next(x.rows for x in entries if x.interval_start == s), reoffload_command(self.table, s),
-            )
+        for (s, e), change in sorted(changes.items()):
+            what = (f"rows changed since the offload ({change.offloaded}; ClickHouse now {change.now})"
+                    if change.values_changed else
+                    f"{change.extra_rows} late rows in ClickHouse beyond the {change.offloaded.rows} offloaded")
+            self.log.warning("%s [%s, %s): %s; re-offload with: %s", self.table, s.isoformat(), e.isoformat(),
+                             what, reoffload_command(self.table, s))
         # The ledger remembers what was reported: later commits that find the same late rows
-        # (each re-checks the intervals before it) do not count them again.
+        # or the same change (each re-checks the intervals before it) do not count them again.
+        late = {k: c.extra_rows for k, c in changes.items() if c.extra_rows}
         fresh = sum(store.note_late_rows(self.table, late).values()) if late else 0
         if fresh:
             metrics.emit_safely(metrics.record_late_rows, self.table, fresh, log=self.log)
+        changed = {k: c.now.checksum for k, c in changes.items() if c.values_changed}
+        fresh_changes = len(store.note_late_changes(self.table, changed)) if changed else 0
+        if fresh_changes:
+            metrics.emit_safely(metrics.record_late_changes, self.table, fresh_changes, log=self.log)
 
     def _emit_metrics(self, context: Context, last: CommitResult) -> None:
         metrics.emit_safely(metrics.set_watermark, self.table, last.watermark_ts, log=self.log)
