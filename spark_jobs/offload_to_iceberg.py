@@ -129,12 +129,12 @@ from k2 import checksum as ck
 from k2 import iceberg as ib
 from k2 import quality
 from k2.config import ConfigError, load_tables, parse_duration
-from k2.iceberg import snapshot_property_conf, spark_conf, spark_secret_conf
+from k2.iceberg import snapshot_property_conf
 from k2.intervals import parse_utc
 from k2.intervals import split_range as intervals_of
 from k2.offload import result_line
 from k2.quality import INTERVAL_START_COLUMN
-from k2.runtime_env import ClickHouseSettings, IcebergSettings, MissingSetting
+from k2.runtime_env import ClickHouseSettings, IcebergSettings, MissingSetting, configure_job_logging
 
 STARTED = time.monotonic()
 SOURCE_VIEW = "k2_offload_rows"
@@ -626,24 +626,6 @@ def merge_sql(target: str, struct: Any, keys: list[str], event_time: str,
     )
 
 
-def build_spark(iceberg_settings: Any, app_name: str) -> Any:
-    from pyspark import SparkConf
-    from pyspark.sql import SparkSession
-
-    submitted = SparkConf()  # what spark-submit / the Airflow operator already set wins
-    builder = SparkSession.builder.appName(app_name)
-    for key, value in spark_conf(iceberg_settings).items():
-        if not submitted.contains(key):
-            builder = builder.config(key, value)
-    builder = builder.config("spark.sql.session.timeZone", "UTC")  # the SQL below assumes it
-    for key, value in spark_secret_conf(iceberg_settings).items():
-        if value:
-            builder = builder.config(key, value)
-    spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
-    return spark
-
-
 def _phase(name: str, since: float) -> float:
     now = time.monotonic()
     log.info("%s done in %.2f s", name, now - since)
@@ -676,7 +658,7 @@ def offload(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="k2-clickhouse") as pool:
         facts = pool.submit(_source_facts, client_kwargs, ch_settings, spec, intervals[0])
-        spark = build_spark(ice_settings, f"k2-offload-{spec.name}")
+        spark = ib.spark_session(ice_settings, f"k2-offload-{spec.name}")
         t = _phase("Spark session", t)
         try:
             columns, types, struct, rules, first = facts.result()
@@ -1691,13 +1673,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    handler = logging.StreamHandler(sys.stderr)  # stdout carries only the result lines
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    k2_log = logging.getLogger("k2")
-    k2_log.addHandler(handler)
-    k2_log.setLevel(logging.INFO)
-    k2_log.propagate = False
-    logging.getLogger("py4j").setLevel(logging.WARNING)
+    configure_job_logging()
     try:
         args = parse_args(argv)
         results = offload(args)

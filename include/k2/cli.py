@@ -492,6 +492,67 @@ def retention_apply(
     _retention(table, as_json, apply=True, dry_run=dry_run)
 
 
+@retention_app.command("views")
+def retention_views(
+    table: Optional[str] = typer.Option(None, "--table", help="One table (default: all of tables.yaml)."),
+) -> None:
+    """Create (or replace) the hot + cold views <table>_all: Iceberg before the table's retention
+    boundary, ClickHouse from it on (k2.hotcold). Retention creates a table's view at its first
+    drop; this makes them now, for every table already in Iceberg."""
+    from pyiceberg.exceptions import NoSuchTableError
+
+    from k2 import hotcold, retention
+
+    client, catalog = _clickhouse_and_catalog()
+    for spec in _tables(table):
+        try:
+            name = hotcold.create_view(client, catalog, spec, retention.partition_key(client, spec.name).column)
+        except NoSuchTableError:
+            typer.echo(f"{spec.name}: not in Iceberg yet (no offload committed): no view")
+            continue
+        except (hotcold.HotColdError, retention.RetentionError) as exc:
+            _fail(f"{spec.name}: {exc}", 2)
+        typer.echo(f"{name}: Iceberg before {hotcold.boundary(client, spec).isoformat()}, ClickHouse from then on")
+
+
+maintenance_app = typer.Typer(help="Iceberg maintenance: compaction, snapshot expiry, orphan files "
+                              "(the k2_iceberg_maintenance DAG).", no_args_is_help=True)
+app.add_typer(maintenance_app, name="maintenance")
+
+
+@maintenance_app.command("plan")
+def maintenance_plan(
+    table: Optional[str] = typer.Option(None, "--table", help="One table (default: all of tables.yaml)."),
+) -> None:
+    """What a maintenance run of each table would do now: the closed days it compacts, the
+    snapshot and orphan-file cutoffs, and the snapshots kept because the ledger lacks their
+    intervals (exit 1 when there are such). Trigger the DAG k2_iceberg_maintenance to run it."""
+    from datetime import datetime, timezone
+
+    from pyiceberg.exceptions import NoSuchTableError
+
+    from k2.maintenance import plan_maintenance
+    from k2.watermarks import WatermarkStore
+
+    _, catalog = _clickhouse_and_catalog()
+    store = WatermarkStore(_watermark_dsn())
+    store.migrate()
+    held = 0
+    for spec in _tables(table):
+        try:
+            iceberg_table = catalog.load_table(spec.iceberg_table)
+        except NoSuchTableError:
+            typer.echo(f"{spec.name}: not in Iceberg yet: nothing to maintain")
+            continue
+        plan = plan_maintenance(spec, table=iceberg_table, store=store, now=datetime.now(timezone.utc))
+        held += len(plan.held_back)
+        typer.echo(f"{spec.name} ({spec.iceberg_table}, {len(iceberg_table.snapshots())} snapshot(s)):")
+        for line in plan.describe():
+            typer.echo(f"  {line}")
+    if held:
+        raise typer.Exit(1)
+
+
 watermark_app = typer.Typer(help="Per-table watermarks and the offload ledger.", no_args_is_help=True)
 app.add_typer(watermark_app, name="watermark")
 

@@ -199,6 +199,11 @@ class TableSpec(BaseModel):
     hot_retention: timedelta
     deadline: timedelta
     start_date: datetime
+    # Iceberg maintenance (k2.maintenance): snapshots older than this are expired (once the
+    # ledger holds every interval they committed); files in the table's folder that no
+    # snapshot references and that are older than orphan_file_retention are removed.
+    snapshot_retention: timedelta = timedelta(days=2)
+    orphan_file_retention: timedelta = timedelta(days=3)
     # The end of the last interval to offload (exclusive), on the 15-minute grid; None: no end.
     end_date: datetime | None = None
     # Catch-up: the most 15-minute intervals one Spark job offloads (k2.catchup). A bigger
@@ -239,7 +244,8 @@ class TableSpec(BaseModel):
                 )
         return value
 
-    @field_validator("allowed_lateness", "hot_retention", "deadline", mode="before")
+    @field_validator("allowed_lateness", "hot_retention", "deadline", "snapshot_retention",
+                     "orphan_file_retention", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value

@@ -144,6 +144,27 @@ def spark_secret_conf(settings: IcebergSettings) -> dict[str, str]:
     return {f"spark.sql.catalog.{catalog_name(settings)}.jdbc.password": settings.password}
 
 
+def spark_session(settings: IcebergSettings, app_name: str) -> Any:
+    """The SparkSession of a k2 Spark job on the catalog of `settings` (UTC session time
+    zone; what spark-submit or the Airflow operator already set wins; the catalog's
+    password from the settings, never from the command line)."""
+    from pyspark import SparkConf
+    from pyspark.sql import SparkSession
+
+    submitted = SparkConf()
+    builder = SparkSession.builder.appName(app_name)
+    for key, value in spark_conf(settings).items():
+        if not submitted.contains(key):
+            builder = builder.config(key, value)
+    builder = builder.config("spark.sql.session.timeZone", "UTC")  # the jobs' SQL assumes it
+    for key, value in spark_secret_conf(settings).items():
+        if value:
+            builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
 def sqlalchemy_url(settings: IcebergSettings) -> str:
     """postgresql+psycopg://user:password@host:port/db for pyiceberg's SqlCatalog."""
     from sqlalchemy.engine import URL

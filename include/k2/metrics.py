@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -207,6 +208,26 @@ RETENTION_DROPPED = Metric(
     "k2.retention.dropped_partitions.{table}", "k2_retention_dropped_partitions_total", "counter",
     "Hot-tier partitions dropped after a verified offload.",
 )
+ICEBERG_SNAPSHOTS = Metric(
+    "k2.iceberg.snapshots.{table}", "k2_iceberg_snapshots", "gauge",
+    "Snapshots in the Iceberg table's metadata after the last maintenance run.",
+)
+MAINTENANCE_LAST_SUCCESS = Metric(
+    "k2.maintenance.last_success.{table}", "k2_maintenance_last_success_timestamp_seconds", "gauge",
+    "When the last Iceberg maintenance run of the table succeeded, unix seconds.",
+)
+MAINTENANCE_FAILURES = Metric(
+    "k2.maintenance.failures.{table}", "k2_maintenance_failures_total", "counter",
+    "Iceberg maintenance runs of the table that failed.",
+)
+MAINTENANCE_REWRITTEN_FILES = Metric(
+    "k2.maintenance.rewritten_files.{table}", "k2_maintenance_rewritten_files_total", "counter",
+    "Small data files compacted by Iceberg maintenance.",
+)
+MAINTENANCE_ORPHAN_FILES = Metric(
+    "k2.maintenance.orphan_files.{table}", "k2_maintenance_orphan_files_total", "counter",
+    "Unreferenced files Iceberg maintenance removed.",
+)
 
 METRICS: tuple[Metric, ...] = (
     OFFLOAD_ROWS,
@@ -225,6 +246,11 @@ METRICS: tuple[Metric, ...] = (
     DEADLINE_MISSED,
     RETENTION_KEPT,
     RETENTION_DROPPED,
+    ICEBERG_SNAPSHOTS,
+    MAINTENANCE_LAST_SUCCESS,
+    MAINTENANCE_FAILURES,
+    MAINTENANCE_REWRITTEN_FILES,
+    MAINTENANCE_ORPHAN_FILES,
 )
 METRIC_BY_NAME = {metric.prometheus: metric for metric in METRICS}
 
@@ -277,7 +303,8 @@ def _seed_counters(table: str) -> None:
         return
     _seeded_tables.add(table)
     stats = _stats()
-    for metric in (OFFLOAD_ROWS, OFFLOAD_BYTES, LATE_ROWS, LATE_CHANGES, QUARANTINED_ROWS, DEADLINE_MISSED):
+    for metric in (OFFLOAD_ROWS, OFFLOAD_BYTES, LATE_ROWS, LATE_CHANGES, QUARANTINED_ROWS, DEADLINE_MISSED,
+                   MAINTENANCE_FAILURES, MAINTENANCE_REWRITTEN_FILES, MAINTENANCE_ORPHAN_FILES):
         stats.incr(metric.stat(table=table), 0)
     for error_type in ERROR_TYPES:
         stats.incr(ERRORS.stat(table=table, error_type=error_type), 0)
@@ -397,6 +424,23 @@ def record_retention(table: str, *, kept: int, dropped: int) -> None:
     _gauge(RETENTION_KEPT, _count(kept, "kept"), table=table)
     if dropped:
         _incr(RETENTION_DROPPED, _count(dropped, "dropped"), table=table)
+
+
+def record_maintenance(table: str, *, data_files: int, snapshots: int, rewritten_files: int,
+                       orphan_files: int, finished: datetime | float | None = None) -> None:
+    """One successful Iceberg maintenance run of a table (its main Iceberg table's figures)."""
+    _gauge(ICEBERG_DATA_FILES, _count(data_files, "data_files"), table=table)
+    _gauge(ICEBERG_SNAPSHOTS, _count(snapshots, "snapshots"), table=table)
+    if rewritten_files:
+        _incr(MAINTENANCE_REWRITTEN_FILES, _count(rewritten_files, "rewritten_files"), table=table)
+    if orphan_files:
+        _incr(MAINTENANCE_ORPHAN_FILES, _count(orphan_files, "orphan_files"), table=table)
+    _gauge(MAINTENANCE_LAST_SUCCESS, _unix_seconds(finished if finished is not None else time.time()),
+           table=table)
+
+
+def record_maintenance_failure(table: str) -> None:
+    _incr(MAINTENANCE_FAILURES, 1, table=table)
 
 
 def emit_safely(helper: Callable[..., None], *args: Any, log: logging.Logger | None = None,

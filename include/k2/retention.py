@@ -19,6 +19,10 @@ every stored column); rows inserted meanwhile stay in the table or are moved bac
 from there on the table's offloads refuse the intervals before the boundary (their rows are
 gone from ClickHouse; offloading them again would empty them in Iceberg) and ``k2 verify``
 compares only what the hot tier still holds.
+
+The hot + cold view ``<table>_all`` (k2.hotcold) follows: the first drop creates it, and
+the boundary it splits on moves to P's end after P is verified and before P leaves the
+table (back, when P is kept after all), so the view never counts a row twice or misses one.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from k2 import checksum as ck
+from k2 import hotcold
 from k2 import iceberg as ib
 from k2.config import TableSpec, quote_identifier
 from k2.intervals import INTERVAL, floor_interval
@@ -276,6 +281,12 @@ def apply_table(spec: TableSpec, *, ch_client: Any, catalog: Any, store: Waterma
     with offload_lock(dsn, spec.name, holder=f"retention {now:%Y-%m-%dT%H:%M:%SZ}", log=_Log(log)):
         ch_client.command(f"CREATE TABLE IF NOT EXISTS {quote_identifier(retiring)} AS {quote_identifier(table)}")
         _recover(ch_client, table, retiring, log)
+        # The hot + cold view's boundary is where the hot tier starts (k2.hotcold)
+        retired = store.retention_boundary(spec.name)
+        hot_from = retired.hot_from if retired is not None else hotcold.EPOCH
+        if not dry_run and hotcold.boundary(ch_client, spec) != hot_from:
+            hotcold.set_boundary(ch_client, spec, key.column, hot_from)
+        view_ready = False
         ch_client.command(f"SYSTEM STOP MERGES {quote_identifier(table)}")
         try:
             for partition in hot_partitions(ch_client, table, key):
@@ -294,11 +305,17 @@ def apply_table(spec: TableSpec, *, ch_client: Any, catalog: Any, store: Waterma
                     log(decision.line() + " (dry run: not dropped)")
                     continue
                 part = _part_name(partition.partition_id)
+                if not view_ready:
+                    hotcold.create_view(ch_client, catalog, spec, key.column)
+                    view_ready = True
+                # Verified: the view reads the partition's rows from Iceberg before they leave
+                hotcold.set_boundary(ch_client, spec, key.column, partition.end)
                 ch_client.command(f"ALTER TABLE {quote_identifier(table)} MOVE PARTITION ID '{part}' "
                                   f"TO TABLE {quote_identifier(retiring)}")
                 if _fingerprint(ch_client, retiring, partition.partition_id) != before:
                     ch_client.command(f"ALTER TABLE {quote_identifier(retiring)} MOVE PARTITION ID '{part}' "
                                       f"TO TABLE {quote_identifier(table)}")
+                    hotcold.set_boundary(ch_client, spec, key.column, hot_from)
                     decision.reasons.append("rows arrived while the partition was being dropped: moved back "
                                             "and kept, decided again on the next run")
                     log(decision.line())
@@ -306,6 +323,7 @@ def apply_table(spec: TableSpec, *, ch_client: Any, catalog: Any, store: Waterma
                 ch_client.command(f"ALTER TABLE {quote_identifier(retiring)} DROP PARTITION ID '{part}'")
                 store.record_retention(spec.name, partition.partition_id, key.column, partition.start,
                                        partition.end, decision.intervals_end, decision.rows, decision.checksum)
+                hot_from = partition.end
                 decision.dropped = True
                 log(decision.line())
         finally:

@@ -8,7 +8,9 @@ the names, used by both sides.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -121,3 +123,15 @@ class IcebergSettings:
 
     def __repr__(self) -> str:
         return f"IcebergSettings({self.catalog_name}: {self.uri}, warehouse={self.warehouse})"
+
+
+def configure_job_logging() -> None:
+    """A Spark job's logging: the k2 loggers to stderr at INFO (stdout carries only the job's
+    result lines), py4j's chatter at WARNING."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    k2_log = logging.getLogger("k2")
+    k2_log.addHandler(handler)
+    k2_log.setLevel(logging.INFO)
+    k2_log.propagate = False
+    logging.getLogger("py4j").setLevel(logging.WARNING)

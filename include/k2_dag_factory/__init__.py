@@ -37,6 +37,7 @@ from k2.config import (
 from k2.intervals import SCHEDULE_CRON, first_interval_start, last_interval_start
 from k2_provider.notifications.deadline import DeadlineMissNotifier
 from k2_provider.notifications.task_failure import TaskFailureNotifier
+from k2_provider.operators.maintenance import IcebergMaintenanceOperator
 from k2_provider.operators.offload import OffloadToIcebergOperator
 from k2_provider.operators.retention import HotRetentionOperator
 from k2_provider.operators.watermark_commit import WatermarkCommitOperator
@@ -259,9 +260,9 @@ def build_dags(
     return dags
 
 
+DAILY_START = datetime(2026, 1, 1, tzinfo=timezone.utc)  # a daily DAG's start when no table is listed
 RETENTION_DAG_ID = "k2_hot_retention"
 RETENTION_SCHEDULE = "30 3 * * *"  # daily, 03:30 UTC
-RETENTION_START = datetime(2026, 1, 1, tzinfo=timezone.utc)  # when no table is listed
 RETENTION_DOC = """\
 ### Hot-tier retention
 
@@ -275,26 +276,63 @@ The same from a shell: `k2 retention plan` / `k2 retention apply [--table T] [--
 
 Created paused: unpause it once `k2 retention plan` shows what it would drop.
 """
+MAINTENANCE_DAG_ID = "k2_iceberg_maintenance"
+MAINTENANCE_SCHEDULE = "0 4 * * *"  # daily, 04:00 UTC, after retention
+MAINTENANCE_DOC = """\
+### Iceberg maintenance
+
+Daily (04:00 UTC) and on demand (Trigger): per table, under the table's offload lock (it waits
+for a running offload and never races one), one Spark job runs Iceberg's procedures on the
+table and its quarantine table (`k2.maintenance`): compaction of the closed days
+(`rewrite_data_files`, sorted by event time: one file per partition value and day),
+`rewrite_manifests`, `expire_snapshots` older than the table's `snapshot_retention` (2 days;
+never a snapshot whose intervals the offload ledger lacks), `remove_orphan_files` older than
+`orphan_file_retention` (3 days). A failed task retries once; alerts K2MaintenanceFailed and
+K2MaintenanceStale; runbook: docs/operations/runbooks.md#maintenance-failed.
+
+Created paused: unpause it with the offload DAGs in production.
+"""
 
 
-def build_retention_dag(config_path: Path | str | None = None, *, strict: bool | None = None) -> DAG:
-    """The DAG k2_hot_retention: one retention task per table of tables.yaml."""
+def _daily_table_dag(dag_id: str, schedule: str, description: str, doc: str, tags: list[str],
+                     retries: int, task: Any, config_path: Path | str | None, strict: bool | None) -> DAG:
+    """A daily DAG, created paused, with one task per table of tables.yaml (`task(spec)`)."""
     strict = strict_from_env() if strict is None else strict
     path = Path(config_path) if config_path else DEFAULT_TABLES_FILE
     specs = load_table_specs(path, strict=strict, on_error=lambda msg: log.error("k2: %s", msg))
     with DAG(
-        dag_id=RETENTION_DAG_ID,
-        description="Drop ClickHouse partitions older than hot_retention behind a verified offload",
-        schedule=CronTriggerTimetable(RETENTION_SCHEDULE, timezone="UTC"),
-        start_date=min((spec.start_date for spec in specs), default=RETENTION_START),
+        dag_id=dag_id,
+        description=description,
+        schedule=CronTriggerTimetable(schedule, timezone="UTC"),
+        start_date=min((spec.start_date for spec in specs), default=DAILY_START),
         catchup=False,
         max_active_runs=1,
         is_paused_upon_creation=True,
-        # A kept partition fails its task for good: retrying cannot fix what it reports.
-        default_args={**default_args_from_env(), "retries": 0, "on_failure_callback": failure_notifier()},
-        tags=["k2", "retention"],
-        doc_md=RETENTION_DOC,
+        default_args={**default_args_from_env(), "retries": retries, "on_failure_callback": failure_notifier()},
+        tags=["k2", *tags],
+        doc_md=doc,
     ) as dag:
         for spec in specs:
-            HotRetentionOperator(task_id=f"retain_{spec.name}", table=spec.name)
+            task(spec)
     return dag
+
+
+def build_retention_dag(config_path: Path | str | None = None, *, strict: bool | None = None) -> DAG:
+    """The DAG k2_hot_retention: one retention task per table of tables.yaml."""
+    return _daily_table_dag(
+        RETENTION_DAG_ID, RETENTION_SCHEDULE,
+        "Drop ClickHouse partitions older than hot_retention behind a verified offload", RETENTION_DOC,
+        ["retention"],
+        # A kept partition fails its task for good: retrying cannot fix what it reports.
+        0, lambda spec: HotRetentionOperator(task_id=f"retain_{spec.name}", table=spec.name),
+        config_path, strict)
+
+
+def build_maintenance_dag(config_path: Path | str | None = None, *, strict: bool | None = None) -> DAG:
+    """The DAG k2_iceberg_maintenance: one maintenance task per table of tables.yaml."""
+    return _daily_table_dag(
+        MAINTENANCE_DAG_ID, MAINTENANCE_SCHEDULE,
+        "Compact, expire snapshots and remove orphan files of the Iceberg tables", MAINTENANCE_DOC,
+        ["maintenance"],
+        1, lambda spec: IcebergMaintenanceOperator(task_id=f"maintain_{spec.name}", table=spec.name),
+        config_path, strict)

@@ -14,6 +14,7 @@ import yaml
 from k2.config import OVERRIDE_ENV, SPARK_POOL, ConfigError, load_tables
 from k2.intervals import first_interval_start
 from k2_dag_factory import (
+    MAINTENANCE_DAG_ID,
     MAX_ACTIVE_RUNS,
     RETENTION_DAG_ID,
     TASK_COMMIT,
@@ -80,8 +81,8 @@ def test_parsing_is_fast(parsed: tuple[Any, float]) -> None:
     assert parsed[1] < PARSE_BUDGET_S, f"parsing the dags folder took {parsed[1]:.2f}s"
 
 
-def test_exactly_one_dag_per_table_and_the_retention_dag(dagbag: Any) -> None:
-    assert sorted(dagbag.dag_ids) == sorted([*EXPECTED_DAG_IDS, RETENTION_DAG_ID])
+def test_exactly_one_dag_per_table_and_the_daily_dags(dagbag: Any) -> None:
+    assert sorted(dagbag.dag_ids) == sorted([*EXPECTED_DAG_IDS, RETENTION_DAG_ID, MAINTENANCE_DAG_ID])
     assert len(EXPECTED_DAG_IDS) == 9
 
 
@@ -94,6 +95,18 @@ def test_the_retention_dag_has_a_task_per_table_runs_daily_and_starts_paused(dag
     assert dag.is_paused_upon_creation is True  # destructive: unpaused by the operator
     assert {"k2", "retention"} <= set(dag.tags)
     assert "retention-blocked" in dag.doc_md
+
+
+def test_the_maintenance_dag_has_a_task_per_table_runs_daily_and_starts_paused(dagbag: Any) -> None:
+    dag = dagbag.dags[MAINTENANCE_DAG_ID]
+    assert sorted(t.task_id for t in dag.tasks) == sorted(f"maintain_{spec.name}" for spec in SPECS)
+    assert {type(t).__name__ for t in dag.tasks} == {"IcebergMaintenanceOperator"}
+    assert {t.application.rsplit("/", 1)[-1] for t in dag.tasks} == {"maintain_iceberg.py"}
+    assert all(t.retries == 1 for t in dag.tasks)
+    assert type(dag.timetable).__name__ == "CronTriggerTimetable" and dag.timetable.expression == "0 4 * * *"
+    assert dag.catchup is False and dag.max_active_runs == 1 and dag.is_paused_upon_creation is True
+    assert {"k2", "maintenance"} <= set(dag.tags)
+    assert "maintenance-failed" in dag.doc_md
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[spec.dag_id for spec in SPECS])

@@ -109,15 +109,44 @@ class JobStack:
 
 
 @pytest.fixture(scope="module")
-def job_stack(stack: LocalStack, ch_client, request: pytest.FixtureRequest, tmp_path_factory) -> JobStack:
+def job_stack(stack: LocalStack, ch_client, request: pytest.FixtureRequest) -> JobStack:
     from k2.iceberg import load_catalog
     from tests.integration.spark_job import clickhouse_settings, iceberg_settings, job_env
 
     catalog_name = getattr(request.module, "CATALOG", None)
     assert catalog_name, f"{request.module.__name__} needs a CATALOG name of its own"
     ch = clickhouse_settings(stack, ch_client.database)
-    ice = iceberg_settings(stack, catalog_name, tmp_path_factory.mktemp("warehouse"))
+    # Under the stack's home, where the ClickHouse endpoint may read files (its working
+    # directory, as a ClickHouse server's user_files_path): the hot + cold views read there.
+    warehouse = stack.home / "warehouses" / catalog_name
+    shutil.rmtree(warehouse, ignore_errors=True)
+    warehouse.mkdir(parents=True)
+    ice = iceberg_settings(stack, catalog_name, warehouse)
     return JobStack(ch, ice, job_env(ch, ice), load_catalog(ice))
+
+
+@pytest.fixture(scope="module")
+def ledger_dsn(stack: LocalStack, request: pytest.FixtureRequest) -> str:
+    """A fresh watermark/ledger database of the test module (its LEDGER_DB) on the session's
+    PostgreSQL."""
+    import psycopg
+
+    name = getattr(request.module, "LEDGER_DB", None)
+    assert name, f"{request.module.__name__} needs a LEDGER_DB name of its own"
+    with psycopg.connect(stack.postgres_dsn("postgres"), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    return stack.postgres_dsn(name)
+
+
+@pytest.fixture(scope="module")
+def store(ledger_dsn: str):
+    """The watermark store on the module's ledger database, migrated."""
+    from k2.watermarks import WatermarkStore
+
+    store = WatermarkStore(ledger_dsn)
+    store.migrate()
+    return store
 
 
 @pytest.fixture(scope="module")

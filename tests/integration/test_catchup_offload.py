@@ -62,17 +62,6 @@ def filled(ch_client):
     return stats
 
 
-@pytest.fixture(scope="module")
-def ledger_dsn(stack):
-    """A fresh ledger database of this module on the session's PostgreSQL."""
-    import psycopg
-
-    with psycopg.connect(stack.postgres_dsn("postgres"), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {LEDGER_DB} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {LEDGER_DB}")
-    return stack.postgres_dsn(LEDGER_DB)
-
-
 def submit(env, table, start, end, run_id, *extra, expect=0):
     argv = job_argv(table, start, end, run_id, *extra)
     started = time.monotonic()

@@ -13,14 +13,15 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from k2 import retention
+from k2 import checksum as ck
+from k2 import hotcold, quality, retention
+from k2 import iceberg as ib
 from k2.config import load_tables
 from k2.feed import run_feed
 from k2.intervals import INTERVAL, split_range
 from k2.offload import RetiredIntervalError, offload_range
 from k2.schema import apply_schema
 from k2.verify import ColumnRange, verify_table
-from k2.watermarks import WatermarkStore
 from tests.integration.spark_job import job_argv
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -33,23 +34,6 @@ DAY1, DAY2 = DAY0 + timedelta(days=1), DAY0 + timedelta(days=2)
 FEED_END = DAY2 + timedelta(hours=12)
 # hot_retention (7d) after the end of DAY1's partition: DAY0 and DAY1 are old, DAY2 is young
 NOW = DAY2 + SPEC.hot_retention + timedelta(minutes=1)
-
-
-@pytest.fixture(scope="module")
-def ledger_dsn(stack) -> str:
-    import psycopg
-
-    with psycopg.connect(stack.postgres_dsn("k2"), autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {LEDGER_DB} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {LEDGER_DB}")
-    return stack.postgres_dsn(LEDGER_DB)
-
-
-@pytest.fixture(scope="module")
-def store(ledger_dsn) -> WatermarkStore:
-    store = WatermarkStore(ledger_dsn)
-    store.migrate()
-    return store
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +56,35 @@ def offloaded(ch_client, job_stack, store):
                               int(r["checksum"]), int(r["snapshot_id"]), "retention-test")
     assert store.get(SPEC.name).watermark_ts == DAY2
     return results
+
+
+def _view_figures(ch_client, span) -> ck.IntervalChecksum:
+    """Count and checksum (every column) of bronze_trades_binance_all over `span`."""
+    view = SPEC.model_copy(update={"read_from": hotcold.view_name(SPEC)})
+    types = {c.name: c.clickhouse_type for c in ib.describe_source(ch_client, view)}
+    return ck.clickhouse_interval_checksum(ch_client, view, types, *span)
+
+
+class _Watching:
+    """A ClickHouse client that reads the hot + cold view over `span` after each step of a
+    retention run that changes where a row is: the boundary insert, the move, the drop."""
+
+    STEPS = (("INSERT INTO k2_hot_boundary", "boundary moved"), ("MOVE PARTITION", "partition moved out"),
+             ("DROP PARTITION", "partition dropped"))
+
+    def __init__(self, client, span, seen: list) -> None:
+        self._client, self._span, self._seen = client, span, seen
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def command(self, sql, *args, **kwargs):
+        result = self._client.command(sql, *args, **kwargs)
+        step = next((label for marker, label in self.STEPS if marker in sql), None)
+        moved_back = "__retiring` MOVE" in sql
+        if step is not None and not moved_back and hotcold.boundary(self._client, SPEC) > hotcold.EPOCH:
+            self._seen.append((step, _view_figures(self._client, self._span)))
+        return result
 
 
 def _plan(ch_client, job_stack, store):
@@ -156,9 +169,16 @@ def test_apply_drops_verified_partitions_and_keeps_one_that_differs(offloaded, c
     ch_client.command(f"ALTER TABLE bronze_trades_binance UPDATE price = price + 0.01 WHERE trade_id = {int(victim)}",
                       settings={"mutations_sync": 2})
     day0_rows, day1_rows = _count(ch_client, DAY0, DAY1), _count(ch_client, DAY1, DAY2)
+    # The figures of a range across the coming boundary (DAY1), before retention: the rows
+    # passing the checks, every column
+    span = (DAY0 + timedelta(hours=12), DAY1 + timedelta(hours=12))
+    types = {c.name: c.clickhouse_type for c in ib.describe_source(ch_client, SPEC)}
+    expected = quality.clickhouse_split_checksum(ch_client, SPEC, quality.rules(SPEC, types), types, *span).good
+    assert expected.rows > 1000
+    seen = []
     lines: list[str] = []
-    decisions = retention.apply_table(SPEC, ch_client=ch_client, catalog=job_stack.catalog, store=store,
-                                      dsn=ledger_dsn, now=NOW, log=lines.append)
+    decisions = retention.apply_table(SPEC, ch_client=_Watching(ch_client, span, seen), catalog=job_stack.catalog,
+                                      store=store, dsn=ledger_dsn, now=NOW, log=lines.append)
     by_id = {d.partition.partition_id: d for d in decisions}
     assert by_id["20261110"].dropped and by_id["20261110"].rows == day0_rows
     assert not by_id["20261111"].dropped
@@ -170,6 +190,15 @@ def test_apply_drops_verified_partitions_and_keeps_one_that_differs(offloaded, c
 
     boundary = store.retention_boundary(SPEC.name)
     assert (boundary.column, boundary.hot_from, boundary.offloadable_from) == ("event_time", DAY1, DAY1)
+
+    # The hot + cold view returned the same rows at every step of the run: the boundary
+    # moved to DAY1 (DAY0 from Iceberg, ClickHouse still holding it), DAY0 moved out of the
+    # table, DAY0 dropped; and now.
+    assert [step for step, _ in seen] == ["boundary moved", "partition moved out", "partition dropped"]
+    assert all(figures == expected for _, figures in seen), seen
+    assert hotcold.boundary(ch_client, SPEC) == DAY1
+    assert _view_figures(ch_client, span) == expected
+    assert _view_figures(ch_client, (DAY0, DAY2)).rows == day0_rows + day1_rows
 
     # What ClickHouse still holds verifies against Iceberg; the retired day is not compared.
     report = verify_table(SPEC, ch_client=ch_client, catalog=job_stack.catalog, start=DAY0, end=DAY1 + timedelta(hours=3),
@@ -205,6 +234,10 @@ def test_the_cli_plans_with_reasons_and_exits_1_for_a_kept_partition(offloaded, 
     assert any("differ between ClickHouse and Iceberg" in r for r in plan["20261111"]["reasons"])
     assert any("not in the offload ledger" in r for r in plan["20261112"]["reasons"])
     assert not plan["20261112"]["young"]
+    views = subprocess.run([str(Path(sys.executable).with_name("k2")), "retention", "views", "--table", SPEC.name],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert views.returncode == 0, views.stdout[-2000:] + views.stderr[-2000:]
+    assert "bronze_trades_binance_all: Iceberg before 2026-11-11T00:00:00+00:00" in views.stdout
 
 
 def test_the_airflow_task_fails_naming_the_kept_partition(offloaded, stack, ch_client, job_stack, monkeypatch):

@@ -53,9 +53,12 @@ DEFERRED_IMPORTS = {
     "k2.verify": "as k2.checksum: pyiceberg, pyarrow and numpy load where a table is verified",
     "k2.watermarks": "the commit operator (imported when DAGs are parsed) imports this; psycopg "
                      "and pyiceberg load when a task uses the store",
+    "k2.maintenance": "as k2.checksum: pyiceberg loads in the task that plans a maintenance run",
     "k2.metrics": "Airflow's StatsD client is made from the task's configuration on first use",
     "k2_provider.triggers.clickhouse_watermark": "DAG parsing imports the trigger; clickhouse-"
                                                  "connect loads in the triggerer that runs it",
+    "k2_provider.operators.maintenance": "DAG parsing imports the operators; pyiceberg loads in "
+                                         "the task that plans a maintenance run",
     "k2_provider.hooks.connections": "DAG parsing imports the operators and so this; psycopg "
                                      "loads in the task that connects",
     "spark_jobs.offload_to_iceberg": "the slice reader and writer run on executors, which get them "

@@ -449,3 +449,4 @@ def send_k2_samples(
     metrics.set_hot_max_event_time(table, now - hot_age)
     metrics.record_deadline_missed(table)
     metrics.record_retention(table, kept=0, dropped=1)
+    metrics.record_maintenance(table, data_files=12, snapshots=3, rewritten_files=96, orphan_files=1, finished=now)

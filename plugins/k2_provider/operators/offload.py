@@ -4,30 +4,28 @@ it - from ClickHouse to Iceberg with one spark-submit."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
-from airflow.sdk.log import mask_secret
 
 from k2 import metrics
 from k2.catchup import backlog, following, may_batch, plan_offload
-from k2.config import SPARK_JARS_DIR, cached_tables
-from k2.iceberg import find_offload_snapshots, load_catalog, spark_conf
+from k2.config import cached_tables
+from k2.iceberg import find_offload_snapshots, load_catalog
 from k2.intervals import parse_utc
 from k2.metrics import classify_error
 from k2.offload import (
     DEFAULT_APPLICATION,
     RESULT_MARKER,
     OffloadResultError,
-    job_jars,
     normalize_result,
     offload_range,
 )
 from k2.quality import quarantine_table_name
-from k2.runtime_env import SECRET_VARIABLES, IcebergSettings
+from k2.runtime_env import IcebergSettings
 from k2.watermarks import WatermarkStore, offload_lock
 from k2_provider.hooks.clickhouse import K2ClickHouseHook
 from k2_provider.hooks.connections import (
@@ -36,18 +34,15 @@ from k2_provider.hooks.connections import (
     iceberg_settings,
     watermark_store_dsn,
 )
+from k2_provider.operators.spark_job import DEFAULT_JARS_DIR, K2SparkJobOperator
 
 if TYPE_CHECKING:
-    from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
     from airflow.sdk import Context
 
     from k2.catchup import CatchupPlan, Interval
     from k2.config import TableSpec
     from k2.iceberg import OffloadSnapshot
     from k2.watermarks import LedgerEntry
-
-DEFAULT_JARS_DIR = SPARK_JARS_DIR
-
 
 # --------------------------------------------------------------------------------------
 # The operator
@@ -68,7 +63,7 @@ class _Facts:
         return set(self.ledger) | set(self.snapshots)
 
 
-class OffloadToIcebergOperator(SparkSubmitOperator):
+class OffloadToIcebergOperator(K2SparkJobOperator):
     """
     Offload ``[data_interval_start, data_interval_end)`` of one table to Iceberg with spark-submit;
     catching up, also the complete intervals after it, in the same Spark job.
@@ -130,6 +125,7 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         "interval_end",
     )
     ui_color = "#c6e6f5"
+    result_marker = RESULT_MARKER
 
     def __init__(
         self,
@@ -158,6 +154,7 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         super().__init__(
             application=str(application),
             jars=jars,
+            jars_dir=jars_dir,
             name=name or f"k2-offload-{table}",
             # The own interval's arguments, rendered with the other template fields; execute()
             # replaces them with the planned range (see _job_arguments).
@@ -182,53 +179,17 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         self.iceberg_conn_id = iceberg_conn_id
         self.postgres_conn_id = postgres_conn_id
         self.lock_poll_interval = lock_poll_interval
-        self.jars_dir = str(jars_dir)
-        self._result_lines: list[str] = []
         self._stage = "prepare"
 
     # Settings
 
-    def _default_jars(self) -> str | None:
-        jars = job_jars(self.jars_dir)
-        if not jars:
-            self.log.warning(
-                "no jars in %s; run `make setup` (mvn dependency:copy-dependencies)", self.jars_dir
-            )
-        return ",".join(jars) or None
-
     def _runtime_env(self) -> tuple[dict[str, str], IcebergSettings]:
         clickhouse = K2ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id).settings_for_spark()
         iceberg = iceberg_settings(self.iceberg_conn_id)
-        env = {**clickhouse.to_env(), **iceberg.to_env()}
-        for name in SECRET_VARIABLES:
-            if env.get(name):
-                mask_secret(env[name], name)
-        return env, iceberg
+        return {**clickhouse.to_env(), **iceberg.to_env()}, iceberg
 
     def _postgres_dsn(self) -> str:
         return watermark_store_dsn(self.postgres_conn_id)
-
-    def _get_hook(self) -> SparkSubmitHook:
-        """The spark-submit hook, keeping every result line of the job's output.
-
-        The hook itself keeps only a short tail of the output, which a long batch's result
-        lines may overflow.
-        """
-        hook = super()._get_hook()
-        process_log = hook._process_spark_submit_log
-        lines = self._result_lines
-
-        def keep_results(itr: Iterator[Any]) -> None:
-            def tee() -> Iterator[Any]:
-                for line in itr:
-                    if RESULT_MARKER in str(line):
-                        lines.append(str(line).strip())
-                    yield line
-
-            process_log(tee())
-
-        hook._process_spark_submit_log = keep_results  # type: ignore[method-assign]
-        return hook
 
     # Execute
 
@@ -378,24 +339,13 @@ class OffloadToIcebergOperator(SparkSubmitOperator):
         run_id: str,
         offloadable_from: datetime | None = None,
     ) -> dict[str, Any]:
-        # Set only now: rendered template fields were recorded before execute() (and are
-        # not re-recorded), so the values never reach the UI; the hook hands them to
-        # spark-submit through its environment (client mode) and does not log them.
-        self.env_vars = {**(self.env_vars or {}), **env}
-        self.conf = {**spark_conf(iceberg), **(self.conf or {})}
-        if not self.jars:
-            self.jars = self._default_jars()
+        self.use_settings(env, iceberg)
 
         def submit(arguments: list[str]) -> list[str]:
-            self.application_args = arguments
-            self._hook = None  # built by super().execute() from the arguments above
-            self._result_lines.clear()
             self._stage = "spark"
-            super(OffloadToIcebergOperator, self).execute(context)
+            lines = self.submit(context, arguments)
             self._stage = "result"
-            return self._result_lines or list(
-                getattr(self._hook, "_last_submit_log_lines", None) or []
-            )
+            return lines
 
         done = offload_range(
             spec, plan.intervals, run_id, iceberg=iceberg, submit=submit, log=self.log,
