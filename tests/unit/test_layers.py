@@ -59,6 +59,8 @@ DEFERRED_IMPORTS = {
                                                  "connect loads in the triggerer that runs it",
     "k2_provider.operators.maintenance": "DAG parsing imports the operators; pyiceberg loads in "
                                          "the task that plans a maintenance run",
+    "k2_provider.compat.deadline_clear": "Airflow's settings load it while Airflow starts, before "
+                                         "its models may be imported; they are imported when a clear runs",
     "k2_provider.hooks.connections": "DAG parsing imports the operators and so this; psycopg "
                                      "loads in the task that connects",
     "spark_jobs.offload_to_iceberg": "the slice reader and writer run on executors, which get them "
