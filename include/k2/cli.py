@@ -97,17 +97,23 @@ def local_down() -> None:
 
 @local_app.command("status")
 def local_status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Each service with its address, pid and health. Exit 1 when any is not healthy."""
+    """Each service and process of the local stack (those `k2 local up` starts, and Airflow's
+    and the feed that `k2 run` adds) with its address, pid and state: healthy, stopped, or
+    unhealthy (running but not answering). Exit 1 when any is unhealthy; a stopped stack
+    is not an error."""
+    from k2.local import airflow
     from k2.local import stack as local_stack
+    from k2.local.pipeline import live_feed
 
-    rows = local_stack.status(_stack())
+    rows = local_stack.status(_stack(), [*airflow.COMPONENTS, live_feed(0)])
     if as_json:
         typer.echo(json.dumps([{**row.__dict__, "state": row.state} for row in rows], indent=2))
     else:
-        typer.echo(f"{'service':<12} {'address':<22} {'pid':>8}  state")
+        width = max(len(row.name) for row in rows) + 2
+        typer.echo(f"{'service':<{width}}{'address':<22}{'pid':>8}  state")
         for row in rows:
-            typer.echo(f"{row.name:<12} {row.host + ':' + str(row.port):<22} {row.pid or '-':>8}  {row.state}")
-    if any(row.state != "healthy" for row in rows):
+            typer.echo(f"{row.name:<{width}}{row.address:<22}{row.pid or '-':>8}  {row.state}")
+    if any(row.state == "unhealthy" for row in rows):
         raise typer.Exit(1)
 
 

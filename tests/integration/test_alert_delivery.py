@@ -222,3 +222,20 @@ def test_rendered_configs_are_the_ones_running(mon: MonitoringStack) -> None:
     rules = _get_json(f"{mon.prometheus_url}/api/v1/rules")["data"]["groups"]
     assert {group["name"] for group in rules} == {"k2-recording", "k2-offload", "k2-airflow"}
     assert Path(mon.prometheus_config).is_file() and Path(mon.alertmanager_config).is_file()
+
+
+def test_the_pages_make_run_prints_answer(mon: MonitoringStack) -> None:
+    """The alerts page and the Alertmanager address `make run` prints are ones that answer on
+    this machine's Prometheus and Alertmanager (Debian's: the classic UI, no Alertmanager UI)."""
+    from k2.local.daemons import http_ok
+
+    alerts = monitoring.prometheus_alerts_page(mon)
+    assert alerts.startswith(mon.prometheus_url) and http_ok(alerts), alerts
+    with urllib.request.urlopen(alerts, timeout=10) as response:
+        page = response.read().decode()
+    assert "/api/v1/alerts" in alerts or "alert" in page.lower(), page[:500]
+    manager = monitoring.alertmanager_page(mon)
+    assert manager.startswith(mon.alertmanager_url) and http_ok(manager), manager
+    with urllib.request.urlopen(manager, timeout=10) as response:
+        assert monitoring.NO_ALERTMANAGER_UI not in response.read()  # not Debian's "no UI" page
+    print(f"\n[pages] Prometheus alerts: {alerts}; Alertmanager: {manager}")

@@ -82,7 +82,10 @@ def test_up_schema_feed_down_up_keeps_rows(own_stack_env):
 
     assert k2(env, "local", "down").returncode == 0
     stopped = k2(env, "local", "status")
-    assert stopped.returncode == 1 and "stopped" in stopped.stdout
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout  # stopped is a state, not an error
+    lines = stopped.stdout.splitlines()
+    assert {line.split()[0] for line in lines[1:]} >= {"postgres", "clickhouse", "airflow-scheduler", "feed"}
+    assert len({line.index("stopped") for line in lines[1:]}) == 1, stopped.stdout  # one column
     assert k2(env, "local", "up").returncode == 0
     assert _counts(env) == before
 

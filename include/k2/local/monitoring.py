@@ -152,6 +152,32 @@ class MonitoringStack(StackHome):
         return f"http://{self.host}:{self.alertmanager_port}"
 
 
+def prometheus_alerts_page(mon: MonitoringStack) -> str:
+    """The alerts page this Prometheus answers on: its web UI's /alerts, or /classic/alerts
+    (Debian's package ships only the classic UI); the API when neither answers."""
+    for path in ("/alerts", "/classic/alerts"):
+        if http_ok(f"{mon.prometheus_url}{path}"):
+            return f"{mon.prometheus_url}{path}"
+    return f"{mon.prometheus_url}/api/v1/alerts"
+
+
+# What Debian's Alertmanager answers on / instead of its web UI
+NO_ALERTMANAGER_UI = b"does not include a web"
+
+
+def alertmanager_page(mon: MonitoringStack) -> str:
+    """Alertmanager's web UI when it has one; else its alerts API (Debian's package is built
+    without the UI and answers / with a page saying so: `amtool --alertmanager.url=<url>
+    alert` reads the same as the API)."""
+    try:
+        with urllib.request.urlopen(f"{mon.alertmanager_url}/", timeout=2) as response:
+            if NO_ALERTMANAGER_UI not in response.read():
+                return mon.alertmanager_url
+    except OSError:
+        pass
+    return f"{mon.alertmanager_url}/api/v2/alerts"
+
+
 def airflow_metrics_env(mon: MonitoringStack) -> dict[str, str]:
     """`[metrics]` settings that point every Airflow process at this stack's exporter.
 

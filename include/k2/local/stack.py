@@ -136,9 +136,13 @@ def down(stack: LocalStack, log: Callable[[str], None] = print) -> None:
 class ServiceStatus:
     name: str
     host: str
-    port: int
+    port: int | None  # None: a process without a port of its own (scheduler, feed)
     pid: int | None
     healthy: bool
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}" if self.port is not None else "-"
 
     @property
     def state(self) -> str:
@@ -147,9 +151,11 @@ class ServiceStatus:
         return "healthy" if self.healthy else "unhealthy"
 
 
-def status(stack: LocalStack) -> list[ServiceStatus]:
+def status(stack: LocalStack, extra: list[Daemon] | tuple[Daemon, ...] = ()) -> list[ServiceStatus]:
+    """Every service of the stack, then the `extra` processes (Airflow's, the feed: what
+    `k2 run` starts), each with its address, pid and health."""
     rows = []
-    for service in SERVICES:
+    for service in [*SERVICES, *(_service(d) for d in extra)]:
         pid = service.pid(stack)
         rows.append(
             ServiceStatus(
