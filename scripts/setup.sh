@@ -111,4 +111,16 @@ else
   die "prometheus, promtool and prometheus-alertmanager are missing: install the Debian packages 'prometheus' and 'prometheus-alertmanager' (needs root)."
 fi
 
+step "Chromium and ChromeDriver for the browser drills (Debian packages)"
+# Playwright (requirements.txt) drives this browser: it never downloads one of its own.
+if [ -x /usr/bin/chromium ]; then
+  echo "up to date"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+else
+  die "chromium is missing: install the Debian packages 'chromium' and 'chromium-driver' (needs root)."
+fi
+
 step "setup complete"

@@ -274,3 +274,39 @@ def test_every_panel_query_returns_data_from_the_real_runs(stack, real_runs: Rea
     runs = query(prometheus_url, f'airflow_dagrun_duration_seconds_count{{dag_id="{SPEC.dag_id}"}}')
     assert {r["metric"].get("state") for r in runs} >= {"failed", "success"}, runs
     assert has_data(query(prometheus_url, f'k2:offload_lag_seconds{{table="{SPEC.name}"}}'))
+
+
+def test_clearing_the_failed_run_in_the_ui_re_runs_it_to_success(stack, hot_data, airflow_running,
+                                                                  real_runs: RealRuns):
+    """A browser drill: the operator opens the failed run's offload task in the Airflow UI,
+    clears it with its downstream task in the Clear dialog, and the run succeeds; the
+    interval verifies clean (one copy of each row after the re-offload)."""
+    from k2_dag_factory import TASK_OFFLOAD
+    from tests.integration.browser import browser_page, log_in
+    from tests.integration.test_faults_airflow import _verify_clean
+
+    dag_id, run_id = SPEC.dag_id, real_runs.failed_run
+    base = f"http://{stack.host}:{stack.airflow_port}"
+    airflow_running.set_paused(dag_id, False)  # cleared tasks run only while the DAG is unpaused
+    try:
+        with browser_page("ui_clear_failed_run") as page:
+            log_in(page, base, "admin", stack.credentials["airflow_admin_password"])
+            page.goto(f"{base}/dags/{dag_id}/runs/{run_id}/tasks/{TASK_OFFLOAD}")
+            page.get_by_role("button", name="Press shift+c to clear").click()
+            dialog = page.get_by_role("dialog")
+            dialog.get_by_text("Affected Tasks: 2").wait_for()  # the offload and, downstream, the commit
+            dialog.get_by_role("button", name="Confirm").click()
+            dialog.wait_for(state="hidden")
+        left = poll(lambda: airflow_sql(stack, "SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s",
+                                        dag_id, run_id)[0][0] != "failed", 120, 1)
+        assert left, f"{run_id} is still failed after the UI's clear"
+        assert airflow_running.run_state_by_id(dag_id, run_id, timeout=600) == "success"
+    finally:
+        airflow_running.pause_quietly(dag_id)
+    _verify_clean(stack, hot_data, SPEC, *_interval_of(stack, dag_id, run_id), "UI clear")
+
+
+def _interval_of(stack, dag_id: str, run_id: str):
+    (start, end), = airflow_sql(stack, "SELECT data_interval_start, data_interval_end FROM dag_run "
+                                       "WHERE dag_id = %s AND run_id = %s", dag_id, run_id)
+    return start, end
