@@ -59,8 +59,8 @@ def ensure_boundary_table(client: Any) -> None:
 
 
 def set_boundary(client: Any, spec: TableSpec, column: str, hot_from: datetime) -> None:
-    """Rows of `spec` whose `column` is before `hot_from` are read from Iceberg from now on."""
-    ensure_boundary_table(client)
+    """Rows of `spec` whose `column` is before `hot_from` are read from Iceberg from now on
+    (the boundary table exists: ensure_boundary_table)."""
     client.command(
         f"INSERT INTO {BOUNDARY_TABLE} SELECT {{t:String}}, {{c:String}}, "
         "fromUnixTimestamp64Milli({h:Int64}, 'UTC'), toUInt64(toUnixTimestamp64Nano(now64(9)))",
@@ -70,8 +70,8 @@ def set_boundary(client: Any, spec: TableSpec, column: str, hot_from: datetime) 
 
 
 def boundary(client: Any, spec: TableSpec) -> datetime:
-    """The boundary the view uses now (1970-01-01: no retention yet)."""
-    ensure_boundary_table(client)
+    """The boundary the view uses now (1970-01-01: no retention yet; the boundary table
+    exists: ensure_boundary_table)."""
     value = client.query(_boundary_sql(spec)).first_row[0]
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 

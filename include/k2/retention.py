@@ -284,8 +284,10 @@ def apply_table(spec: TableSpec, *, ch_client: Any, catalog: Any, store: Waterma
         # The hot + cold view's boundary is where the hot tier starts (k2.hotcold)
         retired = store.retention_boundary(spec.name)
         hot_from = retired.hot_from if retired is not None else hotcold.EPOCH
-        if not dry_run and hotcold.boundary(ch_client, spec) != hot_from:
-            hotcold.set_boundary(ch_client, spec, key.column, hot_from)
+        if not dry_run:
+            hotcold.ensure_boundary_table(ch_client)
+            if hotcold.boundary(ch_client, spec) != hot_from:
+                hotcold.set_boundary(ch_client, spec, key.column, hot_from)
         view_ready = False
         ch_client.command(f"SYSTEM STOP MERGES {quote_identifier(table)}")
         try:
