@@ -36,6 +36,7 @@ AIRFLOW_LANE_MODULES = frozenset(
         "test_offload_dag",
         "test_outage_catchup",
         "test_fault_stopped_feed",
+        "test_runbook_drills",
         "test_ui_drills",
     )
 )

@@ -91,3 +91,18 @@ def test_slow_run_emails_once_fast_run_does_not(stack, airflow_running, start_da
     messages = _emails(stack)
     assert _about(messages, fast_run) == []
     assert len(_about(messages, slow_run)) == 1
+    _deadline_missed_drill(stack, slow_run)
+
+
+def _deadline_missed_drill(stack, run_id: str) -> None:
+    """The runbook's "Deadline missed", as written (tests/runbooks.py), on the run that just
+    missed it: the run is listed, and its tasks show where it is held (the sensor waiting for
+    hot data, which sends the reader on to "Feed stopped")."""
+    from tests.runbooks import Drill
+
+    with Drill("Deadline missed", home=stack.home, table=SPEC.name, env_file=stack.home / "airflow.env",
+               values={"<run_id>": run_id}) as drill:
+        assert run_id in drill.run("list-runs").stdout
+        states = drill.run("states-for-dag-run").stdout
+        held = [line for line in states.splitlines() if "wait_for_hot_data" in line]
+        assert held and not any(state in held[0] for state in ("success", "failed")), states

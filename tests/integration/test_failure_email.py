@@ -1,19 +1,25 @@
-"""Task-failure emails on the real scheduler, and the Grafana dashboard against the real runs.
+"""Task-failure emails on the real scheduler, the Grafana dashboard against the real runs, and
+the operator's ways back from a failed run: the runbooks' commands and the Airflow UI.
 
-One interval of gold_ohlcv_1m fails for good through a real PostgreSQL fault: a trigger
-refuses the ledger write of that interval, so its commit_watermark fails all its tries.
-The task's on_failure_callback (the SMTP provider's notifier) must send exactly one email
-to the stack's SMTP sink naming the DAG, task and run - none for the retries - and the
-runs that succeed (the next interval's scheduled run, then a re-run of the failed
-interval once the fault is gone) none at all. Afterwards every panel query of the
-dashboard must return data from the session's own Prometheus, which watched these runs
-(and whatever else ran in the session) through statsd_exporter.
+The first two intervals of gold_ohlcv_1m fail for good through a real PostgreSQL fault: a
+trigger refuses their ledger writes, so commit_watermark fails all its tries - in their two
+scheduled runs and in two manual runs of the same intervals started beside them (four
+failed runs). The task's on_failure_callback (the SMTP provider's notifier) must send
+exactly one email per failed run to the stack's SMTP sink naming the DAG, task and run -
+none for the retries - and the run that succeeds (a re-run of the second interval once the
+fault is gone) none at all. That leaves the watermark at the first interval with the
+second committed after the gap: every panel query of the dashboard must return data from
+the session's own Prometheus; the runbooks' "First look", "Watermark recovery" and "Offload
+failure" are then run as written on the first interval's failed scheduled run; and the two
+failed manual runs are brought back in the Airflow UI, one by clearing its offload with its
+downstream commit, one by retrying the failed commit alone. Each ends with the interval
+verified clean.
 
 Tables used here (and by no other Airflow test): gold_ohlcv_1m.
 
-About 4 minutes in the suite, nearly all in its module fixture (`real_runs`): a commit
-fails all four tries (10, 20, 40 s backoff), then two more runs succeed, then Prometheus
-must scrape them.
+About 6 minutes in the suite: the module fixture (`real_runs`: four runs whose commit fails
+all four tries, 10, 20, 40 s backoff, then a re-run), Prometheus scraping them, and the
+recoveries (a re-offload and three cleared runs).
 """
 
 from __future__ import annotations
@@ -55,8 +61,9 @@ MAIL_WAIT = 30.0
 # --- the fault -------------------------------------------------------------------------
 
 
-def _refuse_ledger_write(stack, table: str, interval_start: datetime) -> None:
-    """A real PostgreSQL fault: every ledger write of that one interval of `table` fails."""
+def _refuse_ledger_write(stack, table: str, *interval_starts: datetime) -> None:
+    """A real PostgreSQL fault: every ledger write of those intervals of `table` fails."""
+    starts = ", ".join(f"'{start.isoformat()}'::timestamptz" for start in interval_starts)
     with psycopg.connect(stack.postgres_dsn("k2")) as conn:
         conn.execute(
             f"""
@@ -69,7 +76,7 @@ def _refuse_ledger_write(stack, table: str, interval_start: datetime) -> None:
         conn.execute(
             f"CREATE TRIGGER {REFUSE_FUNCTION} BEFORE INSERT OR UPDATE ON k2_offload_ledger "
             f"FOR EACH ROW WHEN (NEW.table_name = '{table}' "
-            f"AND NEW.interval_start = '{interval_start.isoformat()}'::timestamptz) "
+            f"AND NEW.interval_start IN ({starts})) "
             f"EXECUTE FUNCTION {REFUSE_FUNCTION}()"
         )
 
@@ -172,47 +179,54 @@ def _body(mail: Message) -> str:
 
 @dataclass
 class RealRuns:
-    failed_run: str
+    failed_run: str  # the first interval's scheduled run
+    failed_runs: list[str]  # all four: [scheduled first, scheduled second, manual first, manual second]
     succeeded_runs: list[str]
     first_run_started_alone: bool
     seconds: float
 
+    @property
+    def manual_failed(self) -> tuple[str, str]:
+        return self.failed_runs[2], self.failed_runs[3]
+
 
 @pytest.fixture(scope="module")
 def real_runs(stack, hot_data, airflow_running, start_date: datetime):
-    """Scheduled catch-up of gold_ohlcv_1m with its first interval's ledger write refused
-    (that run fails, the next one succeeds), then a manual re-run of the first interval once
-    the fault is gone. The DAG is paused again afterwards."""
+    """Scheduled catch-up of gold_ohlcv_1m with the ledger writes of its first two intervals
+    refused: their scheduled runs and a manual run of each fail; then, the fault gone, a
+    manual re-run of the second interval succeeds. The DAG is paused again afterwards."""
     began = time.monotonic()
     dag_id = SPEC.dag_id
+    first, second = start_date, start_date + INTERVAL
     prometheus_url = MonitoringStack.for_local_stack(stack).prometheus_url
     WatermarkStore(stack.postgres_dsn("k2")).migrate()  # the ledger table the fault sits on
-    _refuse_ledger_write(stack, SPEC.name, start_date)
+    _refuse_ledger_write(stack, SPEC.name, first, second)
+    stamp = int(first.timestamp())
     try:
         try:
             alone = _unpause_first_run_alone(airflow_running, prometheus_url, dag_id)
-            failed_run = _scheduled_run_id(stack, dag_id, start_date)
-            next_run = _scheduled_run_id(stack, dag_id, start_date + INTERVAL)
-            assert airflow_running.run_state_by_id(dag_id, failed_run, timeout=600) == "failed"
-            assert airflow_running.run_state_by_id(dag_id, next_run, timeout=300) == "success"
+            manual = [airflow_running.trigger(dag_id, f"manual__failure_email_{n}_{stamp}", s, s + INTERVAL)
+                      for n, s in ((1, first), (2, second))]
+            failed = [_scheduled_run_id(stack, dag_id, first), _scheduled_run_id(stack, dag_id, second), *manual]
+            for run_id in failed:
+                assert airflow_running.run_state_by_id(dag_id, run_id, timeout=600) == "failed", run_id
         finally:
             _allow_ledger_writes(stack)
-        rerun = airflow_running.trigger(
-            dag_id, f"manual__failure_email_rerun_{int(start_date.timestamp())}",
-            start_date, start_date + INTERVAL,
-        )
+        rerun = airflow_running.trigger(dag_id, f"manual__failure_email_rerun_{stamp}", second,
+                                        second + INTERVAL, nth=2)
         assert airflow_running.run_state_by_id(dag_id, rerun, timeout=300) == "success"
     finally:
         airflow_running.cli("dags", "pause", dag_id)
     seconds = time.monotonic() - began
     print(f"\n[failure email] runs took {seconds:.0f} s; first scheduled run started alone: "
           f"{alone}")
-    return RealRuns(failed_run, [next_run, rerun], alone, seconds)
+    return RealRuns(failed[0], failed, [rerun], alone, seconds)
 
 
 def test_a_task_that_fails_for_good_emails_once_naming_dag_task_and_run(stack, real_runs: RealRuns):
     # the worker sends it after reporting the failure
-    poll(lambda: _about(_failure_emails(stack, SPEC.dag_id), real_runs.failed_run), MAIL_WAIT)
+    poll(lambda: all(_about(_failure_emails(stack, SPEC.dag_id), run_id) for run_id in real_runs.failed_runs),
+         MAIL_WAIT)
     mails = _failure_emails(stack, SPEC.dag_id)
     print(f"\n[failure email] failure emails for {SPEC.dag_id}: {len(mails)}: "
           f"{[_subject(m) for m in mails]}")
@@ -226,8 +240,10 @@ def test_a_task_that_fails_for_good_emails_once_naming_dag_task_and_run(stack, r
              "ledger write of gold_ohlcv_1m", f"/dags/{SPEC.dag_id}/runs/")
     for fact in facts:
         assert fact in body, f"{fact!r} not in the email:\n{body}"
-    # commit_watermark failed four times; only the last one is a failure for good.
-    assert len(mails) == 1, [_subject(m) for m in mails]
+    # commit_watermark failed four times in each run; only the last one is a failure for good.
+    for run_id in real_runs.failed_runs:
+        assert len(_about(mails, run_id)) == 1, (run_id, [_subject(m) for m in mails])
+    assert len(mails) == len(real_runs.failed_runs), [_subject(m) for m in mails]
 
 
 def test_failed_tries_name_their_error_for_the_demo_report(stack, real_runs: RealRuns):
@@ -276,34 +292,107 @@ def test_every_panel_query_returns_data_from_the_real_runs(stack, real_runs: Rea
     assert has_data(query(prometheus_url, f'k2:offload_lag_seconds{{table="{SPEC.name}"}}'))
 
 
-def test_clearing_the_failed_run_in_the_ui_re_runs_it_to_success(stack, hot_data, airflow_running,
-                                                                  real_runs: RealRuns):
-    """A browser drill: the operator opens the failed run's offload task in the Airflow UI,
-    clears it with its downstream task in the Clear dialog, and the run succeeds; the
-    interval verifies clean (one copy of each row after the re-offload)."""
-    from k2_dag_factory import TASK_OFFLOAD
+def _watermark(stack) -> datetime:
+    return WatermarkStore(stack.postgres_dsn("k2")).get(SPEC.name).watermark_ts
+
+
+def test_runbooks_bring_back_the_interval_at_the_watermark(stack, airflow_running, real_runs: RealRuns,
+                                                          start_date: datetime):
+    """The runbooks' "First look", "Watermark recovery" and "Offload failure", run as written
+    (tests/runbooks.py) in the state they describe: the watermark stuck at the first
+    interval, whose scheduled run failed, with the second interval committed after the gap.
+    The fix is the Offload failure clear of the failed run; it measures the time to recover
+    that both sections quote."""
+    from tests.runbooks import FIRST_LOOK, Drill
+
+    dag_id, run_id, first = SPEC.dag_id, real_runs.failed_run, start_date
+    assert _watermark(stack) == first, "the failed first interval holds the watermark"
+    where = dict(home=stack.home, table=SPEC.name, env_file=stack.home / "airflow.env")
+    window = {"<start>": first.isoformat(), "<end>": (first + INTERVAL).isoformat(),
+              "<first failed start>": first.isoformat(), "<last failed start>": first.isoformat(),
+              "<run_id>": run_id, "<watermark>": first.isoformat()}
+    try:
+        with Drill(FIRST_LOOK, **where) as look:
+            assert SPEC.name in look.run("k2 health", expect=(0, 1, 2)).stdout
+            assert first.strftime("%Y-%m-%d %H:%M:%S") in look.run("k2 watermark show").stdout
+            failed = look.run("--state failed").stdout
+            assert all(r in failed for r in real_runs.failed_runs), failed
+            look.run("amtool")
+        with Drill("Watermark recovery", **where, values=window) as recovery:
+            shown = recovery.run("k2 watermark show").stdout
+            row = next(line for line in shown.splitlines() if line.startswith(SPEC.name + " "))
+            assert int(row.split()[-1]) >= 1, f"no pending interval after the gap: {row}"
+            assert run_id in recovery.run("--state failed").stdout
+            recovery.run("--state running")
+            recovery.run("airflow dags unpause")  # cleared tasks run only while the DAG is unpaused
+            with Drill("Offload failure", **where, values=window) as offload:
+                offload.run("k2 health", expect=(0, 1, 2))
+                offload.run("k2 local status")
+                states = offload.run("states-for-dag-run").stdout
+                assert "commit_watermark" in states and "failed" in states, states
+                offload.run("k2 verify", expect=(0, 1))
+                began = time.monotonic()
+                offload.run("airflow tasks clear")
+                wait_until(lambda: _watermark(stack) > first, 600, "the watermark past the cleared interval")
+                recovered = time.monotonic() - began
+                assert airflow_running.run_state_by_id(dag_id, run_id) == "success"
+                offload.run("k2 watermark show")
+                offload.run("k2 verify", expect=0)
+                offload.recovered(recovered)
+                # The way round a clear that fails: outside Airflow, the same interval again.
+                assert "late rows now 0." in offload.run("k2 reoffload").stdout
+            recovery.run("k2 verify", **{"<new watermark>": _watermark(stack).isoformat()})
+            recovery.recovered(recovered)
+    finally:
+        airflow_running.pause_quietly(dag_id)
+
+
+def _ui_recovery(stack, hot_data, airflow_running, run_id: str, task: str, affected: int, label: str) -> None:
+    """Open the task instance of the failed run in the Airflow UI, clear it in the Clear
+    dialog (its downstream tasks with it, as the dialog proposes), and wait for the run to
+    succeed; the interval then verifies clean (one copy of each row)."""
     from tests.integration.browser import browser_page, log_in
     from tests.integration.test_faults_airflow import _verify_clean
 
-    dag_id, run_id = SPEC.dag_id, real_runs.failed_run
+    dag_id = SPEC.dag_id
     base = f"http://{stack.host}:{stack.airflow_port}"
     airflow_running.set_paused(dag_id, False)  # cleared tasks run only while the DAG is unpaused
     try:
-        with browser_page("ui_clear_failed_run") as page:
+        with browser_page(label) as page:
             log_in(page, base, "admin", stack.credentials["airflow_admin_password"])
-            page.goto(f"{base}/dags/{dag_id}/runs/{run_id}/tasks/{TASK_OFFLOAD}")
+            page.goto(f"{base}/dags/{dag_id}/runs/{run_id}/tasks/{task}")
             page.get_by_role("button", name="Press shift+c to clear").click()
             dialog = page.get_by_role("dialog")
-            dialog.get_by_text("Affected Tasks: 2").wait_for()  # the offload and, downstream, the commit
+            dialog.get_by_text(f"Affected Tasks: {affected}").wait_for()
             dialog.get_by_role("button", name="Confirm").click()
             dialog.wait_for(state="hidden")
         left = poll(lambda: airflow_sql(stack, "SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s",
                                         dag_id, run_id)[0][0] != "failed", 120, 1)
         assert left, f"{run_id} is still failed after the UI's clear"
         assert airflow_running.run_state_by_id(dag_id, run_id, timeout=600) == "success"
+        tries = airflow_sql(stack, "SELECT task_id, try_number FROM task_instance WHERE dag_id = %s "
+                                   "AND run_id = %s", dag_id, run_id)
+        print(f"\n[{label}] {run_id}: success; tries {dict(tries)}")
     finally:
         airflow_running.pause_quietly(dag_id)
-    _verify_clean(stack, hot_data, SPEC, *_interval_of(stack, dag_id, run_id), "UI clear")
+    _verify_clean(stack, hot_data, SPEC, *_interval_of(stack, dag_id, run_id), label)
+
+
+def test_clearing_the_failed_run_in_the_ui_re_runs_it_to_success(stack, hot_data, airflow_running,
+                                                                  real_runs: RealRuns):
+    """A browser drill: the operator opens a failed run's offload task in the Airflow UI,
+    clears it with its downstream task (the commit) in the Clear dialog, and the run
+    succeeds: the interval re-offloaded and committed."""
+    from k2_dag_factory import TASK_OFFLOAD
+
+    _ui_recovery(stack, hot_data, airflow_running, real_runs.manual_failed[1], TASK_OFFLOAD, 2, "ui_clear_failed_run")
+
+
+def test_retrying_the_failed_task_in_the_ui_commits_the_interval(stack, hot_data, airflow_running,
+                                                                  real_runs: RealRuns):
+    """A browser drill: the operator retries only the task that failed (commit_watermark, no
+    downstream) from its page in the UI; the offload's result of the first try is committed."""
+    _ui_recovery(stack, hot_data, airflow_running, real_runs.manual_failed[0], TASK_COMMIT, 1, "ui_retry_failed_task")
 
 
 def _interval_of(stack, dag_id: str, run_id: str):

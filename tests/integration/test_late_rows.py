@@ -288,3 +288,42 @@ def test_late_rows_are_included_detected_counted_and_reoffloaded(
         f"Spark jobs {wall0:.1f} s + {wall1:.1f} s; whole scenario {time.monotonic() - started:.1f} s"
     )
 
+
+
+def _quarantined(job_stack, interval) -> list[int]:
+    """Trade ids in the quarantine table for that interval."""
+    from pyiceberg.expressions import EqualTo
+
+    from k2 import quality
+
+    table = job_stack.catalog.load_table(quality.quarantine_table_name(SPEC))
+    rows = table.scan(row_filter=EqualTo(quality.INTERVAL_START_COLUMN, interval[0].isoformat())).to_arrow()
+    return sorted(int(v) for v in rows.column("trade_id").to_pylist())
+
+
+def test_the_quarantine_runbook_repairs_a_bad_row(stack, ch_client, job_stack, watermark_dsn):
+    """The runbook's "Quarantined rows", as written (tests/runbooks.py), against this module's
+    ClickHouse database, catalog and ledger (after the test above): a trade with price 0
+    reaches I1 and the interval's re-run sets it aside in the quarantine table - the state
+    K2RowsQuarantined reports. The look verifies both halves; the fix corrects the row in
+    ClickHouse and re-offloads the interval: the row moves from the quarantine to the table."""
+    from tests.runbooks import Drill
+
+    env = {**job_stack.clickhouse.to_env(), **job_stack.iceberg.to_env(), "K2_WATERMARK_DSN": watermark_dsn}
+    bad = _next_trade_id(ch_client)
+    _insert_trades(ch_client, [bad], [I1[0] + timedelta(minutes=6)])
+    ch_client.command(f"ALTER TABLE bronze_trades_kraken UPDATE price = 0 WHERE trade_id = {bad}",
+                      settings={"mutations_sync": 2})
+    i1 = f"{I1[0]:%Y-%m-%dT%H:%M:%SZ}"
+    rerun = _k2({**os.environ, **env}, "reoffload", "--table", SPEC.name, "--interval-start", i1)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _quarantined(job_stack, I1) == [bad]
+    with Drill("Quarantined rows", home=stack.home, table=SPEC.name, env=env,
+               values={"<interval start>": I1[0].isoformat(), "<interval end>": I1[1].isoformat()}) as drill:
+        drill.run("k2 verify")  # the bad row is in the quarantine: both halves match ClickHouse
+        ch_client.command(f"ALTER TABLE bronze_trades_kraken UPDATE price = 50000.5 WHERE trade_id = {bad}",
+                          settings={"mutations_sync": 2})
+        drill.run("k2 reoffload")
+        drill.run("k2 verify")
+    assert _quarantined(job_stack, I1) == []
+    assert _iceberg_trade_ids(job_stack, [bad]) == [bad]

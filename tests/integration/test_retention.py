@@ -262,6 +262,34 @@ def test_the_airflow_task_fails_naming_the_kept_partition(offloaded, stack, ch_c
     assert _count(ch_client, DAY1, DAY2) == day1_rows
 
 
+def test_the_retention_runbook_unblocks_the_partition_that_differs(offloaded, stack, ch_client, job_stack,
+                                                                  ledger_dsn):
+    """The runbook's "Retention blocked", as written (tests/runbooks.py), against this
+    module's ClickHouse database, catalog and ledger: DAY1 is kept because one interval's
+    row changed after the offload. The look names it, the fix re-offloads that interval, and
+    retention then drops DAY1 after verification - stopping, as the runbook says, at the next
+    partition it keeps (DAY2, never fully offloaded)."""
+    from tests.runbooks import Drill
+
+    changed = DAY1 + timedelta(hours=3)
+    env = {**job_stack.clickhouse.to_env(), **job_stack.iceberg.to_env(), "K2_WATERMARK_DSN": ledger_dsn}
+    day1_rows = _count(ch_client, DAY1, DAY2)
+    with Drill("Retention blocked", home=stack.home, table=SPEC.name, env=env,
+               values={"<start>": changed.isoformat(), "<end>": (changed + INTERVAL).isoformat()}) as drill:
+        plan = drill.run("k2 retention plan --table T", expect=1).stdout
+        assert "partition 20261111" in plan and "KEPT" in plan and "differ between ClickHouse and Iceberg" in plan, plan
+        drill.run("k2 verify", expect=1)
+        drill.run("k2 watermark show")
+        assert "late rows now 0." in drill.run("k2 reoffload").stdout
+        drill.run("k2 verify")
+        applied = drill.run("k2 retention apply", expect=1).stdout
+        day1 = next(line for line in applied.splitlines() if "partition 20261111" in line)
+        assert "dropped after verification" in day1, applied
+        assert "partition 20261112" in applied and "not in the offload ledger" in applied, applied
+        left = drill.run("k2 retention plan --table T", expect=1).stdout
+        assert "20261111" not in left, left
+    assert _count(ch_client, DAY1, DAY2) == 0 and day1_rows > 0
+
 
 GOLD = load_tables().get("gold_ohlcv_30m")  # partitioned by month of window_start, intervals by window_end
 OCT31 = datetime(2026, 10, 31, 12, tzinfo=timezone.utc)
