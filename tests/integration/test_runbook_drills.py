@@ -75,7 +75,8 @@ def test_import_errors_runbook_finds_the_broken_file(stack, airflow_running):
     the dag-processor records the error. The runbook's look names the file (tables.yaml
     itself loads, the DAG integrity tests fail on it); the fix is a corrected file, after
     which the error list is empty."""
-    BROKEN_DAG.write_text('"""A DAG file with an error."""\n\nfrom k2_dag_factory import no_such_factory\n')
+    # (The dag-processor's safe mode parses only files that mention both "airflow" and "dag".)
+    BROKEN_DAG.write_text('"""An Airflow DAG file with an error."""\n\nfrom k2_dag_factory import no_such_factory\n')
     try:
         wait_until(lambda: any(name.endswith(BROKEN_DAG.name) for name in _import_errors(airflow_running)), 300,
                    f"the dag-processor recording {BROKEN_DAG.name}'s import error", 3)
@@ -84,7 +85,7 @@ def test_import_errors_runbook_finds_the_broken_file(stack, airflow_running):
             assert BROKEN_DAG.name in listed and "no_such_factory" in listed, listed
             drill.run("load_tables()")
             assert BROKEN_DAG.name in drill.run("pytest tests/dags", expect=1).stdout
-            BROKEN_DAG.write_text('"""A DAG file, corrected: it holds no DAG."""\n')
+            BROKEN_DAG.write_text('"""An Airflow DAG file, corrected: it holds no DAG."""\n')
             wait_until(lambda: not any(name.endswith(BROKEN_DAG.name) for name in _import_errors(airflow_running)),
                        300, f"{BROKEN_DAG.name}'s import error cleared", 3)
             assert BROKEN_DAG.name not in drill.run("airflow dags list-import-errors").stdout
@@ -119,7 +120,7 @@ def test_late_rows_runbook_and_a_rerun_held_by_another_lock_holder(stack, hot_da
         late = [item for table in report for item in table["late_rows"]]
         assert [(item["start"], item["rows"]) for item in late] == [(by_cli.isoformat(), 2)], late
         assert "late rows now 0." in drill.run("k2 reoffload", **_window(by_cli)).stdout
-        drill.run("k2 verify --table T --from", **_window(by_cli))
+        drill.run("k2 verify --table T --from <start> --to <end>", **_window(by_cli))
         # Through Airflow: the cleared run re-offloads its own interval - behind the lock.
         with _drill(stack, "Performance degradation") as slow, _offload_lock_held(stack, SPEC.name) as release:
             before = store.ledger_entry(SPEC.name, by_airflow)
@@ -141,7 +142,7 @@ def test_late_rows_runbook_and_a_rerun_held_by_another_lock_holder(stack, hot_da
                 slow.recovered(time.monotonic() - released)
             finally:
                 airflow_running.pause_quietly(SPEC.dag_id)
-        drill.run("k2 verify --table T --from", **_window(by_airflow))
+        drill.run("k2 verify --table T --from <start> --to <end>", **_window(by_airflow))
     for start in (by_cli, by_airflow):
         _verify_clean(stack, hot_data, SPEC, start, start + INTERVAL, "late rows runbook")
 

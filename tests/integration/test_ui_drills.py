@@ -81,8 +81,11 @@ def test_every_address_make_run_prints_answers_in_the_browser(stack, airflow_run
     with browser_page("ui_first_hour_addresses") as page:
         for line in banner.splitlines():
             label = re.match(r"\s+(Airflow UI|Prometheus|Alertmanager|ClickHouse)\s", line)
-            for url in re.findall(r"https?://[^\s,]+", line):
-                what = "alerts" if f"alerts: {url}" in line else label.group(1)
+            words = line.split()
+            for n, url in enumerate(words):
+                if not url.startswith("http"):
+                    continue
+                what = "alerts" if words[n - 1] == "alerts:" else label.group(1)
                 response = page.goto(url)
                 assert response is not None and response.ok, f"{what} {url}: HTTP {response and response.status}"
                 shows[what](page, response)
@@ -127,8 +130,8 @@ def test_a_backfill_of_two_intervals_started_from_the_ui(stack, hot_data, airflo
             dialog.get_by_text("Backfill", exact=True).click()
             for n, moment in enumerate((first, second)):  # the pickers show UTC
                 dialog.get_by_test_id("datetime-input").nth(n).click()
-                page.get_by_placeholder("YYYY/MM/DD").fill(f"{moment:%Y/%m/%d}")
-                page.get_by_placeholder("HH:mm").fill(f"{moment:%H:%M}")
+                page.get_by_placeholder("YYYY/MM/DD").nth(n).fill(f"{moment:%Y/%m/%d}")
+                page.get_by_placeholder("HH:mm").nth(n).fill(f"{moment:%H:%M}")
                 page.keyboard.press("Enter")
                 page.keyboard.press("Escape")
             dialog.get_by_text(f"{first:%b %d, %Y %H:%M}").wait_for()
