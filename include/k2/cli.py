@@ -70,17 +70,27 @@ def clickhouse_client(stack=None):
 
 
 @local_app.command("up")
-def local_up() -> None:
+def local_up(
+    spark_cluster: bool = typer.Option(
+        False, "--spark-cluster",
+        help="Also a Spark standalone master and two workers on 127.0.0.1 (spark_default then points "
+        "at it under `k2 run`; ports K2_SPARK_MASTER_PORT, K2_SPARK_MASTER_UI_PORT, K2_SPARK_WORKER_UI_PORTS)."),
+) -> None:
     """Start the local services on 127.0.0.1 (idempotent)."""
     from k2.local import stack as local_stack
     from k2.local.processes import StackError
 
     stack = _stack()
     try:
-        local_stack.up(stack)
+        local_stack.up(stack, with_spark_cluster=spark_cluster)
     except StackError as exc:
         _fail(str(exc))
     typer.echo(f"local stack up; data in {stack.home}")
+    if spark_cluster:
+        from k2.local.spark_cluster import SparkCluster
+
+        cluster = SparkCluster.from_env(stack.home)
+        typer.echo(f"Spark cluster: {cluster.master_url} (workers and applications: {cluster.master_ui})")
 
 
 @local_app.command("down")

@@ -31,7 +31,7 @@ from k2.config import load_tables
 from k2.health import ALERT_RULES
 from k2.local.monitoring import MonitoringStack
 from tests.integration.airflow_handle import wait_until
-from tests.integration.conftest import INTERVAL, STOPPED_FEED_TABLE
+from tests.integration.conftest import STOPPED_FEED_TABLE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.late]
 
@@ -133,8 +133,9 @@ def _feed_stopped_drill(stack, airflow_running, last_trade: float) -> None:
         feed = drill.start("k2 feed")
         try:
             # Runs ending before the restart were waiting for data that never comes: their
-            # intervals are offloaded with the rows ClickHouse has, once newer trades arrive.
-            due = floor_interval(datetime.now(timezone.utc)) - INTERVAL
+            # intervals are offloaded with the rows ClickHouse has, once newer trades arrive
+            # (the last one closed before the restart, once the feed is past its lateness).
+            due = floor_interval(datetime.now(timezone.utc))
             drill.run("airflow tasks clear")
             wait_until(lambda: store.get(SPEC.name).watermark_ts >= due, 600,
                        f"{SPEC.name}'s watermark from {held} to {due} after the feed restarted")

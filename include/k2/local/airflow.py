@@ -21,6 +21,7 @@ from k2.local import monitoring
 from k2.local.daemons import Daemon, http_ok
 from k2.local.processes import StackError
 from k2.local.settings import CLICKHOUSE_DATABASE, REPO_ROOT, LocalStack, spark_environment
+from k2.local.spark_cluster import spark_master
 from k2.runtime_env import ClickHouseSettings, IcebergSettings
 
 ADMIN_USER = "admin"
@@ -73,7 +74,7 @@ def connections(stack: LocalStack) -> dict[str, dict[str, object]]:
         },
         "spark_default": {
             "conn_type": "spark",
-            "host": os.environ.get("K2_SPARK_MASTER", "local[2]"),
+            "host": spark_master(stack.home),
             "extra": {"spark-binary": "spark-submit"},
         },
         "k2_watermarks": postgres,

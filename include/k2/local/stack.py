@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from k2.local import monitoring, postgres
+from k2.local import monitoring, postgres, spark_cluster
 from k2.local.daemons import Daemon, http_ok, start_all
 from k2.local.processes import StackError, tail
 from k2.local.settings import CLICKHOUSE_DATABASE, LocalStack
@@ -98,6 +98,21 @@ def _monitoring_service(daemon: Daemon) -> Service:
     )
 
 
+def _cluster_service(daemon: Daemon) -> Service:
+    """The Spark master or a worker of this stack's standalone cluster."""
+    def on(method):
+        return lambda stack: method(spark_cluster.SparkCluster.from_env(stack.home))
+
+    return Service(
+        name=daemon.name,
+        port=on(daemon.port),
+        start=on(daemon.start),
+        stop=on(daemon.stop),
+        pid=on(daemon.pid),
+        healthy=on(daemon.healthy),
+    )
+
+
 SERVICES: list[Service] = [
     Service(
         name="postgres",
@@ -111,17 +126,19 @@ SERVICES: list[Service] = [
     _service(SMTP_SINK),
     *(_monitoring_service(d) for d in monitoring.DAEMONS),
 ]
+# `k2 local up --spark-cluster`: a Spark standalone master and two workers (k2.local.spark_cluster).
+SPARK_CLUSTER: list[Service] = [_cluster_service(d) for d in spark_cluster.DAEMONS]
 
 
-def up(stack: LocalStack, log: Callable[[str], None] = print) -> None:
+def up(stack: LocalStack, log: Callable[[str], None] = print, *, with_spark_cluster: bool = False) -> None:
     stack.home.mkdir(parents=True, exist_ok=True)
     stack.credentials  # made before any service needs them
-    start_all(SERVICES, stack, log)
+    start_all([*SERVICES, *(SPARK_CLUSTER if with_spark_cluster else [])], stack, log)
 
 
 def down(stack: LocalStack, log: Callable[[str], None] = print) -> None:
     errors = []
-    for service in reversed(SERVICES):
+    for service in reversed([*SERVICES, *SPARK_CLUSTER]):
         try:
             stopped = service.stop(stack)
         except StackError as exc:
@@ -155,7 +172,8 @@ def status(stack: LocalStack, extra: list[Daemon] | tuple[Daemon, ...] = ()) -> 
     """Every service of the stack, then the `extra` processes (Airflow's, the feed: what
     `k2 run` starts), each with its address, pid and health."""
     rows = []
-    for service in [*SERVICES, *(_service(d) for d in extra)]:
+    cluster = [service for service in SPARK_CLUSTER if service.pid(stack) is not None]  # when started
+    for service in [*SERVICES, *cluster, *(_service(d) for d in extra)]:
         pid = service.pid(stack)
         rows.append(
             ServiceStatus(
