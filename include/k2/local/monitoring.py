@@ -29,7 +29,7 @@ from k2 import metrics
 from k2.config import ALERT_TO_ENV, DEFAULT_ALERT_TO
 from k2.local.daemons import Daemon, http_ok, start_all
 from k2.local.processes import StackError
-from k2.local.settings import LOOPBACK, REPO_ROOT, LocalStack, StackHome, _env_int
+from k2.local.settings import LOOPBACK, REPO_ROOT, LocalStack, StackHome, _env_int, default_home
 
 MONITORING_DIR = REPO_ROOT / "monitoring"
 MAPPING_FILE = MONITORING_DIR / "statsd_exporter" / "mappings.yml"
@@ -99,7 +99,7 @@ class MonitoringStack(StackHome):
     @classmethod
     def from_env(cls, home: Path | None = None) -> MonitoringStack:
         return cls(
-            home=(home or Path(os.environ.get("K2_HOME") or REPO_ROOT / ".k2")).resolve(),
+            home=default_home(home),
             statsd_port=_env_int(STATSD_PORT_ENV, 9125),
             statsd_exporter_port=_env_int(STATSD_EXPORTER_PORT_ENV, 9102),
             prometheus_port=_env_int(PROMETHEUS_PORT_ENV, 9090),

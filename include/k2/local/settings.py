@@ -91,6 +91,12 @@ PORT_ENV_VARS = (
 )
 
 
+def default_home(home: Path | None = None) -> Path:
+    """The K2 home every part of the local stack lives under: `home`, else $K2_HOME, else
+    .k2 in the checkout."""
+    return (home or Path(os.environ.get("K2_HOME") or REPO_ROOT / ".k2")).resolve()
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -132,9 +138,8 @@ class LocalStack(StackHome):
 
     @classmethod
     def from_env(cls) -> LocalStack:
-        home = Path(os.environ.get("K2_HOME") or REPO_ROOT / ".k2").resolve()
         return cls(
-            home=home,
+            home=default_home(),
             clickhouse_port=_env_int("K2_CLICKHOUSE_PORT", 8123),
             postgres_port=_env_int("K2_POSTGRES_PORT", 55432),
             airflow_port=_env_int("K2_AIRFLOW_PORT", 8080),

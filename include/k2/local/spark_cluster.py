@@ -22,7 +22,7 @@ from typing import Any
 
 from k2.local.daemons import Daemon, http_ok
 from k2.local.processes import StackError
-from k2.local.settings import LOOPBACK, REPO_ROOT, StackHome, _env_int
+from k2.local.settings import LOOPBACK, REPO_ROOT, StackHome, _env_int, default_home
 
 MASTER_PORT_ENV = "K2_SPARK_MASTER_PORT"
 MASTER_UI_PORT_ENV = "K2_SPARK_MASTER_UI_PORT"
@@ -57,7 +57,7 @@ class SparkCluster(StackHome):
         if len(ports) != WORKERS:
             raise ValueError(f"{WORKER_UI_PORTS_ENV} needs {WORKERS} ports separated by a comma, got {raw!r}")
         return cls(
-            home=(home or Path(os.environ.get("K2_HOME") or REPO_ROOT / ".k2")).resolve(),
+            home=default_home(home),
             master_port=_env_int(MASTER_PORT_ENV, 7077),
             master_ui_port=_env_int(MASTER_UI_PORT_ENV, 8081),
             worker_ui_ports=ports,

@@ -130,6 +130,11 @@ SERVICES: list[Service] = [
 SPARK_CLUSTER: list[Service] = [_cluster_service(d) for d in spark_cluster.DAEMONS]
 
 
+def _running(services: list[Service], stack: LocalStack) -> list[Service]:
+    """The optional services (the Spark cluster) that were started: the only ones to stop or list."""
+    return [service for service in services if service.pid(stack) is not None]
+
+
 def up(stack: LocalStack, log: Callable[[str], None] = print, *, with_spark_cluster: bool = False) -> None:
     stack.home.mkdir(parents=True, exist_ok=True)
     stack.credentials  # made before any service needs them
@@ -138,7 +143,7 @@ def up(stack: LocalStack, log: Callable[[str], None] = print, *, with_spark_clus
 
 def down(stack: LocalStack, log: Callable[[str], None] = print) -> None:
     errors = []
-    for service in reversed([*SERVICES, *SPARK_CLUSTER]):
+    for service in reversed([*SERVICES, *_running(SPARK_CLUSTER, stack)]):
         try:
             stopped = service.stop(stack)
         except StackError as exc:
@@ -172,8 +177,7 @@ def status(stack: LocalStack, extra: list[Daemon] | tuple[Daemon, ...] = ()) -> 
     """Every service of the stack, then the `extra` processes (Airflow's, the feed: what
     `k2 run` starts), each with its address, pid and health."""
     rows = []
-    cluster = [service for service in SPARK_CLUSTER if service.pid(stack) is not None]  # when started
-    for service in [*SERVICES, *cluster, *(_service(d) for d in extra)]:
+    for service in [*SERVICES, *_running(SPARK_CLUSTER, stack), *(_service(d) for d in extra)]:
         pid = service.pid(stack)
         rows.append(
             ServiceStatus(
