@@ -111,19 +111,21 @@ def test_a_backfill_of_two_intervals_started_from_the_ui(stack, hot_data, airflo
     completed ones). Airflow creates two backfill runs, they succeed, and both intervals
     verify clean: re-offloaded, one copy of each row. (bronze_trades_kraken, after
     test_runbook_drills.)"""
-    from tests.integration.test_faults_airflow import _top_up, _verify_clean
+    from tests.integration.test_faults_airflow import _caught_up, _top_up, _verify_clean
 
     from k2.watermarks import WatermarkStore
 
     spec = load_tables().get("bronze_trades_kraken")
-    # Two offloaded intervals: their runs are cleared into the backfill, or created by it
-    # where a catch-up batch offloaded them without a run of their own.
-    done = [entry.interval_start for entry in WatermarkStore(stack.postgres_dsn("k2")).ledger_all(spec.name)]
-    assert len(done) >= 4, done
-    first, second = sorted(done)[-4], sorted(done)[-3]
-    _top_up(hot_data)  # every closed interval complete: the catch-up after the unpause does not wait
+    data_end = _top_up(hot_data)  # every closed interval complete: the catch-up does not wait
     airflow_running.unpause(spec.dag_id)  # a paused DAG's backfill runs stay queued
     try:
+        # Caught up first, so no scheduled run races the backfill for its intervals; how many
+        # intervals earlier tests left depends on the clock, the catch-up makes it >= 2.
+        _caught_up(stack, spec, data_end)
+        done = sorted(entry.interval_start
+                      for entry in WatermarkStore(stack.postgres_dsn("k2")).ledger_all(spec.name))
+        assert len(done) >= 2, done
+        first, second = done[-2], done[-1]
         with browser_page("ui_backfill") as page:
             log_in(page, _ui(stack), "admin", stack.credentials["airflow_admin_password"])
             page.goto(f"{_ui(stack)}/dags/{spec.dag_id}")
