@@ -6,6 +6,8 @@ ROOT=$PWD
 VENV=$ROOT/.venv
 TOOLS=$ROOT/.tools
 STATSD_EXPORTER_VERSION=v0.28.0
+# The S3-compatible object store of the scale-out stack (Apache-2.0; k2 local up --object-store).
+VERSITYGW_VERSION=v1.8.0
 
 step() { printf '\n==> %s\n' "$*"; }
 die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
@@ -20,7 +22,7 @@ PYTHON=$(command -v python3.11 || command -v python3)
   || die "Python 3.11 is required; $PYTHON is $("$PYTHON" --version 2>&1)."
 command -v java >/dev/null || die "Java 17 is required for Spark (install openjdk-17-jre-headless)."
 command -v mvn >/dev/null || die "Maven is required to fetch the Spark jars (install maven)."
-command -v go >/dev/null || die "Go is required to build statsd_exporter (install golang >= 1.22)."
+command -v go >/dev/null || die "Go is required to build statsd_exporter and versitygw (install golang >= 1.22)."
 
 step "Python virtualenv and packages (.venv)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
@@ -97,6 +99,13 @@ else
   GOBIN="$TOOLS/bin" go install "github.com/prometheus/statsd_exporter@$STATSD_EXPORTER_VERSION"
 fi
 
+step "versitygw $VERSITYGW_VERSION, the S3 gateway (.tools/bin) through go install"
+if [ -x "$TOOLS/bin/versitygw" ] && go version -m "$TOOLS/bin/versitygw" | grep -Eq "versitygw[[:space:]]+$VERSITYGW_VERSION"; then
+  echo "up to date"
+else
+  GOBIN="$TOOLS/bin" go install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
+fi
+
 step "Prometheus, promtool and Alertmanager (Debian packages)"
 if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null; then
   echo "up to date"
@@ -109,6 +118,19 @@ elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   pkill -x prometheus-alertmanager 2>/dev/null || true
 else
   die "prometheus, promtool and prometheus-alertmanager are missing: install the Debian packages 'prometheus' and 'prometheus-alertmanager' (needs root)."
+fi
+
+step "Redis, the Celery broker of the scale-out stack (Debian package)"
+if command -v redis-server >/dev/null; then
+  echo "up to date"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  # The package enables a system service; the project starts its own instance on loopback.
+  pkill -x redis-server 2>/dev/null || true
+else
+  die "redis-server is missing: install the Debian package 'redis-server' (needs root)."
 fi
 
 step "Chromium and ChromeDriver for the browser drills (Debian packages)"

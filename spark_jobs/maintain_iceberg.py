@@ -89,7 +89,10 @@ def _count(spark: Any, sql: str) -> int:
 
 
 def maintain_table(spark: Any, catalog: str, spark_name: str, iceberg_table: str, table: str,
-                   sort_column: str, args: argparse.Namespace) -> mt.TableMaintenance:
+                   sort_column: str, args: argparse.Namespace, prefix_listing: bool = False
+                   ) -> mt.TableMaintenance:
+    """`prefix_listing`: orphan files are found by listing the table's prefix with its FileIO
+    (a warehouse on object storage, which Hadoop's file systems do not list here)."""
     started = time.monotonic()
     done = mt.TableMaintenance(table=table, iceberg_table=iceberg_table)
     quoted = f"'{iceberg_table}'"
@@ -116,7 +119,8 @@ def maintain_table(spark: Any, catalog: str, spark_name: str, iceberg_table: str
     done.expired_snapshots = snapshots_before - done.snapshots
     log.info("%s: expire_snapshots %s", iceberg_table, expired)
     orphans = spark.sql(
-        f"{call}.remove_orphan_files(table => {quoted}, older_than => {_literal(args.orphans_before)})").collect()
+        f"{call}.remove_orphan_files(table => {quoted}, older_than => {_literal(args.orphans_before)}"
+        + (", prefix_listing => true)" if prefix_listing else ")")).collect()
     done.orphan_files = sorted(str(r["orphan_file_location"]) for r in orphans)
     done.data_files = _count(spark, f"SELECT count(*) FROM {spark_name}.data_files")
     done.seconds = round(time.monotonic() - started, 2)
@@ -140,7 +144,7 @@ def run(args: argparse.Namespace) -> list[mt.TableMaintenance]:
                 log.info("%s does not exist: nothing to maintain", iceberg_table)
                 continue
             result = maintain_table(spark, catalog, spark_name, iceberg_table, spec.name,
-                                    spec.event_time_column, args)
+                                    spec.event_time_column, args, prefix_listing=settings.on_object_store)
             log.info("%s", result.line())
             results.append(result)
         return results

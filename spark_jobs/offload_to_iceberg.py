@@ -398,10 +398,9 @@ def make_slice_writer(client_kwargs: dict[str, Any], select_sql: str, plan: dict
     def write(descriptors: Iterator[Any]) -> Iterator[Any]:
         import clickhouse_connect
         import pyarrow as pa
-        import pyarrow.fs as pafs
 
         target = pa.ipc.read_schema(pa.py_buffer(plan["schema_ipc"]))
-        fs, base = pafs.FileSystem.from_uri(plan["data_location"])
+        fs, base = ib.arrow_filesystem(plan["data_location"], plan["s3_options"])
         out_schema = pa.schema(FILE_FIELDS)
         client = clickhouse_connect.get_client(**client_kwargs)
         try:
@@ -762,12 +761,13 @@ def _offload_with_spark(spark: Any, args: argparse.Namespace, spec: Any, ice_set
         create_quarantine_sql=ib.create_quarantine_table_sql(ice_settings, spec, columns),
         quarantine_columns=ib.quarantine_columns(columns),
         native=None,
+        s3_options=ib.arrow_s3_options(ice_settings),
         fixed_slices=args.slices is not None,
         driver_max_rows=(args.driver_max_rows if args.driver_max_rows is not None
                          else sys.maxsize if spark.sparkContext.master.startswith("local")
                          else DRIVER_MAX_ROWS),
     )
-    job = job._replace(native=_native_plan(spark, target, job.schema_ipc))
+    job = job._replace(native=_native_plan(spark, target, job.schema_ipc, job.s3_options))
     t = _phase("write plan" + ("" if job.native else " (Spark's Iceberg writer)"), t)
     intervals = args.intervals
     # ClickHouse's figures of every interval first: an interval that cannot be offloaded
@@ -862,6 +862,7 @@ class _Job(NamedTuple):
     native: dict[str, Any] | None  # _native_plan: None when Spark's Iceberg writer must write
     driver_max_rows: int  # intervals up to this many rows: slices run in the driver's threads
     fixed_slices: bool  # --slices given: every range in `slices` slices, whatever its size
+    s3_options: dict[str, Any]  # pyarrow's S3 options for the warehouse's store (k2.iceberg)
 
     def slices_for(self, rows: int) -> int:
         """How many slices a range of `rows` rows is read in."""
@@ -1099,7 +1100,8 @@ def _write_range(job: _Job, start: datetime, end: datetime, properties: dict[str
     return read
 
 
-def _native_plan(spark: Any, target: str, schema_ipc: bytes) -> dict[str, Any] | None:
+def _native_plan(spark: Any, target: str, schema_ipc: bytes, s3_options: dict[str, Any]
+                 ) -> dict[str, Any] | None:
     """What the executors need to write the table's data files themselves
     (make_slice_writer), or None when Spark's Iceberg writer has to: a partition transform
     or type the executors do not evaluate, a sort order, a codec pyarrow lacks."""
@@ -1141,6 +1143,7 @@ def _native_plan(spark: Any, target: str, schema_ipc: bytes) -> dict[str, Any] |
     return {
         "schema_ipc": pa.schema(with_ids).serialize().to_pybytes(),
         "data_location": location,
+        "s3_options": s3_options,  # the store's pyarrow options (credentials: in the task, never logged)
         "partition": fields,
         "codec": "none" if codec == "uncompressed" else codec,
         "codec_level": int(level) if level else None,
@@ -1269,7 +1272,8 @@ def _file_checksums(job: _Job, snapshot_id: int, start: datetime, end: datetime,
     bounds_us = (ck.to_epoch_ms(start) * 1000, ck.to_epoch_ms(end) * 1000, step // timedelta(microseconds=1))
 
     def one(path: str) -> dict[int, Any] | None:
-        return _file_checksum(path, field_ids, time_column, job.row_cols, *bounds_us)
+        return _file_checksum(path, field_ids, time_column, job.row_cols, *bounds_us,
+                              s3_options=job.s3_options)
 
     with ThreadPoolExecutor(max_workers=max(1, min(job.slices, len(paths))),
                             thread_name_prefix="k2-audit") as pool:
@@ -1286,22 +1290,16 @@ def _file_checksums(job: _Job, snapshot_id: int, start: datetime, end: datetime,
     return total
 
 
-def open_data_file(location: str) -> Any:
-    """An Iceberg data file's location opened with pyarrow, the path taken as it is: a
-    location keeps the escapes of its partition values (pair=ETH%2FUSD is a folder of that
-    name), which pyarrow's FileSystem.from_uri would decode."""
-    import pyarrow.fs as pafs
-
-    scheme, separator, rest = location.partition(":")
-    if not separator or scheme == "file":
-        return pafs.LocalFileSystem().open_input_file("/" + rest.lstrip("/") if separator else location)
-    authority, _, key = rest.removeprefix("//").partition("/")
-    fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{authority}")
-    return fs.open_input_file(f"{authority}/{key}")
+def open_data_file(location: str, s3_options: dict[str, Any] | None = None) -> Any:
+    """An Iceberg data file's location opened with pyarrow (k2.iceberg.arrow_filesystem: the
+    path taken as it is, escapes of partition values kept)."""
+    fs, path = ib.arrow_filesystem(location, s3_options)
+    return fs.open_input_file(path)
 
 
 def _file_checksum(location: str, field_ids: dict[int, str], time_column: str, row_cols: list[Any],
-                   start_us: int, end_us: int, step_us: int) -> dict[int, Any] | None:
+                   start_us: int, end_us: int, step_us: int, s3_options: dict[str, Any] | None = None
+                   ) -> dict[int, Any] | None:
     """{k: IntervalChecksum} of one Parquet data file's rows in [start_us, end_us) (k: the
     step of the row's event time), streamed by row group; None when the file has no
     column with one of `field_ids` (a column added to the table after it was written)."""
@@ -1309,7 +1307,7 @@ def _file_checksum(location: str, field_ids: dict[int, str], time_column: str, r
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    with open_data_file(location) as source:
+    with open_data_file(location, s3_options) as source:
         parquet = pq.ParquetFile(source)
         by_id = {int(f.metadata[b"PARQUET:field_id"]): f.name
                  for f in parquet.schema_arrow if f.metadata and b"PARQUET:field_id" in f.metadata}

@@ -75,6 +75,15 @@ def local_up(
         False, "--spark-cluster",
         help="Also a Spark standalone master and two workers on 127.0.0.1 (spark_default then points "
         "at it under `k2 run`; ports K2_SPARK_MASTER_PORT, K2_SPARK_MASTER_UI_PORT, K2_SPARK_WORKER_UI_PORTS)."),
+    object_store: bool = typer.Option(
+        False, "--object-store",
+        help="Also an S3-compatible object store on 127.0.0.1 (versitygw; port K2_OBJECT_STORE_PORT): "
+        "the Iceberg warehouse moves to s3://k2-warehouse/warehouse under `k2 run` (new tables; "
+        "tables already on disk stay readable)."),
+    celery: bool = typer.Option(
+        False, "--celery",
+        help="Also Redis on 127.0.0.1 (port K2_REDIS_PORT): `k2 run` then runs Airflow's CeleryExecutor "
+        "with two Celery workers (K2_AIRFLOW_EXECUTOR overrides)."),
 ) -> None:
     """Start the local services on 127.0.0.1 (idempotent)."""
     from k2.local import stack as local_stack
@@ -82,7 +91,8 @@ def local_up(
 
     stack = _stack()
     try:
-        local_stack.up(stack, with_spark_cluster=spark_cluster)
+        local_stack.up(stack, with_spark_cluster=spark_cluster, with_object_store=object_store,
+                       with_celery=celery)
     except StackError as exc:
         _fail(str(exc))
     typer.echo(f"local stack up; data in {stack.home}")
@@ -91,6 +101,15 @@ def local_up(
 
         cluster = SparkCluster.from_env(stack.home)
         typer.echo(f"Spark cluster: {cluster.master_url} (workers and applications: {cluster.master_ui})")
+    if object_store:
+        from k2.local.object_store import WAREHOUSE, ObjectStore
+
+        typer.echo(f"object store: {ObjectStore.for_local_stack(stack).endpoint} (warehouse {WAREHOUSE}; "
+                   f"keys in {stack.credentials_file})")
+    if celery:
+        from k2.local.celery import redis_port
+
+        typer.echo(f"Redis (Celery broker): {stack.host}:{redis_port()}; `k2 run` starts two Celery workers")
 
 
 @local_app.command("down")
@@ -115,7 +134,8 @@ def local_status(as_json: bool = typer.Option(False, "--json", help="Machine-rea
     from k2.local import stack as local_stack
     from k2.local.pipeline import live_feed
 
-    rows = local_stack.status(_stack(), [*airflow.COMPONENTS, live_feed(0)])
+    stack = _stack()
+    rows = local_stack.status(stack, [*airflow.components(stack), live_feed(0)])
     if as_json:
         typer.echo(json.dumps([{**row.__dict__, "state": row.state} for row in rows], indent=2))
     else:

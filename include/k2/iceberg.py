@@ -63,6 +63,9 @@ if TYPE_CHECKING:
 ICEBERG_EXTENSIONS = "org.apache.iceberg.spark.extensions.IcebergSparkSessionExtensions"
 JDBC_CATALOG_IMPL = "org.apache.iceberg.jdbc.JdbcCatalog"
 JDBC_SCHEMA_VERSION = "V1"
+# S3FileIO for s3:// locations (iceberg-aws-bundle, spark_jobs/pom.xml), Hadoop's for file: ones:
+# tables a catalog made before its warehouse moved to object storage stay readable.
+RESOLVING_FILE_IO = "org.apache.iceberg.io.ResolvingFileIO"
 
 # Snapshot summary keys written by every offload commit.
 PROP_TABLE = "k2.table"
@@ -129,6 +132,7 @@ def spark_conf(settings: IcebergSettings) -> dict[str, str]:
         f"{prefix}.jdbc.user": settings.user,
         f"{prefix}.jdbc.schema-version": JDBC_SCHEMA_VERSION,
         f"{prefix}.warehouse": settings.warehouse,
+        **{f"{prefix}.{key}": value for key, value in _spark_s3_conf(settings).items()},
         "spark.sql.session.timeZone": "UTC",
         # Intervals are small; AQE coalesces shuffle partitions, this bounds the start.
         "spark.sql.shuffle.partitions": "16",
@@ -136,12 +140,76 @@ def spark_conf(settings: IcebergSettings) -> dict[str, str]:
     }
 
 
+def _spark_s3_conf(settings: IcebergSettings) -> dict[str, str]:
+    """The catalog's S3FileIO properties for a warehouse on object storage (none on a path).
+    The FileIO travels to the executors with each task, so they need no settings of their own."""
+    if not settings.on_object_store:
+        return {}
+    conf = {"io-impl": RESOLVING_FILE_IO,
+            "s3.path-style-access": "true" if settings.s3_path_style_access else "false"}
+    if settings.s3_endpoint:
+        conf["s3.endpoint"] = settings.s3_endpoint
+    if settings.s3_region:
+        conf["client.region"] = settings.s3_region
+    return conf
+
+
 def spark_secret_conf(settings: IcebergSettings) -> dict[str, str]:
     """The secret part of the catalog conf; set on the SparkSession builder at run time.
 
-    Spark redacts keys matching 'password' in its UI and event logs.
+    Spark redacts keys matching 'password' or 'secret' in its UI and event logs.
     """
-    return {f"spark.sql.catalog.{catalog_name(settings)}.jdbc.password": settings.password}
+    prefix = f"spark.sql.catalog.{catalog_name(settings)}"
+    conf = {f"{prefix}.jdbc.password": settings.password}
+    if settings.on_object_store and settings.s3_access_key_id:
+        conf[f"{prefix}.s3.access-key-id"] = settings.s3_access_key_id
+        conf[f"{prefix}.s3.secret-access-key"] = settings.s3_secret_access_key
+    return conf
+
+
+def pyiceberg_s3_properties(settings: IcebergSettings) -> dict[str, str]:
+    """pyiceberg's FileIO properties for a warehouse on object storage (none on a path)."""
+    if not settings.on_object_store:
+        return {}
+    props = {"s3.force-virtual-addressing": "false" if settings.s3_path_style_access else "true"}
+    for key, value in (("s3.endpoint", settings.s3_endpoint), ("s3.region", settings.s3_region),
+                       ("s3.access-key-id", settings.s3_access_key_id),
+                       ("s3.secret-access-key", settings.s3_secret_access_key)):
+        if value:
+            props[key] = value
+    return props
+
+
+def arrow_s3_options(settings: IcebergSettings) -> dict[str, Any]:
+    """Keyword arguments of pyarrow.fs.S3FileSystem for the warehouse's store (the Spark job's
+    own reads and writes of data files, on the driver and the executors)."""
+    options: dict[str, Any] = {"force_virtual_addressing": not settings.s3_path_style_access}
+    if settings.s3_endpoint:
+        parts = urlsplit(settings.s3_endpoint)
+        options["endpoint_override"] = parts.netloc or settings.s3_endpoint
+        options["scheme"] = parts.scheme or "https"
+    if settings.s3_region:
+        options["region"] = settings.s3_region
+    if settings.s3_access_key_id:
+        options["access_key"] = settings.s3_access_key_id
+        options["secret_key"] = settings.s3_secret_access_key
+    return options
+
+
+def arrow_filesystem(location: str, s3_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """(pyarrow filesystem, path in it) of an Iceberg location: a local path, or an object on
+    S3 with `s3_options` (arrow_s3_options). The path keeps the location's escapes
+    (pair=ETH%2FUSD is a folder of that name), which pyarrow's FileSystem.from_uri would decode."""
+    import pyarrow.fs as pafs
+
+    scheme, separator, rest = location.partition(":")
+    if not separator or scheme == "file":
+        return pafs.LocalFileSystem(), ("/" + rest.lstrip("/") if separator else location)
+    if scheme in {"s3", "s3a"}:
+        return pafs.S3FileSystem(**dict(s3_options or {})), rest.removeprefix("//")
+    fs, _ = pafs.FileSystem.from_uri(location)
+    authority, _, key = rest.removeprefix("//").partition("/")
+    return fs, f"{authority}/{key}"
 
 
 def spark_session(settings: IcebergSettings, app_name: str) -> Any:
@@ -189,7 +257,8 @@ def load_catalog(settings: IcebergSettings) -> Catalog:
     """pyiceberg's view of the same JDBC catalog Spark writes to."""
     from pyiceberg.catalog.sql import SqlCatalog
 
-    return SqlCatalog(catalog_name(settings), uri=sqlalchemy_url(settings), warehouse=settings.warehouse)
+    return SqlCatalog(catalog_name(settings), uri=sqlalchemy_url(settings), warehouse=settings.warehouse,
+                      **pyiceberg_s3_properties(settings))
 
 
 # --------------------------------------------------------------------------------------

@@ -26,12 +26,24 @@ ICEBERG_CATALOG_URI = "K2_ICEBERG_CATALOG_URI"  # postgresql://host:port/db, no 
 ICEBERG_CATALOG_USER = "K2_ICEBERG_CATALOG_USER"
 ICEBERG_CATALOG_PASSWORD = "K2_ICEBERG_CATALOG_PASSWORD"
 ICEBERG_WAREHOUSE = "K2_ICEBERG_WAREHOUSE"  # file:///... or s3://...
+# A warehouse on S3 or an S3-compatible store. Without keys, Iceberg's S3FileIO and pyarrow
+# take the AWS default chain (instance profile, web identity, AWS_* variables).
+S3_ENDPOINT = "K2_S3_ENDPOINT"  # http(s)://host:port of an S3-compatible store; empty: AWS
+S3_REGION = "K2_S3_REGION"
+S3_ACCESS_KEY_ID = "K2_S3_ACCESS_KEY_ID"
+S3_SECRET_ACCESS_KEY = "K2_S3_SECRET_ACCESS_KEY"
+S3_PATH_STYLE_ACCESS = "K2_S3_PATH_STYLE_ACCESS"  # true for most S3-compatible stores
 
-SECRET_VARIABLES = frozenset({CLICKHOUSE_PASSWORD, ICEBERG_CATALOG_PASSWORD})
+SECRET_VARIABLES = frozenset({CLICKHOUSE_PASSWORD, ICEBERG_CATALOG_PASSWORD, S3_SECRET_ACCESS_KEY})
+OBJECT_STORE_SCHEMES = ("s3://", "s3a://")
 
 
 class MissingSetting(RuntimeError):
     """A required environment variable is not set."""
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").lower() in {"1", "true", "yes"}
 
 
 def _required(env: Mapping[str, str], name: str) -> str:
@@ -59,7 +71,7 @@ class ClickHouseSettings:
             user=env.get(CLICKHOUSE_USER) or "default",
             password=env.get(CLICKHOUSE_PASSWORD) or "",
             database=env.get(CLICKHOUSE_DATABASE) or "default",
-            secure=(env.get(CLICKHOUSE_SECURE) or "").lower() in {"1", "true", "yes"},
+            secure=_flag(env.get(CLICKHOUSE_SECURE)),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -89,13 +101,19 @@ class ClickHouseSettings:
 
 @dataclass(frozen=True)
 class IcebergSettings:
-    """An Iceberg JDBC catalog in PostgreSQL, readable by Spark and by pyiceberg's SqlCatalog."""
+    """An Iceberg JDBC catalog in PostgreSQL, readable by Spark and by pyiceberg's SqlCatalog;
+    its warehouse on a path (file:///...) or on S3 or an S3-compatible store (s3://bucket/...)."""
 
     catalog_name: str
     uri: str  # postgresql://host:port/db
     user: str
     password: str
     warehouse: str
+    s3_endpoint: str = ""
+    s3_region: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    s3_path_style_access: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> IcebergSettings:
@@ -106,23 +124,43 @@ class IcebergSettings:
             user=_required(env, ICEBERG_CATALOG_USER),
             password=env.get(ICEBERG_CATALOG_PASSWORD) or "",
             warehouse=_required(env, ICEBERG_WAREHOUSE),
+            s3_endpoint=env.get(S3_ENDPOINT) or "",
+            s3_region=env.get(S3_REGION) or "",
+            s3_access_key_id=env.get(S3_ACCESS_KEY_ID) or "",
+            s3_secret_access_key=env.get(S3_SECRET_ACCESS_KEY) or "",
+            s3_path_style_access=_flag(env.get(S3_PATH_STYLE_ACCESS)),
         )
 
     def to_env(self) -> dict[str, str]:
-        return {
+        env = {
             ICEBERG_CATALOG_NAME: self.catalog_name,
             ICEBERG_CATALOG_URI: self.uri,
             ICEBERG_CATALOG_USER: self.user,
             ICEBERG_CATALOG_PASSWORD: self.password,
             ICEBERG_WAREHOUSE: self.warehouse,
         }
+        if self.on_object_store:
+            env.update({
+                S3_ENDPOINT: self.s3_endpoint,
+                S3_REGION: self.s3_region,
+                S3_ACCESS_KEY_ID: self.s3_access_key_id,
+                S3_SECRET_ACCESS_KEY: self.s3_secret_access_key,
+                S3_PATH_STYLE_ACCESS: "true" if self.s3_path_style_access else "false",
+            })
+        return env
 
     @property
     def jdbc_uri(self) -> str:
         return "jdbc:" + self.uri
 
-    def __repr__(self) -> str:
-        return f"IcebergSettings({self.catalog_name}: {self.uri}, warehouse={self.warehouse})"
+    @property
+    def on_object_store(self) -> bool:
+        """The warehouse is on S3 or an S3-compatible store (else a path every process sees)."""
+        return self.warehouse.startswith(OBJECT_STORE_SCHEMES)
+
+    def __repr__(self) -> str:  # never print the password or the secret key
+        where = f", s3 endpoint={self.s3_endpoint or 'AWS'}" if self.on_object_store else ""
+        return f"IcebergSettings({self.catalog_name}: {self.uri}, warehouse={self.warehouse}{where})"
 
 
 def configure_job_logging() -> None:

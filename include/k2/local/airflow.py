@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from k2.config import ALERT_TO_ENV, DEFAULT_ALERT_TO, OVERRIDE_ENV, SPARK_POOL
-from k2.local import monitoring
+from k2.local import celery, monitoring, object_store
 from k2.local.daemons import Daemon, http_ok
 from k2.local.processes import StackError
 from k2.local.settings import CLICKHOUSE_DATABASE, REPO_ROOT, LocalStack, spark_environment
@@ -30,7 +30,7 @@ ALERT_FROM = "k2-airflow@localhost"
 SPARK_POOL_SLOTS = 2
 
 
-def _airflow_bin() -> str:
+def airflow_bin() -> str:
     return str(Path(sys.executable).with_name("airflow"))
 
 
@@ -45,16 +45,29 @@ def clickhouse_settings(stack: LocalStack) -> ClickHouseSettings:
     )
 
 
-def iceberg_settings(stack: LocalStack) -> IcebergSettings:
-    """The Iceberg JDBC catalog in the stack's PostgreSQL (database k2), warehouse on disk."""
+def iceberg_settings(stack: LocalStack, database: str = "k2", catalog_name: str = "k2") -> IcebergSettings:
+    """The Iceberg JDBC catalog in the stack's PostgreSQL (database k2), the warehouse on disk,
+    or on the stack's object store while it runs (`k2 local up --object-store`)."""
     c = stack.credentials
-    return IcebergSettings(
-        catalog_name="k2",
-        uri=f"postgresql://{stack.host}:{stack.postgres_port}/k2",
+    settings = IcebergSettings(
+        catalog_name=catalog_name,
+        uri=f"postgresql://{stack.host}:{stack.postgres_port}/{database}",
         user=c["postgres_user"],
         password=c["postgres_password"],
         warehouse=stack.warehouse.as_uri(),
     )
+    store = object_store.running(stack)
+    return store.iceberg_settings(settings) if store is not None else settings
+
+
+def iceberg_connection(settings: IcebergSettings, postgres: dict[str, object]) -> dict[str, object]:
+    """The postgres-style Airflow connection of an Iceberg catalog (k2_provider.hooks.connections)."""
+    extra: dict[str, object] = {"warehouse": settings.warehouse, "catalog_name": settings.catalog_name}
+    if settings.on_object_store:
+        extra.update(s3_endpoint=settings.s3_endpoint, s3_region=settings.s3_region,
+                     s3_path_style_access=settings.s3_path_style_access,
+                     s3_access_key_id=settings.s3_access_key_id, s3_secret_access_key=settings.s3_secret_access_key)
+    return {**postgres, "schema": settings.uri.rsplit("/", 1)[-1], "extra": extra}
 
 
 def connections(stack: LocalStack) -> dict[str, dict[str, object]]:
@@ -78,10 +91,7 @@ def connections(stack: LocalStack) -> dict[str, dict[str, object]]:
             "extra": {"spark-binary": "spark-submit"},
         },
         "k2_watermarks": postgres,
-        "iceberg_default": {
-            **postgres,
-            "extra": {"warehouse": iceberg_settings(stack).warehouse, "catalog_name": "k2"},
-        },
+        "iceberg_default": iceberg_connection(iceberg_settings(stack), postgres),
         "smtp_default": {
             "conn_type": "smtp",
             "host": stack.host,
@@ -95,12 +105,13 @@ def environment(stack: LocalStack) -> dict[str, str]:
     """Environment for every Airflow process (and so for the tasks and spark-submit)."""
     c = stack.credentials
     home = stack.airflow_home
+    executors = celery.executor(stack)
     env = {
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO_ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__EXECUTOR": executors,
         "AIRFLOW__CORE__PARALLELISM": "8",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": os.environ.get("K2_DAGS_PAUSED", "False"),
         "AIRFLOW__CORE__FERNET_KEY": c["airflow_fernet_key"],
@@ -124,6 +135,7 @@ def environment(stack: LocalStack) -> dict[str, str]:
         "K2_ALERT_EMAIL_FROM": os.environ.get("K2_ALERT_EMAIL_FROM", ALERT_FROM),
         "K2_STRICT_DAGS": os.environ.get("K2_STRICT_DAGS", "0"),
     }
+    env.update(celery.airflow_environment(stack, executors))
     env.update(monitoring.airflow_metrics_env(monitoring.MonitoringStack.for_local_stack(stack)))
     for conn_id, conn in connections(stack).items():
         env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
@@ -149,7 +161,7 @@ def _shell_quote(value: str) -> str:
 def run_cli(stack: LocalStack, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run `airflow <args>` with the stack's environment; raise StackError on failure."""
     result = subprocess.run(
-        [_airflow_bin(), *args],
+        [airflow_bin(), *args],
         env={**os.environ, **environment(stack)},
         capture_output=True,
         text=True,
@@ -176,7 +188,7 @@ def prepare(stack: LocalStack, log=print) -> None:
 def _component(name: str, args: list[str], healthy) -> Daemon:
     return Daemon(
         name=f"airflow-{name}",
-        argv=lambda s: [_airflow_bin(), *args],
+        argv=lambda s: [airflow_bin(), *args],
         env=environment,
         port=lambda s: s.airflow_port if name == "api-server" else None,
         port_env_var="K2_AIRFLOW_PORT",
@@ -202,13 +214,43 @@ COMPONENTS = [
 COMPONENT_BY_NAME = {c.name: c for c in COMPONENTS}
 
 
+def _celery_worker(n: int) -> Daemon:
+    """`airflow celery worker` n of the stack's CeleryExecutor (k2.local.celery), in a folder
+    of its own; it serves no logs (the API server reads them from the shared log folder)."""
+    name = f"airflow-celery-worker-{n + 1}"
+
+    def argv(stack: LocalStack) -> list[str]:
+        celery.worker_dir(stack, n).mkdir(parents=True, exist_ok=True)
+        return [airflow_bin(), "celery", "worker", "--celery-hostname", celery.worker_hostname(n),
+                "--concurrency", str(celery.WORKER_CONCURRENCY), "--skip-serve-logs",
+                "--without-gossip", "--without-mingle"]
+
+    def healthy(stack: LocalStack) -> bool:
+        return worker.pid(stack) is not None and celery.worker_ready(worker.log_file(stack), n)
+
+    worker = Daemon(name=name, argv=argv, env=environment, port=lambda s: None, healthy=healthy,
+                    cwd=lambda s: celery.worker_dir(s, n), start_timeout=120.0)
+    return worker
+
+
+CELERY_WORKERS = tuple(_celery_worker(n) for n in range(celery.WORKERS))
+
+
+def components(stack: LocalStack) -> list[Daemon]:
+    """Airflow's processes on this stack: the four, and the Celery workers when Celery is the
+    default executor (with Celery only a second executor, whoever needs workers starts them)."""
+    if celery.executor(stack).split(",")[0].strip() == "CeleryExecutor":
+        return [*COMPONENTS, *CELERY_WORKERS]
+    return list(COMPONENTS)
+
+
 def start(stack: LocalStack, log=print) -> None:
     if shutil.which("java") is None:
         raise StackError("java is not on PATH: Spark needs Java 17")
     prepare(stack, log)
     started = []
     try:
-        for component in COMPONENTS:
+        for component in components(stack):
             if component.start(stack):
                 started.append(component)
                 log(f"started {component.name}")
@@ -219,6 +261,6 @@ def start(stack: LocalStack, log=print) -> None:
 
 
 def stop(stack: LocalStack, log=print) -> None:
-    for component in reversed(COMPONENTS):
+    for component in reversed([*COMPONENTS, *CELERY_WORKERS]):
         if component.stop(stack):
             log(f"stopped {component.name}")

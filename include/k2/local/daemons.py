@@ -33,6 +33,7 @@ class Daemon:
     env: Callable[[LocalStack], dict[str, str]] = field(default=lambda _stack: {})
     port_env_var: str = ""
     start_timeout: float = 60.0
+    cwd: Callable[[Any], Path] | None = None  # default: the stack's home
 
     def pid_file(self, stack: LocalStack) -> Path:
         return stack.run_dir / f"{self.name}.pid"
@@ -59,7 +60,7 @@ class Daemon:
                 stdout=log_handle,
                 stderr=log_handle,
                 env={**os.environ, **self.env(stack)},
-                cwd=stack.home,
+                cwd=self.cwd(stack) if self.cwd else stack.home,
                 start_new_session=True,
             )
         self.pid_file(stack).write_text(f"{process.pid}\n")

@@ -195,6 +195,11 @@ class LocalStack(StackHome):
             or secrets.token_urlsafe(12),
             "airflow_jwt_secret": stored.get("airflow_jwt_secret") or secrets.token_urlsafe(32),
             "airflow_api_secret_key": stored.get("airflow_api_secret_key") or secrets.token_urlsafe(32),
+            # The object store's root user (k2 local up --object-store).
+            "s3_access_key_id": stored.get("s3_access_key_id") or "k2" + secrets.token_hex(8),
+            "s3_secret_access_key": stored.get("s3_secret_access_key") or secrets.token_urlsafe(30),
+            # Redis, the Celery broker (k2 local up --celery).
+            "redis_password": stored.get("redis_password") or secrets.token_urlsafe(18),
             # A Fernet key is 32 url-safe base64-encoded bytes.
             "airflow_fernet_key": stored.get("airflow_fernet_key")
             or base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),

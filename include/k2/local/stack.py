@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from k2.local import monitoring, postgres, spark_cluster
+from k2.local import celery, monitoring, object_store, postgres, spark_cluster
 from k2.local.daemons import Daemon, http_ok, start_all
 from k2.local.processes import StackError, tail
 from k2.local.settings import CLICKHOUSE_DATABASE, LocalStack
@@ -128,22 +128,37 @@ SERVICES: list[Service] = [
 ]
 # `k2 local up --spark-cluster`: a Spark standalone master and two workers (k2.local.spark_cluster).
 SPARK_CLUSTER: list[Service] = [_cluster_service(d) for d in spark_cluster.DAEMONS]
+# `k2 local up --object-store`: the S3 gateway for the warehouse (k2.local.object_store).
+OBJECT_STORE = Service(
+    name=object_store.GATEWAY.name,
+    port=lambda stack: object_store.ObjectStore.for_local_stack(stack).port,
+    start=lambda stack: object_store.start(object_store.ObjectStore.for_local_stack(stack)),
+    stop=lambda stack: object_store.GATEWAY.stop(object_store.ObjectStore.for_local_stack(stack)),
+    pid=lambda stack: object_store.GATEWAY.pid(object_store.ObjectStore.for_local_stack(stack)),
+    healthy=lambda stack: object_store.GATEWAY.healthy(object_store.ObjectStore.for_local_stack(stack)),
+)
+# `k2 local up --celery`: Redis, the broker of Airflow's CeleryExecutor (k2.local.celery).
+REDIS = _service(celery.REDIS)
+OPTIONAL = [*SPARK_CLUSTER, OBJECT_STORE, REDIS]
 
 
 def _running(services: list[Service], stack: LocalStack) -> list[Service]:
-    """The optional services (the Spark cluster) that were started: the only ones to stop or list."""
+    """The optional services (Spark cluster, object store, Redis) that were started: the only
+    ones to stop or list."""
     return [service for service in services if service.pid(stack) is not None]
 
 
-def up(stack: LocalStack, log: Callable[[str], None] = print, *, with_spark_cluster: bool = False) -> None:
+def up(stack: LocalStack, log: Callable[[str], None] = print, *, with_spark_cluster: bool = False,
+       with_object_store: bool = False, with_celery: bool = False) -> None:
     stack.home.mkdir(parents=True, exist_ok=True)
     stack.credentials  # made before any service needs them
-    start_all([*SERVICES, *(SPARK_CLUSTER if with_spark_cluster else [])], stack, log)
+    start_all([*SERVICES, *(SPARK_CLUSTER if with_spark_cluster else []),
+               *([OBJECT_STORE] if with_object_store else []), *([REDIS] if with_celery else [])], stack, log)
 
 
 def down(stack: LocalStack, log: Callable[[str], None] = print) -> None:
     errors = []
-    for service in reversed([*SERVICES, *_running(SPARK_CLUSTER, stack)]):
+    for service in reversed([*SERVICES, *_running(OPTIONAL, stack)]):
         try:
             stopped = service.stop(stack)
         except StackError as exc:
@@ -177,7 +192,7 @@ def status(stack: LocalStack, extra: list[Daemon] | tuple[Daemon, ...] = ()) -> 
     """Every service of the stack, then the `extra` processes (Airflow's, the feed: what
     `k2 run` starts), each with its address, pid and health."""
     rows = []
-    for service in [*SERVICES, *_running(SPARK_CLUSTER, stack), *(_service(d) for d in extra)]:
+    for service in [*SERVICES, *_running(OPTIONAL, stack), *(_service(d) for d in extra)]:
         pid = service.pid(stack)
         rows.append(
             ServiceStatus(

@@ -14,6 +14,8 @@ from k2.runtime_env import IcebergSettings
 WATERMARKS_CONN_ID = "k2_watermarks"
 ICEBERG_CONN_ID = "iceberg_default"
 # libpq options a postgres connection may carry in its extra
+S3_EXTRA = frozenset({"s3_endpoint", "s3_region", "s3_path_style_access", "s3_access_key_id",
+                      "s3_secret_access_key"})
 LIBPQ_EXTRA = frozenset({"sslmode", "sslrootcert", "sslcert", "sslkey", "application_name", "connect_timeout"})
 
 
@@ -37,7 +39,10 @@ def iceberg_settings_from_connection(conn: Connection) -> IcebergSettings:
     """A postgres-style Airflow connection -> the Iceberg JDBC catalog settings.
 
     host, port, login, password, schema = the catalog database; extra ``warehouse``
-    (``file:///...`` or ``s3://...``) and ``catalog_name`` (default ``k2``).
+    (``file:///...`` or ``s3://bucket/path``) and ``catalog_name`` (default ``k2``). A
+    warehouse on S3 or an S3-compatible store takes ``s3_endpoint`` (empty: AWS),
+    ``s3_region``, ``s3_path_style_access`` and, unless the AWS default chain provides them
+    (instance profile, web identity), ``s3_access_key_id`` and ``s3_secret_access_key``.
     """
     extra = conn.extra_dejson or {}
     warehouse = extra.get("warehouse")
@@ -45,12 +50,26 @@ def iceberg_settings_from_connection(conn: Connection) -> IcebergSettings:
         raise ValueError(
             f"connection {conn.conn_id!r} needs host, schema (the catalog database) and extra.warehouse"
         )
+    unknown = sorted(k for k in extra if k.startswith("s3_") and k not in S3_EXTRA)
+    if unknown:
+        raise ValueError(f"connection {conn.conn_id!r}: unknown extra key(s) {', '.join(unknown)}; "
+                         f"the S3 keys are {', '.join(sorted(S3_EXTRA))}")
+    if bool(extra.get("s3_access_key_id")) != bool(extra.get("s3_secret_access_key")):
+        raise ValueError(f"connection {conn.conn_id!r}: extra s3_access_key_id and s3_secret_access_key "
+                         "go together (or neither, for the AWS default credentials)")
+    path_style = extra.get("s3_path_style_access", False)
     return IcebergSettings(
         catalog_name=extra.get("catalog_name") or "k2",
         uri=f"postgresql://{conn.host}:{conn.port or 5432}/{conn.schema}",
         user=conn.login or "",
         password=conn.password or "",
         warehouse=warehouse,
+        s3_endpoint=extra.get("s3_endpoint") or "",
+        s3_region=extra.get("s3_region") or "",
+        s3_access_key_id=extra.get("s3_access_key_id") or "",
+        s3_secret_access_key=extra.get("s3_secret_access_key") or "",
+        s3_path_style_access=path_style if isinstance(path_style, bool)
+        else str(path_style).lower() in {"1", "true", "yes"},
     )
 
 
