@@ -37,6 +37,7 @@ AIRFLOW_LANE_MODULES = frozenset(
         "test_outage_catchup",
         "test_fault_stopped_feed",
         "test_runbook_drills",
+        "test_scale_out",
         "test_ui_drills",
     )
 )

@@ -303,6 +303,7 @@ def offload_range(
     submit: Callable[[list[str]], Iterable[str]],
     log: Logger,
     driver_max_rows: int | None = None,
+    slices: int | None = None,
     offloadable_from: datetime | None = None,
 ) -> OffloadResults:
     """Offload consecutive intervals of one table with one Spark job, and read back what it
@@ -320,7 +321,7 @@ def offload_range(
             f"tier's retention boundary {offloadable_from.isoformat()}: ClickHouse no longer holds those "
             "rows (dropped after a verified offload), so the interval stays as Iceberg has it"
         )
-    arguments = job_arguments(spec.name, intervals, run_id, driver_max_rows=driver_max_rows)
+    arguments = job_arguments(spec.name, intervals, run_id, driver_max_rows=driver_max_rows, slices=slices)
     started = time.monotonic()
     lines = list(submit(arguments))
     wall = time.monotonic() - started

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from k2.config import (
     load_table_specs,
 )
 from k2.intervals import SCHEDULE_CRON, first_interval_start, last_interval_start
+from k2_provider.hooks.connections import ICEBERG_CONN_ID, WATERMARKS_CONN_ID
 from k2_provider.notifications.deadline import DeadlineMissNotifier
 from k2_provider.notifications.task_failure import TaskFailureNotifier
 from k2_provider.operators.maintenance import IcebergMaintenanceOperator
@@ -147,6 +149,29 @@ bounded by the pool `{SPARK_POOL}`. Catching up, one Spark job offloads up to
 """
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where one table's offload DAG runs and what it reads and writes through: the executor
+    of its tasks (None: Airflow's default executor; e.g. "CeleryExecutor" next to a default
+    LocalExecutor), the Spark, Iceberg catalog and watermark-store connections, and the read
+    parallelism of its Spark job. The default places every table as `dags/k2_offload.py`
+    does. Another placement - a table moved onto a cluster and object storage, say - gets
+    its own dag_id (``dag_id_suffix``) and should get its own catalog and watermark store
+    (connections), so that the two DAGs never offload into one ledger."""
+
+    dag_id_suffix: str = ""
+    executor: str | None = None
+    spark_conn_id: str = "spark_default"
+    iceberg_conn_id: str = ICEBERG_CONN_ID
+    watermarks_conn_id: str = WATERMARKS_CONN_ID
+    driver_max_rows: int | None = None  # the offload job's --driver-max-rows (None: its default)
+    slices: int | None = None  # the offload job's --slices (None: by the interval's rows)
+    tags: tuple[str, ...] = ()
+
+
+DEFAULT_PLACEMENT = Placement()
+
+
 def alert_recipients() -> str:
     """Who gets the deadline-miss and task-failure emails (K2_ALERT_EMAIL_TO, read at parsing)."""
     return os.environ.get(ALERT_TO_ENV) or DEFAULT_ALERT_TO
@@ -164,7 +189,7 @@ def failure_notifier() -> TaskFailureNotifier:
     )
 
 
-def _deadline_alert(spec: TableSpec) -> DeadlineAlert:
+def _deadline_alert(spec: TableSpec, dag_id: str) -> DeadlineAlert:
     # The triggerer awaits DeadlineMissNotifier(**kwargs, context=...) with a small context:
     # dag_run (the run's API fields) and deadline (id, deadline_time). Only those are templated.
     return DeadlineAlert(
@@ -177,7 +202,7 @@ def _deadline_alert(spec: TableSpec) -> DeadlineAlert:
                 "to": alert_recipients(),
                 "from_email": alert_sender(),
                 "smtp_conn_id": SMTP_CONN_ID,
-                "subject": f"[K2 SLA miss] {spec.dag_id} run {{{{ dag_run.dag_run_id }}}}",
+                "subject": f"[K2 SLA miss] {dag_id} run {{{{ dag_run.dag_run_id }}}}",
                 "html_content": (
                     f"<p>The offload of <b>{spec.name}</b> for the interval "
                     "{{ dag_run.data_interval_start }} – {{ dag_run.data_interval_end }} "
@@ -187,16 +212,17 @@ def _deadline_alert(spec: TableSpec) -> DeadlineAlert:
                 ),
             },
         ),
-        name=f"{spec.dag_id}_deadline",
+        name=f"{dag_id}_deadline",
     )
 
 
-def build_dag(spec: TableSpec) -> DAG:
-    """The offload DAG of one table."""
+def build_dag(spec: TableSpec, placement: Placement = DEFAULT_PLACEMENT) -> DAG:
+    """The offload DAG of one table (placed by `placement`)."""
     completeness = spec.completeness
     assert completeness is not None  # filled in by TableSpec
+    executor = {"executor": placement.executor} if placement.executor else {}
     with DAG(
-        dag_id=spec.dag_id,
+        dag_id=spec.dag_id + placement.dag_id_suffix,
         description=f"Offload {spec.name} from ClickHouse to Iceberg {spec.iceberg_table} every 15 minutes",
         # A data-interval timetable: a cron string or timedelta would make a trigger
         # timetable whose runs have no data interval in Airflow 3.
@@ -205,10 +231,10 @@ def build_dag(spec: TableSpec) -> DAG:
         end_date=last_interval_start(spec.end_date),
         catchup=True,
         max_active_runs=MAX_ACTIVE_RUNS,
-        default_args={**default_args_from_env(), "on_failure_callback": failure_notifier()},
-        tags=["k2", "offload", layer_of(spec)],
+        default_args={**default_args_from_env(), "on_failure_callback": failure_notifier(), **executor},
+        tags=["k2", "offload", layer_of(spec), *placement.tags],
         doc_md=_doc_md(spec),
-        deadline=_deadline_alert(spec),
+        deadline=_deadline_alert(spec, spec.dag_id + placement.dag_id_suffix),
     ) as dag:
         wait = ClickHouseWatermarkSensor(
             task_id=TASK_SENSOR,
@@ -222,6 +248,11 @@ def build_dag(spec: TableSpec) -> DAG:
             task_id=TASK_OFFLOAD,
             table=spec.name,
             max_intervals_per_job=spec.max_intervals_per_job,
+            conn_id=placement.spark_conn_id,
+            iceberg_conn_id=placement.iceberg_conn_id,
+            postgres_conn_id=placement.watermarks_conn_id,
+            driver_max_rows=placement.driver_max_rows,
+            slices=placement.slices,
             pool=SPARK_POOL,
             pool_slots=1,
             # One offload of a table at a time, so that a run waiting for the table's offload
@@ -234,6 +265,7 @@ def build_dag(spec: TableSpec) -> DAG:
             table=spec.name,
             initial_watermark=first_interval_start(spec.start_date),
             offload_task_id=TASK_OFFLOAD,
+            postgres_conn_id=placement.watermarks_conn_id,
         )
         wait >> offload >> commit
     return dag

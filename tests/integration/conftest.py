@@ -241,9 +241,12 @@ def airflow_running(stack: LocalStack, hot_data, start_date: datetime, outage_st
         # Fault tests wait for retries: 10 s, 20 s, 40 s instead of 1, 2, 4 min.
         "K2_RETRY_DELAY": "10",
     }
-    with environ_set(settings):
-        airflow.start(stack, log=lambda _msg: None)
-        handle = AirflowHandle(stack, {**os.environ, **airflow.environment(stack)})
+    # LocalExecutor runs every task; CeleryExecutor is there for a DAG that asks for it
+    # (test_scale_out), its broker the stack's Redis when that test starts it.
+    with environ_set({"K2_AIRFLOW_EXECUTOR": "LocalExecutor,CeleryExecutor"}):
+        with environ_set(settings):
+            airflow.start(stack, log=lambda _msg: None)
+            handle = AirflowHandle(stack, {**os.environ, **airflow.environment(stack)})
         try:
             yield handle
         finally:

@@ -214,9 +214,10 @@ COMPONENTS = [
 COMPONENT_BY_NAME = {c.name: c for c in COMPONENTS}
 
 
-def _celery_worker(n: int) -> Daemon:
+def celery_worker(n: int, env=None) -> Daemon:
     """`airflow celery worker` n of the stack's CeleryExecutor (k2.local.celery), in a folder
-    of its own; it serves no logs (the API server reads them from the shared log folder)."""
+    of its own; it serves no logs (the API server reads them from the shared log folder).
+    `env(stack)`: its environment (default: the stack's Airflow environment)."""
     name = f"airflow-celery-worker-{n + 1}"
 
     def argv(stack: LocalStack) -> list[str]:
@@ -228,12 +229,12 @@ def _celery_worker(n: int) -> Daemon:
     def healthy(stack: LocalStack) -> bool:
         return worker.pid(stack) is not None and celery.worker_ready(worker.log_file(stack), n)
 
-    worker = Daemon(name=name, argv=argv, env=environment, port=lambda s: None, healthy=healthy,
+    worker = Daemon(name=name, argv=argv, env=env or environment, port=lambda s: None, healthy=healthy,
                     cwd=lambda s: celery.worker_dir(s, n), start_timeout=120.0)
     return worker
 
 
-CELERY_WORKERS = tuple(_celery_worker(n) for n in range(celery.WORKERS))
+CELERY_WORKERS = tuple(celery_worker(n) for n in range(celery.WORKERS))
 
 
 def components(stack: LocalStack) -> list[Daemon]:

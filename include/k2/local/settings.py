@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import secrets
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -68,8 +69,13 @@ def spark_environment(host: str, *, archive: str = "use") -> dict[str, str]:
     The job's jars (SPARK_JARS_DIR) also go on the JVM's own class path (the launcher adds
     SPARK_DIST_CLASSPATH to it): classes of --jars come through Spark's own class loader,
     which the class-data archive cannot hold; found on the class path, Iceberg's and the
-    JDBC driver's classes are mapped from the archive like Spark's."""
+    JDBC driver's classes are mapped from the archive like Spark's.
+
+    The Python of the job's executors (their read and write slices import k2, pyarrow and
+    clickhouse-connect) is this virtualenv's, also on a local standalone cluster's workers;
+    a cluster elsewhere needs those in its executors' Python (docs/scaling.md)."""
     return {
+        "PYSPARK_PYTHON": sys.executable,
         "SPARK_LOCAL_IP": host,
         "SPARK_CONF_DIR": str(SPARK_NO_CONF_DIR),
         "SPARK_SUBMIT_OPTS": spark_java_options(archive=archive),
@@ -88,6 +94,8 @@ PORT_ENV_VARS = (
     "K2_STATSD_EXPORTER_PORT",
     "K2_PROMETHEUS_PORT",
     "K2_ALERTMANAGER_PORT",
+    "K2_OBJECT_STORE_PORT",  # k2 local up --object-store
+    "K2_REDIS_PORT",  # k2 local up --celery
 )
 
 

@@ -115,6 +115,8 @@ class OffloadToIcebergOperator(K2SparkJobOperator):
     :param driver_max_rows: the job's ``--driver-max-rows``: intervals of at most this many
         rows are written by the Spark driver itself, larger ones by the executors (default:
         the job's own, every interval on a local master and 500k rows on a cluster).
+    :param slices: the job's ``--slices``: every range read in this many slices (Spark tasks,
+        spread over the executors); default: one per 250k rows, up to the cluster's cores.
     :param kwargs: everything else goes to SparkSubmitOperator (conn_id, conf, driver_memory...).
     """
 
@@ -143,6 +145,7 @@ class OffloadToIcebergOperator(K2SparkJobOperator):
         jars_dir: str | os.PathLike[str] = DEFAULT_JARS_DIR,
         name: str | None = None,
         driver_max_rows: int | None = None,
+        slices: int | None = None,
         **kwargs: Any,
     ) -> None:
         if "application_args" in kwargs:
@@ -151,6 +154,8 @@ class OffloadToIcebergOperator(K2SparkJobOperator):
             raise ValueError(f"max_intervals_per_job must be >= 1, got {max_intervals_per_job}")
         if driver_max_rows is not None and driver_max_rows < 0:
             raise ValueError(f"driver_max_rows must be >= 0, got {driver_max_rows}")
+        if slices is not None and slices < 1:
+            raise ValueError(f"slices must be >= 1, got {slices}")
         super().__init__(
             application=str(application),
             jars=jars,
@@ -175,6 +180,7 @@ class OffloadToIcebergOperator(K2SparkJobOperator):
         self.interval_end = interval_end
         self.max_intervals_per_job = max_intervals_per_job
         self.driver_max_rows = driver_max_rows
+        self.slices = slices
         self.clickhouse_conn_id = clickhouse_conn_id
         self.iceberg_conn_id = iceberg_conn_id
         self.postgres_conn_id = postgres_conn_id
@@ -349,7 +355,7 @@ class OffloadToIcebergOperator(K2SparkJobOperator):
 
         done = offload_range(
             spec, plan.intervals, run_id, iceberg=iceberg, submit=submit, log=self.log,
-            driver_max_rows=self.driver_max_rows, offloadable_from=offloadable_from,
+            driver_max_rows=self.driver_max_rows, slices=self.slices, offloadable_from=offloadable_from,
         )
         results, extras, data_files, wall = done.results, done.raw, done.data_files, done.wall_seconds
 
