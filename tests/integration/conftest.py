@@ -243,10 +243,9 @@ def airflow_running(stack: LocalStack, hot_data, start_date: datetime, outage_st
     }
     # LocalExecutor runs every task; CeleryExecutor is there for a DAG that asks for it
     # (test_scale_out), its broker the stack's Redis when that test starts it.
-    with environ_set({"K2_AIRFLOW_EXECUTOR": "LocalExecutor,CeleryExecutor"}):
-        with environ_set(settings):
-            airflow.start(stack, log=lambda _msg: None)
-            handle = AirflowHandle(stack, {**os.environ, **airflow.environment(stack)})
+    with environ_set({**settings, "K2_AIRFLOW_EXECUTOR": "LocalExecutor,CeleryExecutor"}):
+        airflow.start(stack, log=lambda _msg: None)
+        handle = AirflowHandle(stack, {**os.environ, **airflow.environment(stack)})
         try:
             yield handle
         finally:
