@@ -125,12 +125,21 @@ def main() -> None:
             obj.start(store)
 
             local_ice = IcebergSettings.from_env(local_env)
-            setups = {
-                "local": ("local[2], warehouse on local disk", "local[2]",
-                          {**local_env, **replace(local_ice, catalog_name="bench_local").to_env()}),
-                "cluster": (f"cluster ({sc.WORKERS} workers), warehouse on S3", cluster.master_url,
-                            {**local_env, **store.iceberg_settings(replace(local_ice, catalog_name="bench_s3"),
-                                                                    f"s3://{obj.BUCKET}/bench").to_env()}),
+
+            def on_disk(catalog: str) -> dict[str, str]:
+                return {**local_env, **replace(local_ice, catalog_name=catalog).to_env()}
+
+            def on_s3(catalog: str) -> dict[str, str]:
+                return {**local_env, **store.iceberg_settings(replace(local_ice, catalog_name=catalog),
+                                                              f"s3://{obj.BUCKET}/{catalog}").to_env()}
+
+            cluster_label = f"cluster ({sc.WORKERS} workers)"
+            setups = {  # the two compared, then each change alone (the cluster shares this disk)
+                "local": ("local[2], warehouse on local disk", "local[2]", on_disk("bench_local")),
+                "cluster": (f"{cluster_label}, warehouse on S3", cluster.master_url, on_s3("bench_s3")),
+                "local_s3": ("local[2], warehouse on S3", "local[2]", on_s3("bench_local_s3")),
+                "cluster_disk": (f"{cluster_label}, warehouse on local disk", cluster.master_url,
+                                 on_disk("bench_cluster_disk")),
             }
             client = stack.clickhouse_client(database="k2")
             now = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
@@ -150,7 +159,8 @@ def main() -> None:
                 progress(f"\n{label}:")
                 runs = timings[key] = {}
                 runs["interval_first"] = offload(f"{key}-first", env, master, *interval, 1, logs)
-                runs["interval_replace"] = offload(f"{key}-replace", env, master, *interval, 1, logs)
+                if key in ("local", "cluster"):
+                    runs["interval_replace"] = offload(f"{key}-replace", env, master, *interval, 1, logs)
                 if key == "cluster":
                     runs["interval_executors"] = offload(f"{key}-executors", env, master, *interval, 1, logs,
                                                          "--driver-max-rows", "0")
@@ -173,6 +183,11 @@ def main() -> None:
                                                      / timings["local"]["interval_first"].seconds)
     print(f"  {'interval, executors':<20} {ratios['interval_executors_over_local_first']:.2f} "
           "(every slice on the executors / local[2] first run)")
+    print("each change alone / local[2] + disk:")
+    for key, label in (("local_s3", "S3 alone"), ("cluster_disk", "cluster alone")):
+        for name in ("interval_first", "backlog"):
+            ratios[f"{key}_{name}"] = timings[key][name].seconds / timings["local"][name].seconds
+            print(f"  {label + ', ' + name:<30} {ratios[f'{key}_{name}']:.2f}")
     if args.json:
         args.json.write_text(json.dumps({
             "rows": args.rows, "backlog_hours": args.backlog_hours, "backlog_rows": args.backlog_rows,
