@@ -36,9 +36,11 @@ from k2.config import (
     load_table_specs,
 )
 from k2.intervals import SCHEDULE_CRON, first_interval_start, last_interval_start
+from k2_provider.assets import DEFAULT_CATALOG, committed_alias, iceberg_table_asset
 from k2_provider.hooks.connections import ICEBERG_CONN_ID, WATERMARKS_CONN_ID
 from k2_provider.notifications.deadline import DeadlineMissNotifier
 from k2_provider.notifications.task_failure import TaskFailureNotifier
+from k2_provider.operators.cold_reader import ColdTierReaderOperator
 from k2_provider.operators.maintenance import IcebergMaintenanceOperator
 from k2_provider.operators.offload import OffloadToIcebergOperator
 from k2_provider.operators.retention import HotRetentionOperator
@@ -167,6 +169,7 @@ class Placement:
     driver_max_rows: int | None = None  # the offload job's --driver-max-rows (None: its default)
     slices: int | None = None  # the offload job's --slices (None: by the interval's rows)
     tags: tuple[str, ...] = ()
+    catalog_name: str = DEFAULT_CATALOG  # the Iceberg connection's catalog_name: the Asset's URI
 
 
 DEFAULT_PLACEMENT = Placement()
@@ -221,8 +224,10 @@ def build_dag(spec: TableSpec, placement: Placement = DEFAULT_PLACEMENT) -> DAG:
     completeness = spec.completeness
     assert completeness is not None  # filled in by TableSpec
     executor = {"executor": placement.executor} if placement.executor else {}
+    dag_id = spec.dag_id + placement.dag_id_suffix
+    alias = committed_alias(dag_id)
     with DAG(
-        dag_id=spec.dag_id + placement.dag_id_suffix,
+        dag_id=dag_id,
         description=f"Offload {spec.name} from ClickHouse to Iceberg {spec.iceberg_table} every 15 minutes",
         # A data-interval timetable: a cron string or timedelta would make a trigger
         # timetable whose runs have no data interval in Airflow 3.
@@ -266,6 +271,10 @@ def build_dag(spec: TableSpec, placement: Placement = DEFAULT_PLACEMENT) -> DAG:
             initial_watermark=first_interval_start(spec.start_date),
             offload_task_id=TASK_OFFLOAD,
             postgres_conn_id=placement.watermarks_conn_id,
+            # one event of the table's Asset per committed interval, through the alias
+            outlets=[alias],
+            asset=iceberg_table_asset(spec, placement.catalog_name),
+            asset_alias=alias,
         )
         wait >> offload >> commit
     return dag
@@ -368,3 +377,44 @@ def build_maintenance_dag(config_path: Path | str | None = None, *, strict: bool
         ["maintenance"],
         1, lambda spec: IcebergMaintenanceOperator(task_id=f"maintain_{spec.name}", table=spec.name),
         config_path, strict)
+
+
+EXAMPLE_CONSUMER_DAG_ID = "k2_example_cold_consumer"
+EXAMPLE_CONSUMER_TABLES = ("silver_trades", "gold_ohlcv_15m")
+EXAMPLE_CONSUMER_DOC = """\
+### Example: a consumer of the cold tier
+
+Scheduled on the Iceberg Assets of `silver_trades` and `gold_ohlcv_15m` (either): each
+offload DAG's commit task adds one asset event per interval it committed, with the extras
+`table, iceberg_table, interval_start, interval_end, snapshot_id, rows, checksum`. A run of
+this DAG reads each triggering event's interval from that snapshot with pyiceberg (Arrow
+batches) and logs a summary; it fails when the rows read differ from the rows announced.
+Events that arrive together (a catch-up batch) are consumed by one run.
+
+Created paused; tagged `example`. Copy it as the start of a research job or a backtest.
+"""
+
+
+def build_example_consumer_dag(tables: tuple[str, ...] = EXAMPLE_CONSUMER_TABLES,
+                               config_path: Path | str | None = None) -> DAG:
+    """The example downstream DAG k2_example_cold_consumer (created paused, tagged example)."""
+    path = Path(config_path) if config_path else DEFAULT_TABLES_FILE
+    specs = {spec.name: spec for spec in load_table_specs(path, strict=True)}
+    assets = [iceberg_table_asset(specs[name]) for name in tables]
+    schedule = assets[0]
+    for asset in assets[1:]:
+        schedule = schedule | asset
+    with DAG(
+        dag_id=EXAMPLE_CONSUMER_DAG_ID,
+        description="Example: read each newly committed interval of the cold tier from Iceberg",
+        schedule=schedule,
+        start_date=DAILY_START,
+        catchup=False,
+        max_active_runs=1,
+        is_paused_upon_creation=True,
+        default_args={**default_args_from_env(), "retries": 1},
+        tags=["k2", "example"],
+        doc_md=EXAMPLE_CONSUMER_DOC,
+    ) as dag:
+        ColdTierReaderOperator(task_id="read_new_intervals", assets=assets)
+    return dag

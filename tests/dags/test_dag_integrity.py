@@ -14,6 +14,8 @@ import yaml
 from k2.config import OVERRIDE_ENV, SPARK_POOL, ConfigError, load_tables
 from k2.intervals import first_interval_start
 from k2_dag_factory import (
+    EXAMPLE_CONSUMER_DAG_ID,
+    EXAMPLE_CONSUMER_TABLES,
     MAINTENANCE_DAG_ID,
     MAX_ACTIVE_RUNS,
     RETENTION_DAG_ID,
@@ -82,8 +84,30 @@ def test_parsing_is_fast(parsed: tuple[Any, float]) -> None:
 
 
 def test_exactly_one_dag_per_table_and_the_daily_dags(dagbag: Any) -> None:
-    assert sorted(dagbag.dag_ids) == sorted([*EXPECTED_DAG_IDS, RETENTION_DAG_ID, MAINTENANCE_DAG_ID])
+    assert sorted(dagbag.dag_ids) == sorted([*EXPECTED_DAG_IDS, RETENTION_DAG_ID, MAINTENANCE_DAG_ID,
+                                             EXAMPLE_CONSUMER_DAG_ID])
     assert len(EXPECTED_DAG_IDS) == 9
+
+
+def test_every_commit_task_announces_its_table_asset_through_its_alias(dagbag: Any) -> None:
+    from k2_provider.assets import committed_alias, iceberg_table_asset
+
+    for spec in SPECS:
+        commit = dagbag.dags[spec.dag_id].get_task("commit_watermark")
+        assert commit.outlets == [committed_alias(spec.dag_id)]
+        assert commit.asset == iceberg_table_asset(spec)
+        assert commit.asset.uri == f"iceberg://k2/{spec.iceberg_table.replace('.', '/')}"
+
+
+def test_the_example_consumer_waits_on_the_silver_and_a_gold_asset_paused_and_tagged(dagbag: Any) -> None:
+    from k2_provider.assets import iceberg_table_asset
+
+    dag = dagbag.dags[EXAMPLE_CONSUMER_DAG_ID]
+    assert dag.is_paused_upon_creation is True and "example" in dag.tags
+    specs = {spec.name: spec for spec in SPECS}
+    wanted = {iceberg_table_asset(specs[name]).uri for name in EXAMPLE_CONSUMER_TABLES}
+    assert {asset.uri for asset in dag.timetable.asset_condition.objects} == wanted  # either one
+    assert "silver_trades" in EXAMPLE_CONSUMER_TABLES and any(t.startswith("gold_") for t in EXAMPLE_CONSUMER_TABLES)
 
 
 def test_the_retention_dag_has_a_task_per_table_runs_daily_and_starts_paused(dagbag: Any) -> None:

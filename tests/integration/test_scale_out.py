@@ -128,7 +128,7 @@ from k2_dag_factory import Placement, build_dag
 spec = load_tables().get("{SPEC.name}").model_copy(update={{"start_date": datetime.fromisoformat("{start.isoformat()}")}})
 dag = build_dag(spec, Placement(dag_id_suffix="{SUFFIX}", executor="CeleryExecutor", spark_conn_id="spark_cluster",
                                 iceberg_conn_id="iceberg_scale_out", watermarks_conn_id="k2_watermarks_scale_out",
-                                driver_max_rows=0, slices=4, tags=("scale-out",)))
+                                driver_max_rows=0, slices=4, tags=("scale-out",), catalog_name="{DATABASE}"))
 ''')
 
 

@@ -13,13 +13,14 @@ import pytest
 
 from k2.config import load_tables
 from k2.intervals import INTERVAL
-from k2_dag_factory import MAINTENANCE_DAG_ID, RETENTION_DAG_ID
+from k2_dag_factory import EXAMPLE_CONSUMER_DAG_ID, MAINTENANCE_DAG_ID, RETENTION_DAG_ID
 from tests.integration.airflow_handle import airflow_sql, wait_until
 from tests.integration.browser import browser_page, log_in
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-DAG_IDS = sorted([*(spec.dag_id for spec in load_tables().tables), RETENTION_DAG_ID, MAINTENANCE_DAG_ID])
+DAG_IDS = sorted([*(spec.dag_id for spec in load_tables().tables), RETENTION_DAG_ID, MAINTENANCE_DAG_ID,
+                  EXAMPLE_CONSUMER_DAG_ID])
 
 
 def _ui(stack) -> str:

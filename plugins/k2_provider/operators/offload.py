@@ -28,6 +28,7 @@ from k2.quality import quarantine_table_name
 from k2.runtime_env import IcebergSettings
 from k2.watermarks import WatermarkStore, offload_lock
 from k2_provider.hooks.clickhouse import K2ClickHouseHook
+from k2_provider.lineage import Written, operator_lineage
 from k2_provider.hooks.connections import (
     ICEBERG_CONN_ID,
     WATERMARKS_CONN_ID,
@@ -186,6 +187,25 @@ class OffloadToIcebergOperator(K2SparkJobOperator):
         self.postgres_conn_id = postgres_conn_id
         self.lock_poll_interval = lock_poll_interval
         self._stage = "prepare"
+        self._written: Written | None = None  # what this run's job wrote: its lineage statistics
+
+    # Lineage (the openlineage provider calls these; k2_provider.lineage)
+
+    def _lineage(self, written: Written | None) -> Any:
+        spec = cached_tables().get(self.table)
+        clickhouse = K2ClickHouseHook(clickhouse_conn_id=self.clickhouse_conn_id).settings_for_spark()
+        return operator_lineage(spec, clickhouse, iceberg_settings(self.iceberg_conn_id), written)
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        return self._lineage(None)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """The output's statistics: the rows, bytes and files this run's job wrote (none when
+        an earlier run's batch had offloaded the interval)."""
+        return self._lineage(self._written)
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        return self._lineage(None)
 
     # Settings
 
@@ -385,6 +405,8 @@ class OffloadToIcebergOperator(K2SparkJobOperator):
                 )
         if data_files is not None:
             metrics.emit_safely(metrics.set_iceberg_data_files, self.table, data_files, log=self.log)
+        self._written = Written(rows=sum(int(r["rows"]) for r in results),
+                                bytes=sum(int(e.get("added_files_size") or 0) for e in extras))
         self.log.info(
             "offloaded %s in %d interval(s) [%s, %s) with one Spark job in %.1f s: %s",
             self.table,

@@ -19,7 +19,7 @@ from k2_provider.hooks.clickhouse import K2ClickHouseHook
 from k2_provider.hooks.connections import WATERMARKS_CONN_ID, watermark_store_dsn
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.sdk import Asset, AssetAlias, Context
 
     from k2.watermarks import CommitResult
 
@@ -76,6 +76,12 @@ class WatermarkCommitOperator(BaseOperator):
         ``k2_late_changed_intervals_total`` and a warning naming the interval and the command
         that re-offloads it). 0 turns the check off. It never fails the task.
     :param clickhouse_conn_id: connection of the hot tier, for the late-row check.
+    :param asset: the table's Iceberg Asset (k2_provider.assets), announced once per interval
+        the run's offload wrote, through ``asset_alias``, which must be among the task's
+        ``outlets``. A run whose offload found its interval already offloaded (``skipped``)
+        announces nothing; a commit-only retry or clear announces the same snapshot again,
+        with the same extras (consumers key on interval and snapshot id).
+    :param asset_alias: the AssetAlias outlet the events go through.
     """
 
     template_fields: Sequence[str] = ("table",)
@@ -91,8 +97,14 @@ class WatermarkCommitOperator(BaseOperator):
         attempts: int = 5,
         late_check_intervals: int = LATE_CHECK_INTERVALS,
         clickhouse_conn_id: str = "clickhouse_default",
+        asset: Asset | None = None,
+        asset_alias: AssetAlias | None = None,
         **kwargs: Any,
     ) -> None:
+        if (asset is None) != (asset_alias is None):
+            raise ValueError("asset and asset_alias go together")
+        if asset_alias is not None and asset_alias not in (kwargs.get("outlets") or []):
+            raise ValueError(f"asset_alias {asset_alias.name!r} must be one of the task's outlets")
         super().__init__(**kwargs)
         self.table = table
         # aware UTC; a naive time is refused, naming the argument
@@ -102,6 +114,8 @@ class WatermarkCommitOperator(BaseOperator):
         self.attempts = attempts
         self.late_check_intervals = late_check_intervals
         self.clickhouse_conn_id = clickhouse_conn_id
+        self.asset = asset
+        self.asset_alias = asset_alias
 
     def _store(self) -> WatermarkStore:
         return WatermarkStore(watermark_store_dsn(self.postgres_conn_id))
@@ -122,7 +136,7 @@ class WatermarkCommitOperator(BaseOperator):
 
     def _offload_result(self, context: Context) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """The run's own interval and every interval to commit (own included), by start."""
-        result = context["ti"].xcom_pull(task_ids=self.offload_task_id)
+        result = self._pulled(context)
         if not isinstance(result, dict):
             raise AirflowException(
                 f"no offload result in the XCom of {self.offload_task_id!r}: {result!r}"
@@ -156,6 +170,31 @@ class WatermarkCommitOperator(BaseOperator):
         except Exception as exc:
             metrics.emit_safely(metrics.record_error, self.table, commit_error_type(exc), log=self.log)
             raise
+
+    def _pulled(self, context: Context) -> Any:
+        return context["ti"].xcom_pull(task_ids=self.offload_task_id)
+
+    def _announce(self, context: Context, intervals: list[dict[str, Any]]) -> int:
+        """One asset event per interval the run's offload wrote (none when it skipped)."""
+        if self.asset is None or self.asset_alias is None:
+            return 0
+        result = self._pulled(context)
+        if isinstance(result, dict) and result.get("skipped"):
+            self.log.info("no asset event: the run's interval was already offloaded by another run")
+            return 0
+        events = context["outlet_events"][self.asset_alias]
+        for item in intervals:
+            events.add(self.asset, extra={
+                "table": self.table,
+                "iceberg_table": self.asset.name.split(".", 1)[-1],
+                "interval_start": _utc(item["interval_start"]).isoformat(),
+                "interval_end": _utc(item["interval_end"]).isoformat(),
+                "snapshot_id": None if item.get("snapshot_id") is None else int(item["snapshot_id"]),
+                "rows": int(item["rows"]),
+                "checksum": str(item["checksum"]),
+            })
+        self.log.info("%d asset event(s) of %s", len(intervals), self.asset.uri)
+        return len(intervals)
 
     def _execute(self, context: Context) -> dict[str, Any]:
         _, intervals = self._offload_result(context)
@@ -198,7 +237,8 @@ class WatermarkCommitOperator(BaseOperator):
                 self._check_late_rows(context, store, commits[0])
             except Exception as exc:  # a check, not the commit: never fail the task for it
                 self.log.warning("late-row check of %s skipped: %s", self.table, exc)
-        return {**last.as_dict(), "intervals_committed": len(commits)}
+        announced = self._announce(context, intervals)
+        return {**last.as_dict(), "intervals_committed": len(commits), "asset_events": announced}
 
     def _check_late_rows(self, context: Context, store: WatermarkStore, first: CommitResult) -> None:
         """Rows that arrived in ClickHouse after their interval was offloaded, and rows that

@@ -1,0 +1,71 @@
+"""The commit task's asset events (k2_provider.operators.watermark_commit._announce): one per
+interval the run's offload wrote, through the DAG's alias, with the interval's extras; none
+when the offload skipped (an earlier batch had the interval). Airflow's own outlet-event
+accessor records them, as in a task."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+from airflow.sdk.execution_time.context import OutletEventAccessors
+
+from k2.config import load_tables
+from k2_provider.assets import committed_alias, iceberg_table_asset
+from k2_provider.operators.watermark_commit import WatermarkCommitOperator
+
+SPEC = load_tables().get("silver_trades")
+ALIAS = committed_alias(SPEC.dag_id)
+ASSET = iceberg_table_asset(SPEC)
+
+
+def _interval(minute: int, snapshot: int) -> dict:
+    start = datetime(2026, 12, 7, 10, minute, tzinfo=timezone.utc)
+    return {"table": SPEC.name, "interval_start": start.isoformat(),
+            "interval_end": start.replace(minute=minute + 15).isoformat(), "rows": 100 + minute,
+            "checksum": 7 * minute, "snapshot_id": snapshot, "run_id": "scheduled__x"}
+
+
+class _TI:
+    def __init__(self, result: dict) -> None:
+        self.result = result
+
+    def xcom_pull(self, task_ids: str) -> dict:
+        return self.result
+
+
+def _operator() -> WatermarkCommitOperator:
+    return WatermarkCommitOperator(task_id="commit_watermark", table=SPEC.name,
+                                   initial_watermark=datetime(2026, 1, 1, tzinfo=timezone.utc),
+                                   outlets=[ALIAS], asset=ASSET, asset_alias=ALIAS)
+
+
+def test_a_batch_of_three_intervals_is_three_events_with_their_extras() -> None:
+    intervals = [_interval(0, 11), _interval(15, 12), _interval(30, 12)]
+    events = OutletEventAccessors()
+    context = {"ti": _TI({**intervals[0], "intervals": intervals, "skipped": False}), "outlet_events": events}
+    assert _operator()._announce(context, intervals) == 3
+    added = events[ALIAS].asset_alias_events
+    assert [e.dest_asset_key.uri for e in added] == [ASSET.uri] * 3
+    assert [e.extra["interval_start"] for e in added] == [i["interval_start"] for i in intervals]
+    assert added[1].extra == {"table": "silver_trades", "iceberg_table": SPEC.iceberg_table,
+                              "interval_start": intervals[1]["interval_start"],
+                              "interval_end": intervals[1]["interval_end"], "snapshot_id": 12, "rows": 115,
+                              "checksum": "105"}
+
+
+def test_a_skipped_offload_announces_nothing() -> None:
+    own = _interval(0, 11)
+    events = OutletEventAccessors()
+    context = {"ti": _TI({**own, "intervals": [own], "skipped": True}), "outlet_events": events}
+    assert _operator()._announce(context, [own]) == 0
+    assert events[ALIAS].asset_alias_events == []
+
+
+def test_the_alias_must_be_an_outlet_and_comes_with_the_asset() -> None:
+    with pytest.raises(ValueError, match="must be one of the task's outlets"):
+        WatermarkCommitOperator(task_id="c", table=SPEC.name, initial_watermark=datetime(2026, 1, 1, tzinfo=timezone.utc),
+                                asset=ASSET, asset_alias=ALIAS)
+    with pytest.raises(ValueError, match="go together"):
+        WatermarkCommitOperator(task_id="c", table=SPEC.name, initial_watermark=datetime(2026, 1, 1, tzinfo=timezone.utc),
+                                asset=ASSET)
