@@ -30,7 +30,7 @@ AIRFLOW_LANE = "airflow"
 AIRFLOW_LANE_MODULES = frozenset(
     f"tests/integration/{name}.py"
     for name in (
-        "test_assets_lineage",
+        "test_assets",
         "test_deadline_email",
         "test_failure_email",
         "test_faults_airflow",

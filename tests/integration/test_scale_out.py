@@ -104,6 +104,8 @@ def _placement_env(stack, airflow_running, cluster, store, events: Path) -> dict
     env.update({f"AIRFLOW_CONN_{conn_id.upper()}": json.dumps(conn) for conn_id, conn in conns.items()})
     env["SPARK_SUBMIT_OPTS"] = (env.get("SPARK_SUBMIT_OPTS", "") + f" -Dspark.eventLog.enabled=true "
                                 f"-Dspark.eventLog.dir={events.as_uri()} -Dspark.eventLog.compress=false")
+    # OpenLineage on these workers: every task's run events into a file (the file transport)
+    env["AIRFLOW__OPENLINEAGE__TRANSPORT"] = local_airflow.lineage_transport(events.parent / "lineage.jsonl")
     return env, s3
 
 
@@ -193,3 +195,25 @@ def test_one_tables_dag_on_celery_the_spark_cluster_and_object_storage(stack, ho
     print(f"[scale out] k2 verify: {verify.stdout.strip().splitlines()[-1] if verify.stdout.strip() else verify.stderr[-500:]}")
     assert verify.returncode == 0, verify.stdout[-3000:] + verify.stderr[-3000:]
     assert s3.s3_secret_access_key not in verify.stdout + verify.stderr
+
+    # OpenLineage (file transport on the Celery workers): START and COMPLETE of each offload, its
+    # input the ClickHouse table, its output the Iceberg table on the store (by location, the
+    # catalog's name as a symlink), the rows its job wrote as the output's statistics.
+    lineage = [json.loads(line) for line in (events.parent / "lineage.jsonl").read_text().splitlines()]
+    job = f"{DAG_ID}.offload_to_iceberg"
+    offloads = [e for e in lineage if e.get("job", {}).get("name") == job]
+    kinds = sorted({e["eventType"] for e in offloads})
+    assert {"START", "COMPLETE"} <= set(kinds), kinds
+    completes = [e for e in offloads if e["eventType"] == "COMPLETE"]
+    ch = local_airflow.clickhouse_settings(stack)
+    for event in completes:
+        (source,), (target,) = event["inputs"], event["outputs"]
+        assert (source["namespace"], source["name"]) == (f"clickhouse://{ch.host}:{ch.port}", f"{ch.database}.{SPEC.source}")
+        assert (target["namespace"], target["name"]) == (f"s3://{obj.BUCKET}", f"scale-out/{SPEC.iceberg_table.replace('.', '/')}")
+        assert target["facets"]["symlinks"]["identifiers"][0] == {
+            "namespace": f"iceberg://{DATABASE}", "name": SPEC.iceberg_table, "type": "TABLE"}
+    written = sum(e["outputs"][0].get("outputFacets", {}).get("outputStatistics", {}).get("rowCount", 0)
+                  for e in completes)
+    assert written == sum(e.rows for e in ledger), (written, [e.rows for e in ledger])
+    print(f"[scale out] OpenLineage: {len(offloads)} offload event(s) {kinds}; rows written per the "
+          f"COMPLETE events {written} = the ledger's")

@@ -137,11 +137,11 @@ def environment(stack: LocalStack) -> dict[str, str]:
         "K2_STRICT_DAGS": os.environ.get("K2_STRICT_DAGS", "0"),
     }
     env.update(celery.airflow_environment(stack, executors))
-    # OpenLineage run events of every task (START, COMPLETE, FAIL) as JSON lines in a file of the
-    # stack home; the offload's carry its ClickHouse input and Iceberg output (k2_provider.lineage).
+    # OpenLineage is on when a transport is configured (AIRFLOW__OPENLINEAGE__TRANSPORT in the
+    # environment, e.g. lineage_transport(stack): a file of the stack home); every task then
+    # loads the listener and reports START/COMPLETE/FAIL - the offload's with its ClickHouse
+    # input, Iceberg output and row counts (k2_provider.lineage).
     env["AIRFLOW__OPENLINEAGE__NAMESPACE"] = LINEAGE_NAMESPACE
-    env["AIRFLOW__OPENLINEAGE__TRANSPORT"] = json.dumps(
-        {"type": "file", "log_file_path": str(lineage_file(stack)), "append": True})
     # emitted from a thread of the task process, not a fork of it (the fork shares the task's
     # connection to its supervisor)
     env["AIRFLOW__OPENLINEAGE__EXECUTE_IN_THREAD"] = "True"
@@ -155,8 +155,14 @@ def environment(stack: LocalStack) -> dict[str, str]:
 
 
 def lineage_file(stack: LocalStack) -> Path:
-    """Where the local stack's OpenLineage events go (one JSON document per line)."""
+    """Where the local stack's OpenLineage events go with lineage_transport (JSON lines)."""
     return stack.home / "lineage" / "events.jsonl"
+
+
+def lineage_transport(path: Path) -> str:
+    """AIRFLOW__OPENLINEAGE__TRANSPORT for OpenLineage's file transport into `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return json.dumps({"type": "file", "log_file_path": str(path), "append": True})
 
 
 def write_env_file(stack: LocalStack) -> Path:
@@ -190,7 +196,6 @@ def run_cli(stack: LocalStack, *args: str, timeout: float = 300) -> subprocess.C
 def prepare(stack: LocalStack, log=print) -> None:
     """Migrate the metadata DB, write the admin password, create the Spark pool."""
     stack.airflow_home.mkdir(parents=True, exist_ok=True)
-    lineage_file(stack).parent.mkdir(parents=True, exist_ok=True)
     write_env_file(stack)
     passwords = stack.airflow_home / "passwords.json"
     passwords.touch(mode=0o600)
