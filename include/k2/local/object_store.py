@@ -18,6 +18,7 @@ from k2.local.daemons import Daemon, http_ok
 from k2.local.monitoring import TOOLS_BIN
 from k2.local.processes import StackError
 from k2.local.settings import LOOPBACK, LocalStack, StackHome, _env_int, default_home
+from k2.iceberg import arrow_s3_options
 from k2.runtime_env import IcebergSettings
 
 PORT_ENV = "K2_OBJECT_STORE_PORT"
@@ -56,12 +57,11 @@ class ObjectStore(StackHome):
                        s3_path_style_access=True)
 
     def filesystem(self) -> Any:
-        """pyarrow's S3FileSystem on this store (makes buckets)."""
+        """pyarrow's S3FileSystem on this store, as the jobs open it (k2.iceberg), making buckets."""
         import pyarrow.fs as pafs
 
-        return pafs.S3FileSystem(access_key=self.access_key_id, secret_key=self.secret_access_key,
-                                 endpoint_override=f"{self.host}:{self.port}", scheme="http", region=REGION,
-                                 force_virtual_addressing=False, allow_bucket_creation=True)
+        options = arrow_s3_options(self.iceberg_settings(IcebergSettings("", "", "", "", WAREHOUSE)))
+        return pafs.S3FileSystem(**options, allow_bucket_creation=True)
 
     def ensure_bucket(self, bucket: str = BUCKET) -> None:
         import pyarrow.fs as pafs

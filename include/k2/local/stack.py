@@ -129,14 +129,18 @@ SERVICES: list[Service] = [
 # `k2 local up --spark-cluster`: a Spark standalone master and two workers (k2.local.spark_cluster).
 SPARK_CLUSTER: list[Service] = [_cluster_service(d) for d in spark_cluster.DAEMONS]
 # `k2 local up --object-store`: the S3 gateway for the warehouse (k2.local.object_store).
-OBJECT_STORE = Service(
-    name=object_store.GATEWAY.name,
-    port=lambda stack: object_store.ObjectStore.for_local_stack(stack).port,
-    start=lambda stack: object_store.start(object_store.ObjectStore.for_local_stack(stack)),
-    stop=lambda stack: object_store.GATEWAY.stop(object_store.ObjectStore.for_local_stack(stack)),
-    pid=lambda stack: object_store.GATEWAY.pid(object_store.ObjectStore.for_local_stack(stack)),
-    healthy=lambda stack: object_store.GATEWAY.healthy(object_store.ObjectStore.for_local_stack(stack)),
-)
+def _object_store_service() -> Service:
+    """The S3 gateway of this stack's warehouse."""
+    def on(method):
+        return lambda stack: method(object_store.ObjectStore.for_local_stack(stack))
+
+    gateway = object_store.GATEWAY
+    return Service(name=gateway.name, port=on(gateway.port), start=on(object_store.start), stop=on(gateway.stop),
+                   pid=on(gateway.pid), healthy=on(gateway.healthy))
+
+
+OBJECT_STORE = _object_store_service()
+
 # `k2 local up --celery`: Redis, the broker of Airflow's CeleryExecutor (k2.local.celery).
 REDIS = _service(celery.REDIS)
 OPTIONAL = [*SPARK_CLUSTER, OBJECT_STORE, REDIS]
