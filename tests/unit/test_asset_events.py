@@ -69,3 +69,20 @@ def test_the_alias_must_be_an_outlet_and_comes_with_the_asset() -> None:
     with pytest.raises(ValueError, match="go together"):
         WatermarkCommitOperator(task_id="c", table=SPEC.name, initial_watermark=datetime(2026, 1, 1, tzinfo=timezone.utc),
                                 asset=ASSET)
+
+
+def test_an_offload_into_another_catalog_is_neither_ledgered_nor_announced(monkeypatch) -> None:
+    """The placement's catalog_name (parsing) and the Iceberg connection's (run time) must
+    agree: otherwise the commit fails before it touches the ledger, naming both."""
+    own = _interval(0, 11)
+    operator = _operator()
+    touched = []
+    monkeypatch.setattr(WatermarkCommitOperator, "_store", lambda self: touched.append("ledger"))
+    context = {"ti": _TI({**own, "intervals": [own], "skipped": False, "catalog_name": "research"}),
+               "outlet_events": OutletEventAccessors(), "data_interval_start": None, "data_interval_end": None}
+    with pytest.raises(Exception, match=r"catalog 'research' but this DAG announces the Asset 'iceberg://k2/"):
+        operator._execute(context)
+    assert touched == []
+    # the same result from the catalog the Asset names passes the check
+    same = {**own, "intervals": [own], "skipped": False, "catalog_name": "k2"}
+    assert operator._offload_result({"ti": _TI(same)})[0]["interval_start"] == own["interval_start"]

@@ -283,7 +283,8 @@ class OffloadToIcebergOperator(K2SparkJobOperator):
                                        offloadable_from=boundary.offloadable_from if boundary else None)
             self._stage = "metrics"
             self._emit_backlog(spec, own, store, facts, plan)
-        return result
+        # the catalog written to: the commit task checks it against the Asset it announces
+        return {**result, "catalog_name": iceberg.catalog_name}
 
     def _facts(
         self,

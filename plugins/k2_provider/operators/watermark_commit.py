@@ -142,6 +142,7 @@ class WatermarkCommitOperator(BaseOperator):
                 f"no offload result in the XCom of {self.offload_task_id!r}: {result!r}"
             )
         own = self._check_interval(result)
+        self._check_catalog(result.get("catalog_name"))
         start, end = context.get("data_interval_start"), context.get("data_interval_end")
         if start is not None and end is not None:
             if (_utc(own["interval_start"]), _utc(own["interval_end"])) != (_utc(start), _utc(end)):
@@ -163,6 +164,20 @@ class WatermarkCommitOperator(BaseOperator):
             raise AirflowException(f"offload result lists an interval twice: {listed!r}")
         intervals.sort(key=lambda i: _utc(i["interval_start"]))
         return own, intervals
+
+    def _check_catalog(self, catalog_name: Any) -> None:
+        """The Asset names the catalog the offload wrote to (a placement's ``catalog_name``
+        is given at parsing, its Iceberg connection is read at run time): refuse to ledger
+        and announce an interval under another catalog's name."""
+        if self.asset is None or catalog_name is None:  # a result from before the check
+            return
+        expected = f"{catalog_name}.{self.asset.name.split('.', 1)[-1]}"
+        if self.asset.name != expected:
+            raise AirflowException(
+                f"{self.table}: the offload wrote to Iceberg catalog {catalog_name!r} but this DAG "
+                f"announces the Asset {self.asset.uri!r}; make the DAG's placement catalog_name "
+                f"and the Iceberg connection's catalog_name the same"
+            )
 
     def execute(self, context: Context) -> dict[str, Any]:
         try:
