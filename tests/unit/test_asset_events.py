@@ -86,3 +86,19 @@ def test_an_offload_into_another_catalog_is_neither_ledgered_nor_announced(monke
     # the same result from the catalog the Asset names passes the check
     same = {**own, "intervals": [own], "skipped": False, "catalog_name": "k2"}
     assert operator._offload_result({"ti": _TI(same)})[0]["interval_start"] == own["interval_start"]
+
+
+def test_the_example_consumer_refuses_an_event_that_is_not_an_offloads(monkeypatch) -> None:
+    """An event made by hand (no interval extras) fails the reader naming what it lacks,
+    before any catalog is opened."""
+    from types import SimpleNamespace
+
+    from k2_provider.operators import cold_reader
+
+    opened = []
+    monkeypatch.setattr(cold_reader, "load_catalog", lambda settings: opened.append(settings))
+    reader = cold_reader.ColdTierReaderOperator(task_id="read", assets=[ASSET])
+    event = SimpleNamespace(extra={"table": SPEC.name, "rows": 3}, source_dag_id="manual", source_run_id="r1")
+    with pytest.raises(Exception, match=r"lacks \['interval_start', 'interval_end', 'snapshot_id'\]"):
+        reader.execute({"triggering_asset_events": {ASSET: [event]}})
+    assert opened == []

@@ -18,6 +18,8 @@ from k2_provider.hooks.connections import ICEBERG_CONN_ID, iceberg_settings
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+EVENT_KEYS = ("table", "interval_start", "interval_end", "snapshot_id", "rows")
+
 
 class ColdTierReaderOperator(BaseOperator):
     """For every triggering event of ``assets`` (k2_provider.assets: extras table,
@@ -38,21 +40,28 @@ class ColdTierReaderOperator(BaseOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         triggering = context["triggering_asset_events"]
+        events = [(asset, event) for asset in self.assets for event in triggering.get(asset, ())]
+        for asset, event in events:  # every event checked before anything is read
+            missing = [k for k in EVENT_KEYS if (event.extra or {}).get(k) is None]
+            if missing:  # e.g. an event created by hand through the API
+                raise AirflowException(
+                    f"asset event of {asset.uri} from {event.source_dag_id} {event.source_run_id} "
+                    f"lacks {missing}: not an offload's event (extra {event.extra!r})"
+                )
         catalog = load_catalog(iceberg_settings(self.iceberg_conn_id))
         tables = load_tables()
         summaries: list[dict[str, Any]] = []
-        for asset in self.assets:
-            for event in triggering.get(asset, ()):
-                extra = event.extra or {}
-                spec = tables.get(str(extra["table"]))
-                summary = summarize_interval(catalog, spec, extra["interval_start"], extra["interval_end"],
-                                             int(extra["snapshot_id"]))
-                self.log.info("%s (from %s %s)", summary.line(), event.source_dag_id, event.source_run_id)
-                if summary.rows != int(extra["rows"]):
-                    raise AirflowException(f"{summary.line()}: the asset event announced {extra['rows']} rows")
-                summaries.append({"asset": asset.uri, "source_run_id": event.source_run_id,
-                                  "interval_start": summary.interval_start.isoformat(),
-                                  "interval_end": summary.interval_end.isoformat(),
-                                  "snapshot_id": summary.snapshot_id, "rows": summary.rows, "keys": summary.keys})
+        for asset, event in events:
+            extra = event.extra
+            spec = tables.get(str(extra["table"]))
+            summary = summarize_interval(catalog, spec, extra["interval_start"], extra["interval_end"],
+                                         int(extra["snapshot_id"]))
+            self.log.info("%s (from %s %s)", summary.line(), event.source_dag_id, event.source_run_id)
+            if summary.rows != int(extra["rows"]):
+                raise AirflowException(f"{summary.line()}: the asset event announced {extra['rows']} rows")
+            summaries.append({"asset": asset.uri, "source_run_id": event.source_run_id,
+                              "interval_start": summary.interval_start.isoformat(),
+                              "interval_end": summary.interval_end.isoformat(),
+                              "snapshot_id": summary.snapshot_id, "rows": summary.rows, "keys": summary.keys})
         self.log.info("%d interval(s) read", len(summaries))
         return summaries
