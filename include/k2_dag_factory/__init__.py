@@ -10,7 +10,9 @@ skipped, so one bad entry does not take the other tables' DAGs down.
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -239,7 +241,7 @@ def build_dag(spec: TableSpec, placement: Placement = DEFAULT_PLACEMENT) -> DAG:
         default_args={**default_args_from_env(), "on_failure_callback": failure_notifier(), **executor},
         tags=["k2", "offload", layer_of(spec), *placement.tags],
         doc_md=_doc_md(spec),
-        deadline=_deadline_alert(spec, spec.dag_id + placement.dag_id_suffix),
+        deadline=_deadline_alert(spec, dag_id),
     ) as dag:
         wait = ClickHouseWatermarkSensor(
             task_id=TASK_SENSOR,
@@ -401,13 +403,10 @@ def build_example_consumer_dag(tables: tuple[str, ...] = EXAMPLE_CONSUMER_TABLES
     path = Path(config_path) if config_path else DEFAULT_TABLES_FILE
     specs = {spec.name: spec for spec in load_table_specs(path, strict=True)}
     assets = [iceberg_table_asset(specs[name]) for name in tables]
-    schedule = assets[0]
-    for asset in assets[1:]:
-        schedule = schedule | asset
     with DAG(
         dag_id=EXAMPLE_CONSUMER_DAG_ID,
         description="Example: read each newly committed interval of the cold tier from Iceberg",
-        schedule=schedule,
+        schedule=functools.reduce(operator.or_, assets),  # any of them
         start_date=DAILY_START,
         catchup=False,
         max_active_runs=1,

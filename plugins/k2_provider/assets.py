@@ -17,7 +17,6 @@ from k2.lineage import iceberg_asset_name, iceberg_asset_uri
 
 DEFAULT_CATALOG = "k2"  # the iceberg_default connection's catalog_name on the local stack
 ASSET_GROUP = "iceberg"
-EXTRA_KEYS = ("table", "iceberg_table", "interval_start", "interval_end", "snapshot_id", "rows", "checksum")
 
 
 def iceberg_table_asset(spec: TableSpec, catalog_name: str = DEFAULT_CATALOG) -> Asset:

@@ -1,5 +1,5 @@
 """OpenLineage of an offload: the ClickHouse table read, the Iceberg table written, and what
-the run wrote (rows, bytes, data files) as the output's statistics. Names: k2.lineage. The
+the run wrote (rows, bytes) as the output's statistics. Names: k2.lineage. The
 offload operator reports it through the openlineage provider's operator methods
 (get_openlineage_facets_on_start / _complete / _failure); the provider's listener sends the
 START, COMPLETE or FAIL run events through the configured transport."""

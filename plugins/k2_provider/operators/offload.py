@@ -200,7 +200,7 @@ class OffloadToIcebergOperator(K2SparkJobOperator):
         return self._lineage(None)
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        """The output's statistics: the rows, bytes and files this run's job wrote (none when
+        """The output's statistics: the rows and bytes this run's job wrote (none when
         an earlier run's batch had offloaded the interval)."""
         return self._lineage(self._written)
 

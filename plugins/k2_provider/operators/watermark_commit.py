@@ -10,8 +10,9 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
 from k2 import metrics
-from k2.config import load_tables
+from k2.config import cached_tables
 from k2.intervals import parse_utc
+from k2.lineage import iceberg_asset_name
 from k2.metrics import classify_error
 from k2.verify import late_changes
 from k2.watermarks import WatermarkStore, reoffload_command
@@ -171,8 +172,7 @@ class WatermarkCommitOperator(BaseOperator):
         and announce an interval under another catalog's name."""
         if self.asset is None or catalog_name is None:  # a result from before the check
             return
-        expected = f"{catalog_name}.{self.asset.name.split('.', 1)[-1]}"
-        if self.asset.name != expected:
+        if self.asset.name != iceberg_asset_name(str(catalog_name), cached_tables().get(self.table)):
             raise AirflowException(
                 f"{self.table}: the offload wrote to Iceberg catalog {catalog_name!r} but this DAG "
                 f"announces the Asset {self.asset.uri!r}; make the DAG's placement catalog_name "
@@ -201,7 +201,7 @@ class WatermarkCommitOperator(BaseOperator):
         for item in intervals:
             events.add(self.asset, extra={
                 "table": self.table,
-                "iceberg_table": self.asset.name.split(".", 1)[-1],
+                "iceberg_table": cached_tables().get(self.table).iceberg_table,
                 "interval_start": _utc(item["interval_start"]).isoformat(),
                 "interval_end": _utc(item["interval_end"]).isoformat(),
                 "snapshot_id": None if item.get("snapshot_id") is None else int(item["snapshot_id"]),
@@ -266,7 +266,7 @@ class WatermarkCommitOperator(BaseOperator):
         entries = [e for e in store.ledger_range(self.table, start, end) if e.interval_end - e.interval_start == step]
         if not entries:
             return
-        spec = load_tables().get(self.table)
+        spec = cached_tables().get(self.table)
         hook = K2ClickHouseHook(self.clickhouse_conn_id)
         try:
             changes = late_changes(hook.client, spec, entries)
