@@ -35,22 +35,23 @@ TABLES = load_tables()
 SPECS = [TABLES.get(name) for name in EXAMPLE_CONSUMER_TABLES]
 
 
+def _json(value):
+    """A JSON column as the driver returns it: decoded already, or text."""
+    return value if isinstance(value, (dict, list)) else json.loads(value)
+
+
 def _events(airflow_running, uri: str, since: datetime) -> list[dict]:
     rows = airflow_running.sql(
         "SELECT e.id, e.source_dag_id, e.source_run_id, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id "
         "WHERE a.uri = %s AND e.timestamp >= %s ORDER BY e.id", uri, since)
-    return [{"id": i, "dag_id": d, "run_id": r, "extra": x if isinstance(x, dict) else json.loads(x)}
-            for i, d, r, x in rows]
+    return [{"id": i, "dag_id": d, "run_id": r, "extra": _json(x)} for i, d, r, x in rows]
 
 
 def _offload_result(airflow_running, dag_id: str, run_id: str) -> dict | None:
     rows = airflow_running.sql(
         "SELECT value FROM xcom WHERE dag_id = %s AND run_id = %s AND task_id = 'offload_to_iceberg' "
         "AND key = 'return_value' AND map_index = -1", dag_id, run_id)
-    if not rows:
-        return None
-    value = rows[0][0]
-    return value if isinstance(value, dict) else json.loads(value)
+    return _json(rows[0][0]) if rows else None
 
 
 def _announced_per_run(airflow_running) -> dict[tuple[str, str], list[dict]]:
@@ -59,8 +60,7 @@ def _announced_per_run(airflow_running) -> dict[tuple[str, str], list[dict]]:
         "WHERE a.uri LIKE 'iceberg://%%'")
     found: dict[tuple[str, str], list[dict]] = {}
     for dag_id, run_id, extra, uri in rows:
-        found.setdefault((dag_id, run_id), []).append({**(extra if isinstance(extra, dict) else json.loads(extra)),
-                                                      "uri": uri})
+        found.setdefault((dag_id, run_id), []).append({**_json(extra), "uri": uri})
     return found
 
 
@@ -108,11 +108,11 @@ def test_the_example_consumer_reads_every_announced_interval_once(stack, hot_dat
             rows = airflow_running.sql(
                 "SELECT value FROM xcom WHERE dag_id = %s AND run_id = %s AND task_id = 'read_new_intervals' "
                 "AND key = 'return_value'", EXAMPLE_CONSUMER_DAG_ID, run_id)
-            read += rows[0][0] if isinstance(rows[0][0], list) else json.loads(rows[0][0])
+            read += _json(rows[0][0])
         # The consumer's runs also took events from before the unpause (a first asset-triggered
         # run consumes what was queued): what they read is every event they consumed.
         consumed_ids = [i for i, runs in once.items() if runs[0] in consumer_runs]
-        extras = {i: x if isinstance(x, dict) else json.loads(x) for i, x in airflow_running.sql(
+        extras = {i: _json(x) for i, x in airflow_running.sql(
             "SELECT id, extra FROM asset_event WHERE id = ANY(%s)", consumed_ids)}
         announced = sorted((x["interval_start"], x["snapshot_id"], x["rows"]) for x in extras.values())
         got = sorted((r["interval_start"], r["snapshot_id"], r["rows"]) for r in read)
